@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install the Python (.venv) and npm (Azurite) dependencies. Idempotent; sourced by the other scripts.
+install_dependencies() {
+  local requirements="$1"
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+  fi
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # torch==2.13.0 is pinned in requirements.txt; on Azure use the CPU index (README, "Deploy").
+  .venv/bin/python -m pip install --quiet -r "$requirements"
+  if [ ! -x node_modules/.bin/azurite ]; then
+    npm ci --no-audit --no-fund --loglevel=error
+  fi
+}

@@ -1,0 +1,175 @@
+"""Command line for operators and checks: ``python -m shared COMMAND``.
+
+Every command reads its settings from the environment (``MODEL_STORAGE``, ``MODEL_CONTAINER``,
+``MODEL_ID``, ...) and takes ``--json`` to print one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import QAError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace, Settings], tuple[int, dict[str, Any], str]]
+
+
+class BarProgress:
+    """A tqdm progress bar on a terminal, silence elsewhere."""
+
+    def __init__(self, description: str) -> None:
+        self._bar: Any = None
+        self._description = description
+
+    def plan(self, total_bytes: int) -> None:
+        if sys.stderr.isatty() and total_bytes > 0:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=self._description)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _store(settings: Settings, args: argparse.Namespace) -> Any:
+    from .model_store import ModelStore
+
+    return ModelStore.from_settings(settings, model_id=getattr(args, "model_id", None))
+
+
+def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    from .isolation import LocalDirSource, isolate
+
+    store = _store(settings, args)
+    if args.from_dir:
+        source: Any = LocalDirSource(args.from_dir, block_size=settings.block_size)
+        explicit = True
+    else:
+        from .hub import HubSource
+
+        source = HubSource.from_settings(settings, model_id=store.model_id, revision=args.revision)
+        explicit = args.revision is not None
+    bar = BarProgress("isolate")
+    try:
+        result = isolate(
+            store,
+            source,
+            explicit=explicit,
+            keep_versions=settings.keep_versions,
+            validate=None,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    data = result.to_dict()
+    text = f"{result.outcome}: {store.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
+    return 0, data, text
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    data = _store(settings, args).status()
+    pointer = data["pointer"]
+    lines = [f"model: {data['model_id']} in container {data['container']}"]
+    if pointer is None:
+        lines.append("current: none (run: python -m shared isolate)")
+    else:
+        pin = " (pinned)" if pointer["pinned"] else ""
+        lines.append(f"current: {pointer['revision']}{pin}, previous: {', '.join(pointer['previous']) or 'none'}")
+    for version in data["versions"]:
+        state = "complete" if version["complete"] else "INCOMPLETE"
+        lines.append(f"  {version['revision']}  {state}  {version['files']} files  {version['bytes']} bytes  {version['last_modified']}")
+    last = data["last_refresh"]
+    if last:
+        lines.append(f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})")
+    return 0, data, "\n".join(lines)
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    from .errors import NotFoundError
+    from .model_store import check_revision_arg
+
+    store = _store(settings, args)
+    if args.revision:
+        revision = check_revision_arg(args.revision)
+    else:
+        pointer = store.read_pointer()
+        if pointer is None:
+            raise NotFoundError("No model has been published yet: nothing to verify")
+        revision = pointer.revision
+    bar = BarProgress("verify")
+    manifest = store.require_manifest(revision)
+    bar.plan(manifest.total_bytes)
+    try:
+        problems = store.verify_version(revision, progress=bar.advance)
+    finally:
+        bar.close()
+    data = {"revision": revision, "ok": not problems, "files": len(manifest.files), "problems": problems}
+    text = f"{revision}: " + ("intact" if not problems else "CORRUPT\n" + "\n".join(problems))
+    return (0 if not problems else 1), data, text
+
+
+def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    pointer = _store(settings, args).rollback(args.to)
+    data = {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned}
+    return 0, data, f"current: {pointer.revision} (pinned; a scheduled refresh leaves it until a refresh names a revision)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shared", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        cmd.set_defaults(handler=handler)
+        return cmd
+
+    iso = add("isolate", cmd_isolate, "copy the model (from the Hub, or a local folder) into Blob Storage as a verified version")
+    iso.add_argument("--model-id", help="Hub model id (default: MODEL_ID)")
+    iso.add_argument("--revision", help="branch, tag or commit (default: MODEL_REVISION); naming one moves a pinned pointer")
+    iso.add_argument("--from-dir", help="isolate from this local model folder instead of the Hub (offline)")
+
+    status = add("status", cmd_status, "show the pointer, the stored versions and the last refresh")
+    status.add_argument("--model-id")
+
+    verify = add("verify", cmd_verify, "re-hash a stored version against its manifest (exit 1 on mismatch)")
+    verify.add_argument("--revision", help="default: the current one")
+    verify.add_argument("--model-id")
+
+    rollback = add("rollback", cmd_rollback, "point back at an earlier version and pin it")
+    rollback.add_argument("--to", help="revision (default: the newest earlier complete version)")
+    rollback.add_argument("--model-id")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 failed check or error, 2 bad usage)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        settings = Settings.from_env()
+        code, data, text = args.handler(args, settings)
+    except QAError as err:
+        log.debug("command failed", exc_info=True)
+        print(f"error: {err.message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": err.code, "message": err.message}}))
+        return 1
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(data, default=str))
+    else:
+        print(text)
+    return code

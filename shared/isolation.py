@@ -1,0 +1,267 @@
+"""The refresh: copy one model snapshot from a source into the store as a verified version.
+
+Steps (DESIGN.md, Isolation): lease the lock; describe the source (revision, files, sha256);
+no-op when the pointer is already there; stream every missing file into its blob, checking
+sha256 on the fly; validate the staged version; write the manifest, move the pointer; apply
+retention; record the outcome in ``last-refresh.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .errors import IntegrityError, QAError
+from .model_files import FileEntry, Manifest, select_files, utc_now
+from .model_store import ModelStore
+from .transfer import file_chunks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a source offers: a revision and its allowed files with sizes and sha256."""
+
+    revision: str
+    source: str
+    files: tuple[FileEntry, ...]
+    source_revision: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class Source(Protocol):
+    """A place models are isolated from (a local folder, the Hub)."""
+
+    def snapshot(self) -> Snapshot:
+        """Resolve the revision and list the allowed files with their sha256."""
+        ...
+
+    def open(self, entry: FileEntry) -> Iterator[bytes]:
+        """The bytes of one file, in order."""
+        ...
+
+
+class TransferProgress(Protocol):
+    """Receives the size of the work, then each chunk moved (a progress bar, a log)."""
+
+    def plan(self, total_bytes: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+class _Quiet:
+    def plan(self, total_bytes: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+def hash_file(path: Path, block_size: int = 8 << 20) -> str:
+    """sha256 of a local file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in file_chunks(stream, block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_revision(files: tuple[FileEntry, ...]) -> str:
+    """``local-`` + 16 hex of the sha256 over the files' names and hashes."""
+    digest = hashlib.sha256()
+    for entry in sorted(files, key=lambda f: f.name):
+        digest.update(f"{entry.name}\0{entry.sha256}\n".encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+class LocalDirSource:
+    """A model folder on local disk (offline isolation, tests, benchmarks).
+
+    Each file is hashed once up front (that names the version and decides the no-op) and again
+    while it uploads, so a file that changes meanwhile fails the publish.
+    """
+
+    def __init__(self, folder: Path | str, *, block_size: int = 8 << 20) -> None:
+        self.folder = Path(folder)
+        self.block_size = block_size
+
+    def snapshot(self) -> Snapshot:
+        if not self.folder.is_dir():
+            raise IntegrityError(f"{self.folder} is not a folder")
+        names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
+        chosen = select_files(names, where=f"folder {self.folder}")
+        files = tuple(
+            FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name, self.block_size))
+            for name in chosen
+        )
+        return Snapshot(revision=local_revision(files), source="local", files=files)
+
+    def open(self, entry: FileEntry) -> Iterator[bytes]:
+        with (self.folder / entry.name).open("rb") as stream:
+            yield from file_chunks(stream, self.block_size)
+
+
+Validator = Callable[[ModelStore, Manifest], None]
+
+
+@dataclass
+class IsolationResult:
+    """What a refresh did; also what ``last-refresh.json`` records."""
+
+    outcome: str  # published | up_to_date | pinned | failed
+    model_id: str
+    revision: str | None = None
+    previous_revision: str | None = None
+    source: str | None = None
+    bytes_moved: int = 0
+    files_copied: int = 0
+    files_reused: int = 0
+    deleted_versions: list[str] = field(default_factory=list)
+    started: str = field(default_factory=utc_now)
+    finished: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def isolate(
+    store: ModelStore,
+    source: Source,
+    *,
+    explicit: bool,
+    keep_versions: int,
+    validate: Validator | None = None,
+    progress: TransferProgress | None = None,
+) -> IsolationResult:
+    """Run one refresh of ``store`` from ``source`` under the writers' lock.
+
+    Args:
+        store: where the version goes.
+        source: where it comes from.
+        explicit: the caller named this revision or folder: a pinned pointer is moved (and
+            unpinned). A scheduled refresh passes ``False`` and leaves a pinned pointer alone.
+        keep_versions: retention (``MODEL_KEEP_VERSIONS``).
+        validate: loads the staged version and answers the canary; raises to stop the publish.
+        progress: told the bytes to move and each chunk moved.
+
+    Raises:
+        RefreshAlreadyRunningError: another writer holds the lock; nothing is changed or recorded.
+        QAError: any other failure, after it was recorded in ``last-refresh.json``.
+    """
+    progress = progress or _Quiet()
+    store.ensure_container()
+    started = time.monotonic()
+    result = IsolationResult(outcome="failed", model_id=store.model_id)
+    with store.lock() as lock:
+        try:
+            _isolate_locked(store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress)
+            if result.outcome == "published":
+                result.deleted_versions = store.apply_retention(keep_versions)
+        except QAError as err:
+            result.outcome = "failed"
+            result.error = err.message
+            raise
+        except Exception:
+            result.outcome = "failed"
+            result.error = "internal error (see logs)"
+            raise
+        finally:
+            result.finished = utc_now()
+            result.seconds = round(time.monotonic() - started, 3)
+            _record(store, result)
+    log.info(
+        "Refresh of %s: %s at %s, %d bytes moved in %.1fs",
+        store.model_id,
+        result.outcome,
+        result.revision,
+        result.bytes_moved,
+        result.seconds,
+    )
+    return result
+
+
+def _record(store: ModelStore, result: IsolationResult) -> None:
+    try:
+        store.write_last_refresh(result.to_dict())
+    except QAError:
+        log.warning("Could not record the refresh outcome in last-refresh.json", exc_info=True)
+
+
+def _isolate_locked(
+    store: ModelStore,
+    source: Source,
+    result: IsolationResult,
+    *,
+    lock_check: Callable[[], None],
+    explicit: bool,
+    validate: Validator | None,
+    progress: TransferProgress,
+) -> None:
+    snapshot = source.snapshot()
+    result.revision = snapshot.revision
+    result.source = snapshot.source
+    pointer = store.read_pointer()
+    result.previous_revision = pointer.revision if pointer else None
+    if pointer is not None and pointer.revision == snapshot.revision and store.read_manifest(snapshot.revision):
+        if pointer.pinned and explicit:
+            store.move_pointer(snapshot.revision, pinned=False)
+        result.outcome = "up_to_date"
+        return
+    if pointer is not None and pointer.pinned and not explicit:
+        log.info("Pointer of %s is pinned at %s; the scheduled refresh leaves it", store.model_id, pointer.revision)
+        result.outcome = "pinned"
+        return
+
+    manifest = store.read_manifest(snapshot.revision)
+    if manifest is None:
+        _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)
+        manifest = Manifest(
+            model_id=store.model_id,
+            revision=snapshot.revision,
+            source=snapshot.source,
+            source_revision=snapshot.source_revision,
+            files=snapshot.files,
+        )
+        if validate is not None:
+            validate(store, manifest)
+        lock_check()
+    store.publish(manifest, pinned=False)
+    result.outcome = "published"
+
+
+def _stage(
+    store: ModelStore,
+    source: Source,
+    snapshot: Snapshot,
+    result: IsolationResult,
+    *,
+    lock_check: Callable[[], None],
+    progress: TransferProgress,
+) -> None:
+    todo = [entry for entry in snapshot.files if not store.stored_file_matches(snapshot.revision, entry)]
+    result.files_reused = len(snapshot.files) - len(todo)
+    progress.plan(sum(entry.size for entry in todo))
+    for entry in todo:
+        lock_check()
+        began = time.monotonic()
+        try:
+            sent = store.upload_file(snapshot.revision, entry, source.open(entry), progress=progress.advance)
+        except IntegrityError:
+            log.error("Integrity check failed for %s of %s; deleting the staged version", entry.name, snapshot.revision)
+            store.delete_version(snapshot.revision)
+            raise
+        took = max(time.monotonic() - began, 1e-6)
+        log.info("Copied %s (%d bytes) in %.1fs, %.1f MB/s", entry.name, sent, took, sent / took / 1e6)
+        result.bytes_moved += sent
+        result.files_copied += 1

@@ -1,0 +1,240 @@
+"""What a stored model version is made of: allowed file names, the manifest and the pointer.
+
+File names come from storage and from the Hub, so they are checked here before anything builds
+a local path or a blob name from them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any
+
+from .errors import IntegrityError, UnsafeModelError
+
+FORMAT_VERSION = 1
+TASK = "question-answering"
+
+ALLOWED_NAMES = frozenset(
+    {
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "added_tokens.json",
+    }
+)
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.pkl", "*.pickle")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_REVISION_RE = re.compile(r"^([0-9a-f]{40}|local-[0-9a-f]{16})$")
+
+
+def check_file_name(name: object) -> str:
+    """Return ``name`` if it is a plain file name, else raise.
+
+    A name from a manifest or a Hub listing becomes a local path and a blob name: it must not
+    be empty, contain a separator, be ``.``/``..``, start with a drive or be absolute.
+
+    Raises:
+        IntegrityError: the name is unsafe.
+    """
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise IntegrityError(f"Unsafe file name in model files: {name!r}")
+    if "\x00" in name or ":" in name or name.startswith("~") or len(name) > 200:
+        raise IntegrityError(f"Unsafe file name in model files: {name!r}")
+    return name
+
+
+def check_revision(revision: object) -> str:
+    """Return ``revision`` if it is a 40-hex commit or ``local-`` + 16 hex, else raise."""
+    if not isinstance(revision, str) or not _REVISION_RE.match(revision):
+        raise IntegrityError(f"Not a valid stored revision: {revision!r}")
+    return revision
+
+
+def is_allowed(name: str) -> bool:
+    """Whether a file belongs in an isolated version (weights as safetensors, config, tokenizer)."""
+    return name in ALLOWED_NAMES or (name.endswith(".safetensors") and "/" not in name)
+
+
+def is_pickle(name: str) -> bool:
+    """Whether a file holds pickle-based weights, which are never loaded."""
+    return any(fnmatch.fnmatch(name.lower(), pattern) for pattern in PICKLE_PATTERNS)
+
+
+def select_files(names: list[str], *, where: str) -> list[str]:
+    """Pick the allowed files of a model source, refusing one with no safetensors weights.
+
+    Args:
+        names: every file name the source has (top level only; sub-folders are ignored).
+        where: the source, for messages ("folder /x", "repo a/b@c").
+
+    Raises:
+        UnsafeModelError: no safetensors weights or no config.json; the message lists what is there.
+    """
+    top_level = [n for n in names if "/" not in n]
+    chosen = sorted(n for n in top_level if is_allowed(n))
+    if not any(n.endswith(".safetensors") for n in chosen):
+        pickles = sorted(n for n in top_level if is_pickle(n))
+        found = ", ".join(pickles) if pickles else "no weights"
+        raise UnsafeModelError(
+            f"{where} has no safetensors weights (found {found}); only safetensors are isolated. "
+            "Convert the weights to safetensors or pick a revision that has them."
+        )
+    if "config.json" not in chosen:
+        raise UnsafeModelError(f"{where} has no config.json")
+    if "tokenizer.json" not in chosen and "vocab.txt" not in chosen and "vocab.json" not in chosen:
+        raise UnsafeModelError(f"{where} has no tokenizer files (tokenizer.json, vocab.txt or vocab.json)")
+    return chosen
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a version: its name, size in bytes and sha256 (hex)."""
+
+    name: str
+    size: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        check_file_name(self.name)
+        if not isinstance(self.size, int) or self.size < 0:
+            raise IntegrityError(f"Bad size for {self.name!r}: {self.size!r}")
+        if not isinstance(self.sha256, str) or not _SHA256_RE.match(self.sha256):
+            raise IntegrityError(f"Bad sha256 for {self.name!r}")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that matter for reading a version back."""
+    found = {}
+    for dist in ("transformers", "tokenizers", "safetensors", "torch", "huggingface_hub", "azure-storage-blob"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 with seconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json`` of a version; its presence marks the version complete."""
+
+    model_id: str
+    revision: str
+    source: str
+    files: tuple[FileEntry, ...]
+    isolated_at: str = field(default_factory=utc_now)
+    source_revision: str | None = None
+    task: str = TASK
+    libraries: dict[str, str] = field(default_factory=library_versions)
+    format: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, name: str) -> FileEntry:
+        for entry in self.files:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["files"] = [asdict(f) for f in self.files]
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, revision: str) -> Manifest:
+        """Parse and check a manifest read from storage.
+
+        Raises:
+            IntegrityError: malformed JSON, wrong revision, unsafe or duplicate file names.
+        """
+        try:
+            data = json.loads(raw)
+            files = tuple(FileEntry(name=f["name"], size=f["size"], sha256=f["sha256"]) for f in data["files"])
+            manifest = cls(
+                model_id=str(data["model_id"]),
+                revision=check_revision(data["revision"]),
+                source=str(data["source"]),
+                files=files,
+                isolated_at=str(data["isolated_at"]),
+                source_revision=data.get("source_revision"),
+                task=str(data.get("task", TASK)),
+                libraries=dict(data.get("libraries", {})),
+                format=int(data.get("format", FORMAT_VERSION)),
+            )
+        except IntegrityError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:
+            raise IntegrityError(f"manifest.json of version {revision} is malformed") from err
+        if manifest.revision != revision:
+            raise IntegrityError(f"manifest.json under {revision} names revision {manifest.revision}")
+        if len({f.name for f in files}) != len(files):
+            raise IntegrityError(f"manifest.json of version {revision} lists a file twice")
+        for entry in files:
+            if not is_allowed(entry.name):
+                raise IntegrityError(f"manifest.json of version {revision} lists a file that is not allowed: {entry.name!r}")
+        return manifest
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """``current.json``: the served revision, earlier ones (newest first) and the pin."""
+
+    model_id: str
+    revision: str
+    previous: tuple[str, ...] = ()
+    pinned: bool = False
+    updated_at: str = field(default_factory=utc_now)
+    etag: str | None = field(default=None, compare=False)
+
+    def to_json(self) -> bytes:
+        data: dict[str, Any] = {
+            "format": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "previous": list(self.previous),
+            "pinned": self.pinned,
+            "updated_at": self.updated_at,
+        }
+        return json.dumps(data, indent=2).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, etag: str | None) -> Pointer:
+        try:
+            data = json.loads(raw)
+            return cls(
+                model_id=str(data["model_id"]),
+                revision=check_revision(data["revision"]),
+                previous=tuple(check_revision(r) for r in data.get("previous", [])),
+                pinned=bool(data.get("pinned", False)),
+                updated_at=str(data.get("updated_at", "")),
+                etag=etag,
+            )
+        except IntegrityError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:
+            raise IntegrityError("current.json is malformed") from err
+
+    def moved_to(self, revision: str, *, pinned: bool, history: int = 20) -> Pointer:
+        """A new pointer at ``revision`` with this one's revision first in ``previous``."""
+        earlier = [self.revision, *self.previous]
+        previous = tuple(r for r in dict.fromkeys(earlier) if r != revision)[:history]
+        return Pointer(model_id=self.model_id, revision=revision, previous=previous, pinned=pinned)

@@ -1,0 +1,525 @@
+"""Versioned, verified model versions in one Blob container.
+
+Layout (DESIGN.md)::
+
+    {model_id}/versions/{revision}/{file}      the files; each blob's metadata keeps its sha256
+    {model_id}/versions/{revision}/manifest.json  written last: without it a version is incomplete
+    {model_id}/current.json                    the pointer, replaced with If-Match on its ETag
+    {model_id}/refresh.lock                    leased by the one writer at work
+    {model_id}/last-refresh.json               outcome of the last refresh
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.storage.blob import BlobClient, BlobLeaseClient, ContainerClient
+
+from .errors import (
+    IntegrityError,
+    NotFoundError,
+    PreconditionFailedError,
+    RefreshAlreadyRunningError,
+    StorageUnavailableError,
+)
+from .model_files import FileEntry, Manifest, Pointer, check_file_name, check_revision, utc_now
+from .settings import Settings
+from .storage import container_client, storage_errors
+from .transfer import Progress, _noop, download_ranges, upload_blocks
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+POINTER = "current.json"
+LOCK = "refresh.lock"
+LAST_REFRESH = "last-refresh.json"
+INCOMPLETE_GRACE = dt.timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A version found in the container: complete when its manifest exists."""
+
+    revision: str
+    complete: bool
+    files: int
+    bytes: int
+    last_modified: dt.datetime
+
+
+class RefreshLock:
+    """The writers' lock: a lease on ``refresh.lock``, renewed in the background.
+
+    Use as a context manager; a second writer gets :class:`RefreshAlreadyRunningError`.
+    """
+
+    def __init__(self, blob: BlobClient, *, duration: int = 60, renew_every: float = 15.0) -> None:
+        self._blob = blob
+        self._duration = duration
+        self._renew_every = renew_every
+        self._lease: BlobLeaseClient | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = threading.Event()
+
+    def __enter__(self) -> RefreshLock:
+        with storage_errors("creating refresh.lock"):
+            try:
+                self._blob.upload_blob(b"", overwrite=False)
+            except (ResourceExistsError, ResourceModifiedError):
+                pass
+            except HttpResponseError as err:  # leased and present: someone holds it right now
+                if err.status_code not in (409, 412):
+                    raise
+        try:
+            self._lease = self._blob.acquire_lease(lease_duration=self._duration)
+        except HttpResponseError as err:
+            if err.status_code == 409:
+                raise RefreshAlreadyRunningError(
+                    "A refresh is already running for this model (refresh.lock is leased); "
+                    "wait for it to finish, then look at GET /api/model"
+                ) from err
+            with storage_errors("leasing refresh.lock"):
+                raise
+        self._thread = threading.Thread(target=self._renew, name="refresh-lock", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._renew_every):
+            try:
+                assert self._lease is not None
+                self._lease.renew()
+            except Exception:
+                log.warning("Could not renew the lease on refresh.lock", exc_info=True)
+                self.lost.set()
+
+    def check(self) -> None:
+        """Raise if the lease could not be renewed (another writer may take over)."""
+        if self.lost.is_set():
+            raise StorageUnavailableError("Lost the lease on refresh.lock; the work was stopped")
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._lease is not None:
+            try:
+                self._lease.release()
+            except Exception:  # noqa: BLE001 - it expires by itself within its duration
+                log.warning("Could not release the lease on refresh.lock; it expires in %ss", self._duration)
+
+
+class ModelStore:
+    """Versions of one model in one container.
+
+    Args:
+        container: the model container.
+        model_id: the Hub id; it is the prefix of every blob.
+        block_size: bytes per staged block or downloaded range.
+        concurrency: blocks or ranges in flight at once.
+    """
+
+    def __init__(self, container: ContainerClient, model_id: str, *, block_size: int = 8 << 20, concurrency: int = 4) -> None:
+        self.container = container
+        self.model_id = model_id
+        self.block_size = block_size
+        self.concurrency = concurrency
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, serving: bool = False, model_id: str | None = None) -> ModelStore:
+        """The store the settings describe (``serving``: short timeouts, few retries)."""
+        client = container_client(settings.require_storage(), settings.container, serving=serving)
+        return cls(
+            client,
+            model_id or settings.model_id,
+            block_size=settings.block_size,
+            concurrency=settings.transfer_concurrency,
+        )
+
+    # --- names -----------------------------------------------------------------------------
+
+    def _path(self, *parts: str) -> str:
+        return "/".join((self.model_id, *parts))
+
+    def version_prefix(self, revision: str) -> str:
+        return self._path("versions", check_revision(revision)) + "/"
+
+    def file_blob(self, revision: str, name: str) -> BlobClient:
+        return self.container.get_blob_client(self.version_prefix(revision) + check_file_name(name))
+
+    # --- container -------------------------------------------------------------------------
+
+    def ensure_container(self) -> None:
+        """Create the container if it does not exist yet."""
+        with storage_errors("creating the model container"):
+            try:
+                self.container.create_container()
+            except ResourceExistsError:
+                pass
+
+    # --- small JSON blobs ------------------------------------------------------------------
+
+    def _read_json_blob(self, name: str) -> tuple[bytes, str] | None:
+        blob = self.container.get_blob_client(name)
+        with storage_errors(f"reading {name.rsplit('/', 1)[-1]}"):
+            try:
+                downloader = blob.download_blob()
+            except ResourceNotFoundError:
+                return None
+            # small JSON documents (a few KB); model files are never read this way
+            return downloader.readall(), downloader.properties.etag
+
+    def read_pointer(self) -> Pointer | None:
+        """``current.json`` with its ETag, or ``None`` when no version was published yet."""
+        found = self._read_json_blob(self._path(POINTER))
+        return None if found is None else Pointer.from_json(found[0], etag=found[1])
+
+    def pointer_etag(self) -> str | None:
+        """The pointer's ETag only (a cheap HEAD), for hot-reload polling."""
+        with storage_errors("checking current.json"):
+            try:
+                return str(self.container.get_blob_client(self._path(POINTER)).get_blob_properties().etag)
+            except ResourceNotFoundError:
+                return None
+
+    def write_pointer(self, pointer: Pointer, *, replacing: Pointer | None) -> Pointer:
+        """Write ``current.json``: If-None-Match * the first time, If-Match on ``replacing.etag`` after.
+
+        Raises:
+            PreconditionFailedError: someone else changed (or created) the pointer meanwhile.
+        """
+        blob = self.container.get_blob_client(self._path(POINTER))
+        try:
+            with storage_errors("writing current.json"):
+                if replacing is None:
+                    result = blob.upload_blob(pointer.to_json(), overwrite=False)
+                else:
+                    result = blob.upload_blob(
+                        pointer.to_json(), overwrite=True, etag=replacing.etag, match_condition=MatchConditions.IfNotModified
+                    )
+        except StorageUnavailableError as err:
+            cause = err.__cause__
+            if isinstance(cause, (ResourceExistsError, ResourceModifiedError)) or (
+                isinstance(cause, HttpResponseError) and cause.status_code in (409, 412)
+            ):
+                raise PreconditionFailedError("current.json changed while this writer worked; nothing was overwritten") from cause
+            raise
+        log.info("Pointer of %s now at %s (pinned=%s)", self.model_id, pointer.revision, pointer.pinned)
+        return Pointer(
+            model_id=pointer.model_id,
+            revision=pointer.revision,
+            previous=pointer.previous,
+            pinned=pointer.pinned,
+            updated_at=pointer.updated_at,
+            etag=str(result["etag"]),
+        )
+
+    def read_manifest(self, revision: str) -> Manifest | None:
+        """The manifest of ``revision``, or ``None`` when the version is absent or incomplete."""
+        found = self._read_json_blob(self.version_prefix(revision) + MANIFEST)
+        return None if found is None else Manifest.from_json(found[0], revision=revision)
+
+    def require_manifest(self, revision: str) -> Manifest:
+        manifest = self.read_manifest(revision)
+        if manifest is None:
+            raise NotFoundError(f"Version {revision} of {self.model_id} is not a complete version in this container")
+        return manifest
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write ``manifest.json`` with If-None-Match *: a complete version never changes."""
+        blob = self.file_blob(manifest.revision, MANIFEST)
+        try:
+            with storage_errors("writing manifest.json"):
+                blob.upload_blob(manifest.to_json(), overwrite=False)
+        except StorageUnavailableError as err:
+            if isinstance(err.__cause__, ResourceExistsError):
+                raise IntegrityError(f"Version {manifest.revision} already has a manifest; versions are immutable") from err
+            raise
+
+    def read_last_refresh(self) -> dict[str, Any] | None:
+        found = self._read_json_blob(self._path(LAST_REFRESH))
+        if found is None:
+            return None
+        try:
+            data = json.loads(found[0])
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_last_refresh(self, record: dict[str, Any]) -> None:
+        with storage_errors("writing last-refresh.json"):
+            self.container.get_blob_client(self._path(LAST_REFRESH)).upload_blob(
+                json.dumps(record, indent=2).encode(), overwrite=True
+            )
+
+    # --- versions --------------------------------------------------------------------------
+
+    def list_versions(self) -> list[VersionInfo]:
+        """Every version under this model, complete or not, newest first."""
+        prefix = self._path("versions") + "/"
+        found: dict[str, dict[str, Any]] = {}
+        with storage_errors("listing versions"):
+            for blob in self.container.list_blobs(name_starts_with=prefix):
+                rest = blob.name[len(prefix) :]
+                revision, _, name = rest.partition("/")
+                entry = found.setdefault(revision, {"files": 0, "bytes": 0, "complete": False, "modified": blob.last_modified})
+                entry["modified"] = max(entry["modified"], blob.last_modified)
+                if name == MANIFEST:
+                    entry["complete"] = True
+                else:
+                    entry["files"] += 1
+                    entry["bytes"] += blob.size
+        versions = [
+            VersionInfo(revision=r, complete=e["complete"], files=e["files"], bytes=e["bytes"], last_modified=e["modified"])
+            for r, e in found.items()
+        ]
+        return sorted(versions, key=lambda v: v.last_modified, reverse=True)
+
+    def complete_revisions(self) -> list[str]:
+        return [v.revision for v in self.list_versions() if v.complete]
+
+    def delete_version(self, revision: str) -> int:
+        """Delete every blob of ``revision`` (manifest first, so it never looks complete half-deleted)."""
+        prefix = self.version_prefix(revision)
+        with storage_errors(f"deleting version {revision}"):
+            names = [b.name for b in self.container.list_blobs(name_starts_with=prefix)]
+            names.sort(key=lambda n: n != prefix + MANIFEST)
+            for name in names:
+                try:
+                    self.container.delete_blob(name)
+                except ResourceNotFoundError:
+                    pass
+        log.info("Deleted version %s of %s (%d blobs)", revision, self.model_id, len(names))
+        return len(names)
+
+    # --- files -----------------------------------------------------------------------------
+
+    def stored_file_matches(self, revision: str, entry: FileEntry) -> bool:
+        """Whether ``entry`` is already stored with its size and sha256 (for resume)."""
+        with storage_errors(f"checking {entry.name}"):
+            try:
+                props = self.file_blob(revision, entry.name).get_blob_properties()
+            except ResourceNotFoundError:
+                return False
+        return props.size == entry.size and (props.metadata or {}).get("sha256") == entry.sha256
+
+    def upload_file(self, revision: str, entry: FileEntry, chunks: Iterable[bytes], *, progress: Progress = _noop) -> int:
+        """Stream ``chunks`` into the blob of ``entry``, committed only if size and sha256 match."""
+        return upload_blocks(
+            self.file_blob(revision, entry.name),
+            chunks,
+            name=entry.name,
+            expected_size=entry.size,
+            expected_sha256=entry.sha256,
+            block_size=self.block_size,
+            concurrency=self.concurrency,
+            progress=progress,
+        )
+
+    def read_file(
+        self, revision: str, entry: FileEntry, *, progress: Progress = _noop, cancel: threading.Event | None = None
+    ) -> bytearray:
+        """The bytes of one file in memory, sha256 checked while they stream in.
+
+        Raises:
+            IntegrityError: size or sha256 mismatch, naming the file and the version.
+        """
+        buffer = bytearray(entry.size)
+        try:
+            download_ranges(
+                self.file_blob(revision, entry.name),
+                name=entry.name,
+                size=entry.size,
+                expected_sha256=entry.sha256,
+                block_size=self.block_size,
+                concurrency=self.concurrency,
+                into=memoryview(buffer),
+                progress=progress,
+                cancel=cancel,
+            )
+        except IntegrityError as err:
+            raise IntegrityError(f"Version {revision}: {err.message}") from err
+        return buffer
+
+    def download_file(self, revision: str, entry: FileEntry, dest_dir: Path, *, progress: Progress = _noop) -> Path:
+        """Stream one file to ``dest_dir/name`` through a temp name; verified before the rename."""
+        final = dest_dir / check_file_name(entry.name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=".part", dir=dest_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                download_ranges(
+                    self.file_blob(revision, entry.name),
+                    name=entry.name,
+                    size=entry.size,
+                    expected_sha256=entry.sha256,
+                    block_size=self.block_size,
+                    concurrency=self.concurrency,
+                    sink=out.write,
+                    progress=progress,
+                )
+            os.replace(tmp_name, final)
+        except IntegrityError as err:
+            raise IntegrityError(f"Version {revision}: {err.message}") from err
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+        return final
+
+    def download_version(self, revision: str, dest_dir: Path | str, *, progress: Progress = _noop) -> Manifest:
+        """Download a complete version into ``dest_dir``, every file verified; returns its manifest."""
+        manifest = self.require_manifest(revision)
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for entry in manifest.files:
+            self.download_file(revision, entry, dest, progress=progress)
+        return manifest
+
+    def verify_version(self, revision: str, *, progress: Progress = _noop) -> list[str]:
+        """Re-hash every stored file of ``revision`` against its manifest.
+
+        Returns:
+            One message per bad file (empty when the version is intact).
+        """
+        manifest = self.require_manifest(revision)
+        problems = []
+        for entry in manifest.files:
+            try:
+                download_ranges(
+                    self.file_blob(revision, entry.name),
+                    name=entry.name,
+                    size=entry.size,
+                    expected_sha256=entry.sha256,
+                    block_size=self.block_size,
+                    concurrency=self.concurrency,
+                    sink=lambda _view: None,
+                    progress=progress,
+                )
+            except IntegrityError as err:
+                problems.append(f"Version {revision}: {err.message}")
+            except NotFoundError:
+                problems.append(f"Version {revision}: {entry.name} is missing from storage")
+        return problems
+
+    # --- writers ---------------------------------------------------------------------------
+
+    def lock(self) -> RefreshLock:
+        """The writers' lock (a context manager)."""
+        return RefreshLock(self.container.get_blob_client(self._path(LOCK)))
+
+    def publish(self, manifest: Manifest, *, pinned: bool) -> Pointer:
+        """Write the manifest (if absent) and move the pointer to the version. Call under :meth:`lock`."""
+        if self.read_manifest(manifest.revision) is None:
+            self.write_manifest(manifest)
+        return self.move_pointer(manifest.revision, pinned=pinned)
+
+    def move_pointer(self, revision: str, *, pinned: bool) -> Pointer:
+        """Point ``current.json`` at the complete version ``revision``. Call under :meth:`lock`."""
+        self.require_manifest(revision)
+        current = self.read_pointer()
+        if current is None:
+            return self.write_pointer(Pointer(model_id=self.model_id, revision=revision, pinned=pinned), replacing=None)
+        return self.write_pointer(current.moved_to(revision, pinned=pinned), replacing=current)
+
+    def rollback(self, to: str | None = None) -> Pointer:
+        """Point back at ``to`` (default: the newest earlier complete version) and pin it.
+
+        Raises:
+            RefreshAlreadyRunningError: a refresh holds the lock.
+            NotFoundError: no pointer yet, or no complete earlier version.
+        """
+        with self.lock():
+            current = self.read_pointer()
+            if current is None:
+                raise NotFoundError("No model has been published yet: there is nothing to roll back")
+            complete = set(self.complete_revisions())
+            if to is None:
+                target = next((r for r in current.previous if r in complete), None)
+                if target is None:
+                    raise NotFoundError("There is no earlier complete version to roll back to")
+            else:
+                target = check_revision_arg(to)
+                if target not in complete:
+                    raise NotFoundError(f"Version {target} is not a complete version of {self.model_id}")
+            pointer = self.write_pointer(current.moved_to(target, pinned=True), replacing=current)
+        log.info("Rolled %s back from %s to %s", self.model_id, current.revision, target)
+        return pointer
+
+    def apply_retention(self, keep: int, *, now: dt.datetime | None = None) -> list[str]:
+        """Delete old versions: keep the newest ``keep`` complete ones and always the current and
+        previous; remove incomplete ones older than a day. Call under :meth:`lock`.
+
+        "Newest" follows the pointer's history (current, then previous ones), which is exact
+        where blob times have a resolution of one second; other versions follow by time.
+
+        Returns:
+            The deleted revisions.
+        """
+        now = now or dt.datetime.now(dt.UTC)
+        pointer = self.read_pointer()
+        history = [] if pointer is None else [pointer.revision, *pointer.previous]
+        versions = self.list_versions()
+        complete = {v.revision for v in versions if v.complete}
+        ranked = [r for r in dict.fromkeys(history) if r in complete]
+        ranked += [v.revision for v in versions if v.complete and v.revision not in ranked]
+        kept = set(ranked[:keep]) | set(history[:2])
+        deleted = []
+        for version in versions:
+            if version.revision in kept:
+                continue
+            if not version.complete and now - version.last_modified < INCOMPLETE_GRACE:
+                continue
+            self.delete_version(version.revision)
+            deleted.append(version.revision)
+        return deleted
+
+    def status(self) -> dict[str, Any]:
+        """Pointer, versions and last refresh, as plain JSON-able data."""
+        pointer = self.read_pointer()
+        return {
+            "model_id": self.model_id,
+            "container": self.container.container_name,
+            "pointer": None
+            if pointer is None
+            else {
+                "revision": pointer.revision,
+                "previous": list(pointer.previous),
+                "pinned": pointer.pinned,
+                "updated_at": pointer.updated_at,
+            },
+            "versions": [
+                {
+                    "revision": v.revision,
+                    "complete": v.complete,
+                    "files": v.files,
+                    "bytes": v.bytes,
+                    "last_modified": v.last_modified.isoformat(timespec="seconds"),
+                }
+                for v in self.list_versions()
+            ],
+            "last_refresh": self.read_last_refresh(),
+        }
+
+
+def check_revision_arg(revision: str) -> str:
+    """Check a revision given by a user (CLI or HTTP), as a 404-able input."""
+    try:
+        return check_revision(revision.strip())
+    except IntegrityError:
+        raise NotFoundError(f"{revision!r} is not a stored revision (40 hex characters, or local- and 16 hex)") from None
+
+
+
+__all__ = ["ModelStore", "RefreshLock", "VersionInfo", "check_revision_arg", "utc_now"]

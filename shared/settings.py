@@ -1,0 +1,230 @@
+"""The one place that reads app settings: a frozen :class:`Settings` built from the environment.
+
+Every setting of the app is parsed here by a tiny tested parser; a bad value fails early with
+the setting's name. Nothing else in the project reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import SettingsError
+
+DEFAULT_MODEL_ID = "google-bert/bert-large-uncased-whole-word-masking-finetuned-squad"
+DEFAULT_CANARY = {
+    "question": "What is the capital of France?",
+    "context": "Paris is the capital and most populous city of France.",
+    "answer": "Paris",
+}
+
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_CONTAINER_RE = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
+_QUEUE_RE = _CONTAINER_RE
+
+
+def parse_int(name: str, raw: str | None, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """Parse an integer setting, or return ``default`` when it is unset or blank."""
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise SettingsError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def parse_float(name: str, raw: str | None, default: float, *, minimum: float = 0.0) -> float:
+    """Parse a number setting, or return ``default`` when it is unset or blank."""
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also rejects NaN
+        raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def parse_choice(name: str, raw: str | None, choices: tuple[str, ...], default: str) -> str:
+    """Parse a setting that takes one of a few words (case-insensitive)."""
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
+def parse_model_id(name: str, raw: str | None, default: str) -> str:
+    """Parse a Hub model id (``owner/name`` or ``name``); it becomes a blob path prefix."""
+    value = default if raw is None or raw.strip() == "" else raw.strip()
+    if not _MODEL_ID_RE.match(value) or ".." in value:
+        raise SettingsError(f"{name} must look like 'owner/name' (letters, digits, . _ -), got {value!r}")
+    return value
+
+
+def parse_name(name: str, raw: str | None, default: str, pattern: re.Pattern[str], what: str) -> str:
+    """Parse a container or queue name against Azure's naming rules."""
+    value = default if raw is None or raw.strip() == "" else raw.strip()
+    if not pattern.match(value):
+        raise SettingsError(f"{name} must be a valid {what} name (3-63 lower-case letters, digits, -), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Canary:
+    """The question a staged version must answer before it is published."""
+
+    question: str
+    context: str
+    answer: str | None = None
+
+
+def parse_canary(name: str, raw: str | None) -> Canary:
+    """Parse ``MODEL_CANARY``: JSON with ``question``, ``context`` and optionally ``answer``."""
+    if raw is None or raw.strip() == "":
+        return Canary(**DEFAULT_CANARY)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        raise SettingsError(f"{name} must be JSON like {json.dumps(DEFAULT_CANARY)}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("question"), str) or not isinstance(data.get("context"), str):
+        raise SettingsError(f"{name} must be a JSON object with string 'question' and 'context'")
+    answer = data.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise SettingsError(f"{name}: 'answer' must be a string when given")
+    if not data["question"].strip() or not data["context"].strip():
+        raise SettingsError(f"{name}: 'question' and 'context' must not be empty")
+    return Canary(question=data["question"], context=data["context"], answer=answer)
+
+
+@dataclass(frozen=True)
+class StorageConnection:
+    """How to reach Blob (and Queue) Storage: a connection string, or service URIs + identity."""
+
+    setting: str
+    connection_string: str | None = None
+    blob_service_uri: str | None = None
+    queue_service_uri: str | None = None
+    client_id: str | None = None
+
+    def __repr__(self) -> str:  # never print the account key
+        how = "connection string" if self.connection_string else f"identity at {self.blob_service_uri}"
+        return f"StorageConnection({self.setting}: {how})"
+
+
+def parse_storage(env: Mapping[str, str]) -> StorageConnection | None:
+    """Find the storage connection: ``MODEL_STORAGE`` (string or ``__blobServiceUri``), else
+    ``AzureWebJobsStorage`` (string or ``__blobServiceUri``). ``None`` when neither is set."""
+    for prefix in ("MODEL_STORAGE", "AzureWebJobsStorage"):
+        conn = env.get(prefix, "").strip()
+        if conn:
+            return StorageConnection(setting=prefix, connection_string=conn)
+        uri = env.get(f"{prefix}__blobServiceUri", "").strip()
+        if uri:
+            if not uri.startswith(("https://", "http://")):
+                raise SettingsError(f"{prefix}__blobServiceUri must be a URL like https://ACCOUNT.blob.core.windows.net")
+            queue_uri = env.get(f"{prefix}__queueServiceUri", "").strip() or None
+            if queue_uri is None and ".blob." in uri:
+                queue_uri = uri.replace(".blob.", ".queue.", 1)
+            return StorageConnection(
+                setting=prefix,
+                blob_service_uri=uri,
+                queue_service_uri=queue_uri,
+                client_id=env.get(f"{prefix}__clientId", "").strip() or None,
+            )
+    return None
+
+
+LoadMode = Literal["memory", "disk"]
+ReloadMode = Literal["overlap", "replace"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the app, parsed once. Build with :meth:`from_env`."""
+
+    storage: StorageConnection | None = field(repr=True, default=None)
+    container: str = "models"
+    model_id: str = DEFAULT_MODEL_ID
+    model_revision: str = "main"
+    refresh_schedule: str | None = None
+    keep_versions: int = 3
+    load_mode: LoadMode = "memory"
+    cache_dir: str | None = None
+    poll_seconds: float = 60.0
+    reload: ReloadMode = "replace"
+    canary: Canary = field(default_factory=lambda: Canary(**DEFAULT_CANARY))
+    quantize: str = "none"
+    max_context_chars: int = 25_000
+    max_question_chars: int = 1_000
+    max_question_tokens: int = 64
+    max_items: int = 32
+    max_windows: int = 48
+    batch_windows: int = 8
+    max_concurrent: int = 2
+    deadline_seconds: float = 60.0
+    refresh_queue: str = "model-refresh"
+    hf_token: str | None = field(default=None, repr=False)
+    hf_endpoint: str | None = None
+    transfer_concurrency: int = 4
+    block_size: int = 8 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from ``env`` (default: the process environment).
+
+        Raises:
+            SettingsError: a setting has a bad value; the message names it.
+        """
+        env = os.environ if env is None else env
+        load_mode = parse_choice("MODEL_LOAD_MODE", env.get("MODEL_LOAD_MODE"), ("memory", "disk"), "memory")
+        cache_dir = env.get("MODEL_CACHE_DIR", "").strip() or None
+        if load_mode == "disk" and cache_dir is None:
+            raise SettingsError("MODEL_CACHE_DIR must be set when MODEL_LOAD_MODE=disk (a folder on local disk)")
+        default_reload = "replace" if load_mode == "memory" else "overlap"
+        return cls(
+            storage=parse_storage(env),
+            container=parse_name("MODEL_CONTAINER", env.get("MODEL_CONTAINER"), "models", _CONTAINER_RE, "container"),
+            model_id=parse_model_id("MODEL_ID", env.get("MODEL_ID"), DEFAULT_MODEL_ID),
+            model_revision=(env.get("MODEL_REVISION", "").strip() or "main"),
+            refresh_schedule=env.get("MODEL_REFRESH_SCHEDULE", "").strip() or None,
+            keep_versions=parse_int("MODEL_KEEP_VERSIONS", env.get("MODEL_KEEP_VERSIONS"), 3, minimum=2),
+            load_mode=load_mode,  # type: ignore[arg-type]
+            cache_dir=cache_dir,
+            poll_seconds=parse_float("MODEL_POLL_SECONDS", env.get("MODEL_POLL_SECONDS"), 60.0, minimum=0.0),
+            reload=parse_choice("MODEL_RELOAD", env.get("MODEL_RELOAD"), ("overlap", "replace"), default_reload),  # type: ignore[arg-type]
+            canary=parse_canary("MODEL_CANARY", env.get("MODEL_CANARY")),
+            quantize=parse_choice("QA_QUANTIZE", env.get("QA_QUANTIZE"), ("none", "int8"), "none"),
+            max_context_chars=parse_int("QA_MAX_CONTEXT_CHARS", env.get("QA_MAX_CONTEXT_CHARS"), 25_000),
+            max_question_chars=parse_int("QA_MAX_QUESTION_CHARS", env.get("QA_MAX_QUESTION_CHARS"), 1_000),
+            max_question_tokens=parse_int("QA_MAX_QUESTION_TOKENS", env.get("QA_MAX_QUESTION_TOKENS"), 64),
+            max_items=parse_int("QA_MAX_ITEMS", env.get("QA_MAX_ITEMS"), 32),
+            max_windows=parse_int("QA_MAX_WINDOWS", env.get("QA_MAX_WINDOWS"), 48),
+            batch_windows=parse_int("QA_BATCH_WINDOWS", env.get("QA_BATCH_WINDOWS"), 8),
+            max_concurrent=parse_int("QA_MAX_CONCURRENT", env.get("QA_MAX_CONCURRENT"), 2),
+            deadline_seconds=parse_float("QA_DEADLINE_SECONDS", env.get("QA_DEADLINE_SECONDS"), 60.0, minimum=1.0),
+            refresh_queue=parse_name("MODEL_REFRESH_QUEUE", env.get("MODEL_REFRESH_QUEUE"), "model-refresh", _QUEUE_RE, "queue"),
+            hf_token=env.get("HF_TOKEN", "").strip() or None,
+            hf_endpoint=(env.get("HF_ENDPOINT", "").strip().rstrip("/") or None),
+            transfer_concurrency=parse_int("MODEL_TRANSFER_CONCURRENCY", env.get("MODEL_TRANSFER_CONCURRENCY"), 4, maximum=32),
+            block_size=parse_int("MODEL_BLOCK_SIZE_MB", env.get("MODEL_BLOCK_SIZE_MB"), 8, maximum=100) * 1024 * 1024,
+        )
+
+    def require_storage(self) -> StorageConnection:
+        """The storage connection, or a :class:`SettingsError` that says what to set."""
+        if self.storage is None:
+            raise SettingsError(
+                "No storage configured: set MODEL_STORAGE to a connection string "
+                "(UseDevelopmentStorage=true for Azurite) or MODEL_STORAGE__blobServiceUri for managed identity"
+            )
+        return self.storage

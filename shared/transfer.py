@@ -1,0 +1,227 @@
+"""Moving big files to and from Blob Storage in parallel blocks while hashing them in order.
+
+Uploads stage fixed-size blocks from any stream of bytes (a local file or an HTTP response),
+several at once, and commit the block list only when the sha256 of what flowed matches: a blob
+under its final name always has the bytes it claims. Downloads fetch ranges in parallel and
+hash them in order, into a file or straight into a preallocated buffer. Memory stays bounded
+by ``block_size x (concurrency + 1)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO, Protocol
+
+from azure.storage.blob import BlobBlock, BlobClient
+
+from .errors import IntegrityError
+from .storage import storage_errors
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+def _noop(_: int) -> None:
+    pass
+
+
+def rechunk(chunks: Iterable[bytes], block_size: int) -> Iterator[bytes]:
+    """Regroup a stream of byte chunks of any size into blocks of exactly ``block_size``
+    (the last one shorter)."""
+    buf = bytearray()
+    for chunk in chunks:
+        if not buf and len(chunk) == block_size:
+            yield bytes(chunk)
+            continue
+        buf += chunk
+        while len(buf) >= block_size:
+            yield bytes(buf[:block_size])
+            del buf[:block_size]
+    if buf:
+        yield bytes(buf)
+
+
+def file_chunks(stream: BinaryIO, block_size: int) -> Iterator[bytes]:
+    """Read an open binary file in blocks."""
+    while True:
+        block = stream.read(block_size)
+        if not block:
+            return
+        yield block
+
+
+def upload_blocks(
+    blob: BlobClient,
+    chunks: Iterable[bytes],
+    *,
+    name: str,
+    expected_size: int,
+    expected_sha256: str,
+    block_size: int,
+    concurrency: int,
+    metadata: dict[str, str] | None = None,
+    progress: Progress = _noop,
+) -> int:
+    """Stage ``chunks`` as blocks of ``blob`` and commit them if size and sha256 match.
+
+    Args:
+        blob: the destination (overwritten on commit).
+        chunks: the file's bytes, in order, in pieces of any size.
+        name: the file's name, for messages.
+        expected_size, expected_sha256: what the bytes must add up to.
+        block_size: bytes per staged block.
+        concurrency: blocks in flight at once.
+        metadata: blob metadata to set on commit (``sha256`` is added).
+        progress: called with the number of bytes of each staged block.
+
+    Returns:
+        The number of bytes sent.
+
+    Raises:
+        IntegrityError: the bytes that flowed differ from the expected size or sha256; nothing
+            is committed.
+    """
+    digest = hashlib.sha256()
+    sent = 0
+    block_ids: list[str] = []
+    in_flight: deque[Future[object]] = deque()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="stage") as pool:
+        try:
+            for index, block in enumerate(rechunk(chunks, block_size)):
+                digest.update(block)
+                sent += len(block)
+                if sent > expected_size:
+                    raise IntegrityError(f"{name} is larger than its recorded size {expected_size}")
+                block_id = base64.b64encode(f"{index:08d}".encode()).decode()
+                block_ids.append(block_id)
+                in_flight.append(pool.submit(_stage, blob, block_id, block, progress))
+                while len(in_flight) >= concurrency:
+                    in_flight.popleft().result()
+            while in_flight:
+                in_flight.popleft().result()
+        finally:
+            for pending in in_flight:
+                pending.cancel()
+    actual = digest.hexdigest()
+    if sent != expected_size or actual != expected_sha256:
+        raise IntegrityError(
+            f"{name}: the bytes read ({sent} B, sha256 {actual[:12]}...) differ from the expected "
+            f"({expected_size} B, sha256 {expected_sha256[:12]}...); the file changed or was corrupted in transit"
+        )
+    with storage_errors(f"committing {name}"):
+        blob.commit_block_list(
+            [BlobBlock(block_id=b) for b in block_ids],
+            metadata={**(metadata or {}), "sha256": actual},
+        )
+    return sent
+
+
+def _stage(blob: BlobClient, block_id: str, block: bytes, progress: Progress) -> None:
+    with storage_errors(f"uploading a block of {blob.blob_name}"):
+        blob.stage_block(block_id, block, length=len(block))
+    progress(len(block))
+
+
+class Sink(Protocol):
+    """Where downloaded bytes go: ``take`` is called in order, once per range."""
+
+    def take(self, offset: int, data: memoryview) -> None: ...
+
+
+class _ViewWriter:
+    """A write-only stream over a slice of a buffer, for ``StorageStreamDownloader.readinto``."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def write(self, data: bytes) -> int:
+        end = self._pos + len(data)
+        if end > len(self._view):
+            raise IntegrityError("blob is larger than its recorded size")
+        self._view[self._pos : end] = data
+        self._pos = end
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def written(self) -> int:
+        return self._pos
+
+
+def download_ranges(
+    blob: BlobClient,
+    *,
+    name: str,
+    size: int,
+    expected_sha256: str,
+    block_size: int,
+    concurrency: int,
+    into: memoryview | None = None,
+    sink: Callable[[memoryview], object] | None = None,
+    progress: Progress = _noop,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Fetch ``blob`` in parallel ranges and check its sha256 while the ranges arrive in order.
+
+    Either ``into`` (a writable buffer of exactly ``size`` bytes: ranges land in place, no
+    extra copy) or ``sink`` (called with each range in order, for example a file's ``write``).
+
+    Raises:
+        IntegrityError: a size or sha256 mismatch; the message names the file.
+    """
+    if (into is None) == (sink is None):
+        raise ValueError("give exactly one of into= or sink=")
+    if into is not None and len(into) != size:
+        raise ValueError("buffer size differs from the file size")
+    with storage_errors(f"reading the properties of {name}"):
+        actual_size = blob.get_blob_properties().size
+    if actual_size != size:
+        raise IntegrityError(f"{name} is {actual_size} bytes in storage, the manifest says {size}")
+    digest = hashlib.sha256()
+    ranges = [(offset, min(block_size, size - offset)) for offset in range(0, size, block_size)]
+    in_flight: deque[tuple[int, int, Future[memoryview]]] = deque()
+
+    def fetch(offset: int, length: int) -> memoryview:
+        target = into[offset : offset + length] if into is not None else memoryview(bytearray(length))
+        writer = _ViewWriter(target)
+        with storage_errors(f"downloading {name}"):
+            blob.download_blob(offset=offset, length=length, max_concurrency=1).readinto(writer)  # type: ignore[arg-type]
+        if writer.written != length:
+            raise IntegrityError(f"{name}: storage returned {writer.written} bytes for a {length}-byte range")
+        return target
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch") as pool:
+        pending = iter(ranges)
+        try:
+            for offset, length in pending:
+                in_flight.append((offset, length, pool.submit(fetch, offset, length)))
+                if len(in_flight) >= concurrency:
+                    break
+            while in_flight:
+                if cancel is not None and cancel.is_set():
+                    raise IntegrityError(f"download of {name} was cancelled")
+                offset, length, future = in_flight.popleft()
+                view = future.result()
+                nxt = next(pending, None)
+                if nxt is not None:
+                    in_flight.append((nxt[0], nxt[1], pool.submit(fetch, *nxt)))
+                digest.update(view)
+                if sink is not None:
+                    sink(view)
+                progress(length)
+        finally:
+            for _, _, future in in_flight:
+                future.cancel()
+    actual = digest.hexdigest()
+    if actual != expected_sha256:
+        raise IntegrityError(f"{name}: sha256 in storage is {actual[:12]}..., the manifest says {expected_sha256[:12]}...")

@@ -1,0 +1,84 @@
+"""Shared fixtures: a real Azurite per test session, a fresh container per test, tiny models."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.fixtures.tiny_models import build_bert
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_connection_string() -> str:
+    """The Azurite connection string: ``AZURITE_CONNECTION_STRING`` or the default ports on loopback."""
+    found = os.environ.get("AZURITE_CONNECTION_STRING")
+    if found:
+        return found
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:10000/{AZURITE_ACCOUNT};"
+        f"QueueEndpoint=http://127.0.0.1:10001/{AZURITE_ACCOUNT};"
+    )
+
+
+def _blob_endpoint(conn: str) -> tuple[str, int]:
+    parts = dict(p.split("=", 1) for p in conn.split(";") if "=" in p)
+    url = urlparse(parts.get("BlobEndpoint", "http://127.0.0.1:10000"))
+    return url.hostname or "127.0.0.1", url.port or 10000
+
+
+@pytest.fixture(scope="session")
+def azurite() -> str:
+    """A reachable Azurite's connection string. Skips when there is none, except under CI."""
+    conn = azurite_connection_string()
+    host, port = _blob_endpoint(conn)
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Azurite is not listening on {host}:{port}; .ci/run must start it")
+        pytest.skip(f"Azurite is not listening on {host}:{port} (start it: npx azurite --skipApiVersionCheck)")
+    return conn
+
+
+@pytest.fixture
+def container_name() -> str:
+    return f"t{uuid.uuid4().hex[:20]}"
+
+
+@pytest.fixture
+def store(azurite: str, container_name: str) -> Iterator[object]:
+    """A :class:`ModelStore` on a fresh container, deleted afterwards."""
+    from shared.model_store import ModelStore
+    from shared.settings import Settings
+
+    settings = Settings.from_env({"MODEL_STORAGE": azurite, "MODEL_CONTAINER": container_name, "MODEL_ID": "tests/tiny-bert"})
+    model_store = ModelStore.from_settings(settings)
+    model_store.block_size = 64 * 1024  # several blocks even for a tiny model
+    model_store.ensure_container()
+    yield model_store
+    model_store.container.delete_container()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BertForQuestionAnswering with its fast tokenizer, built offline once per session."""
+    return build_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(autouse=True)
+def _contained_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep caches and temp files of each test under its ``tmp_path``; no Hub access."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    yield

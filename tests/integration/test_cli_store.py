@@ -1,0 +1,87 @@
+"""The operators' commands, run as a user would: ``python -m shared ...`` against Azurite."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.model_store import ModelStore
+from shared.settings import Settings
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(env: dict[str, str], *args: str) -> tuple[int, dict[str, object], str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared", *args, "--json"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    return proc.returncode, json.loads(last), proc.stderr
+
+
+@pytest.fixture
+def cli_env(azurite: str, container_name: str) -> dict[str, str]:
+    return {"MODEL_STORAGE": azurite, "MODEL_CONTAINER": container_name, "MODEL_ID": "tests/cli-bert"}
+
+
+def test_isolate_status_verify_rollback(cli_env: dict[str, str], tiny_bert_dir: Path, tmp_path: Path) -> None:
+    code, first, _ = run(cli_env, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and first["outcome"] == "published"
+    code, again, _ = run(cli_env, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and again["outcome"] == "up_to_date" and again["bytes_moved"] == 0
+
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bert_dir, other)
+    (other / "tokenizer_config.json").write_text((other / "tokenizer_config.json").read_text().replace("512", "384"))
+    code, second, _ = run(cli_env, "isolate", "--from-dir", str(other))
+    assert code == 0 and second["outcome"] == "published"
+
+    code, status, _ = run(cli_env, "status")
+    assert code == 0
+    assert status["pointer"]["revision"] == second["revision"]  # type: ignore[index]
+    assert len(status["versions"]) == 2  # type: ignore[arg-type]
+    assert status["last_refresh"]["outcome"] == "published"  # type: ignore[index]
+
+    code, verified, _ = run(cli_env, "verify")
+    assert code == 0 and verified["ok"] is True
+
+    code, rolled, _ = run(cli_env, "rollback")
+    assert code == 0 and rolled["revision"] == first["revision"] and rolled["pinned"] is True
+
+    settings = Settings.from_env(cli_env)
+    store = ModelStore.from_settings(settings)
+    blob = store.file_blob(str(first["revision"]), "model.safetensors")
+    props = blob.get_blob_properties()
+    data = bytearray(blob.download_blob().readall())
+    data[100] ^= 0x01
+    blob.upload_blob(bytes(data), overwrite=True, metadata=props.metadata)
+    code, verified, _ = run(cli_env, "verify", "--revision", str(first["revision"]))
+    assert code == 1 and verified["ok"] is False
+    assert "model.safetensors" in verified["problems"][0]  # type: ignore[index]
+    store.container.delete_container()
+
+
+def test_errors_are_clear_and_json(cli_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "vocab.txt").write_text("[UNK]\n")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    code, out, err = run(cli_env, "isolate", "--from-dir", str(tmp_path))
+    assert code == 1 and out["error"]["code"] == "unsafe_model"  # type: ignore[index]
+    assert "safetensors" in err
+    code, out, _ = run(cli_env, "rollback")
+    assert code == 1 and out["error"]["code"] == "not_found"  # type: ignore[index]
+    code, out, _ = run({**cli_env, "MODEL_KEEP_VERSIONS": "zero"}, "status")
+    assert code == 1 and "MODEL_KEEP_VERSIONS" in out["error"]["message"]  # type: ignore[index]

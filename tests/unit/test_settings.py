@@ -1,0 +1,87 @@
+"""Settings: defaults, tiny parsers, and errors that name the bad setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import SettingsError
+from shared.settings import DEFAULT_MODEL_ID, Settings, parse_canary, parse_int, parse_storage
+
+
+def test_defaults_without_any_setting() -> None:
+    settings = Settings.from_env({})
+    assert settings.storage is None
+    assert settings.container == "models"
+    assert settings.model_id == DEFAULT_MODEL_ID
+    assert settings.model_revision == "main"
+    assert settings.keep_versions == 3
+    assert settings.load_mode == "memory"
+    assert settings.reload == "replace"
+    assert settings.poll_seconds == 60.0
+    assert settings.quantize == "none"
+    with pytest.raises(SettingsError, match="MODEL_STORAGE"):
+        settings.require_storage()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MODEL_KEEP_VERSIONS", "1"),
+        ("MODEL_KEEP_VERSIONS", "three"),
+        ("QA_MAX_WINDOWS", "0"),
+        ("QA_DEADLINE_SECONDS", "nan"),
+        ("MODEL_POLL_SECONDS", "-1"),
+        ("MODEL_LOAD_MODE", "gpu"),
+        ("MODEL_RELOAD", "sometimes"),
+        ("QA_QUANTIZE", "int4"),
+        ("MODEL_CONTAINER", "Bad_Name"),
+        ("MODEL_REFRESH_QUEUE", "x"),
+        ("MODEL_ID", "../etc"),
+        ("MODEL_ID", "a/b/c"),
+        ("MODEL_CANARY", "{not json"),
+        ("MODEL_CANARY", '{"question": "q"}'),
+        ("MODEL_TRANSFER_CONCURRENCY", "64"),
+    ],
+)
+def test_bad_values_name_the_setting(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_disk_mode_needs_a_cache_dir_and_defaults_to_overlap(tmp_path: object) -> None:
+    with pytest.raises(SettingsError, match="MODEL_CACHE_DIR"):
+        Settings.from_env({"MODEL_LOAD_MODE": "disk"})
+    settings = Settings.from_env({"MODEL_LOAD_MODE": "disk", "MODEL_CACHE_DIR": str(tmp_path)})
+    assert settings.reload == "overlap"
+    assert Settings.from_env({"MODEL_LOAD_MODE": "disk", "MODEL_CACHE_DIR": "/x", "MODEL_RELOAD": "replace"}).reload == "replace"
+
+
+def test_storage_precedence_and_identity() -> None:
+    assert parse_storage({}) is None
+    conn = parse_storage({"MODEL_STORAGE": "UseDevelopmentStorage=true", "AzureWebJobsStorage": "other"})
+    assert conn is not None and conn.setting == "MODEL_STORAGE" and conn.connection_string == "UseDevelopmentStorage=true"
+    fallback = parse_storage({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+    assert fallback is not None and fallback.setting == "AzureWebJobsStorage"
+    identity = parse_storage(
+        {"MODEL_STORAGE__blobServiceUri": "https://acct.blob.core.windows.net", "MODEL_STORAGE__clientId": "abc"}
+    )
+    assert identity is not None and identity.connection_string is None
+    assert identity.queue_service_uri == "https://acct.queue.core.windows.net"
+    assert identity.client_id == "abc"
+    with pytest.raises(SettingsError, match="blobServiceUri"):
+        parse_storage({"MODEL_STORAGE__blobServiceUri": "acct"})
+
+
+def test_storage_repr_hides_the_key() -> None:
+    conn = parse_storage({"MODEL_STORAGE": "AccountName=a;AccountKey=SECRETKEY=="})
+    assert "SECRETKEY" not in repr(conn)
+    assert "SECRETKEY" not in repr(Settings.from_env({"MODEL_STORAGE": "AccountName=a;AccountKey=SECRETKEY==", "HF_TOKEN": "hf_x"}))
+    assert "hf_x" not in repr(Settings.from_env({"HF_TOKEN": "hf_x"}))
+
+
+def test_parsers() -> None:
+    assert parse_int("N", None, 5) == 5
+    assert parse_int("N", " 7 ", 5) == 7
+    canary = parse_canary("MODEL_CANARY", '{"question": "q?", "context": "c."}')
+    assert canary.answer is None and canary.question == "q?"
+    assert parse_canary("MODEL_CANARY", None).answer == "Paris"
