@@ -126,6 +126,62 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dic
     return 0, data, f"current: {pointer.revision} (pinned; a scheduled refresh leaves it until a refresh names a revision)"
 
 
+def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """JSON lines of items on stdin, one JSON line of answers per item on stdout."""
+    import time
+
+    from .question_answering import Limits, QAEngine, QAItem
+
+    engine = QAEngine.from_dir(
+        args.model_dir,
+        quantize=args.quantize or settings.quantize,
+        limits=Limits.from_settings(settings),
+        batch_windows=settings.batch_windows,
+    )
+    began = time.monotonic()
+    counts = {"answered": 0, "failed": 0}
+
+    def emit(line: dict[str, Any]) -> None:
+        counts["failed" if "error" in line else "answered"] += 1
+        sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def error_line(err: QAError) -> dict[str, Any]:
+        return {"error": {"code": err.code, "message": err.message}}
+
+    def answer_all(items: list[QAItem]) -> list[dict[str, Any]]:
+        try:
+            return [{"answers": [a.to_dict() for a in answers]} for answers in engine.answer(items)]
+        except QAError as err:
+            if len(items) == 1:
+                return [error_line(err)]
+            return [line for single in items for line in answer_all([single])]  # one bad item must not fail the others
+
+    def flush(pending: list[QAItem | dict[str, Any]]) -> None:
+        items = [p for p in pending if isinstance(p, QAItem)]
+        answered = iter(answer_all(items) if items else [])
+        for slot in pending:  # output lines keep the order of the input lines
+            emit(next(answered) if isinstance(slot, QAItem) else slot)
+
+    pending: list[QAItem | dict[str, Any]] = []
+    for raw in sys.stdin:
+        if not raw.strip():
+            continue
+        try:
+            pending.append(QAItem.from_dict(json.loads(raw)))
+        except json.JSONDecodeError:
+            pending.append({"error": {"code": "bad_request", "message": "the line is not valid JSON"}})
+        except QAError as err:
+            pending.append(error_line(err))
+        if sum(isinstance(p, QAItem) for p in pending) >= args.batch:
+            flush(pending)
+            pending = []
+    flush(pending)
+    sys.stdout.flush()
+    seconds = time.monotonic() - began
+    summary = {**counts, "seconds": round(seconds, 3)}
+    return 0, summary, f"answered {counts['answered']}, failed {counts['failed']} in {seconds:.1f}s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = add("rollback", cmd_rollback, "point back at an earlier version and pin it")
     rollback.add_argument("--to", help="revision (default: the newest earlier complete version)")
     rollback.add_argument("--model-id")
+
+    answer = sub.add_parser(
+        "answer",
+        help="answer JSON lines from stdin with a local model folder",
+        description="Read JSON lines of {question, context, top_k?, max_answer_len?, handle_impossible_answer?} on stdin; "
+        "write one JSON line {answers: [...]} or {error: {...}} per item on stdout.",
+    )
+    answer.add_argument("--model-dir", required=True, help="a local model folder (safetensors, config, tokenizer)")
+    answer.add_argument("--quantize", choices=("none", "int8"), help="default: QA_QUANTIZE")
+    answer.add_argument("--batch", type=int, default=1, help="items per engine call (windows still batch per QA_BATCH_WINDOWS)")
+    answer.set_defaults(handler=cmd_answer, json=False, stream=True)
     return parser
 
 
@@ -171,5 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, file=sys.stderr)
         print(json.dumps(data, default=str))
     else:
-        print(text)
+        # a streaming command owns stdout; its summary goes to stderr
+        print(text, file=sys.stderr if getattr(args, "stream", False) else sys.stdout)
     return code

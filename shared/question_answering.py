@@ -1,0 +1,394 @@
+"""Extractive question answering on ``AutoModelForQuestionAnswering`` and a fast tokenizer.
+
+transformers 5.3 removed ``pipeline("question-answering")``; this engine gives the answers the
+transformers 4.57.6 ``QuestionAnsweringPipeline`` gave with a fast tokenizer and its defaults
+(``max_seq_len`` 384, ``doc_stride`` 128, ``align_to_words``): the same windows, masking, span
+search, word alignment and merging of identical answers found in several windows. It differs in
+how the work runs: every window of every item of a request goes through the model in as few
+padded forward passes as ``batch_windows`` allows, and it is safe to call from many threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DeadlineExceededError, InputError, TooLargeError
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_K = 20
+MAX_ANSWER_LEN = 512
+_MASKED = -10000.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Budgets of one request; over them is a 400/413 before any model work."""
+
+    max_context_chars: int = 25_000
+    max_question_chars: int = 1_000
+    max_question_tokens: int = 64
+    max_items: int = 32
+    max_windows: int = 48
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(
+            max_context_chars=settings.max_context_chars,
+            max_question_chars=settings.max_question_chars,
+            max_question_tokens=settings.max_question_tokens,
+            max_items=settings.max_items,
+            max_windows=settings.max_windows,
+        )
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question over one context, with the pipeline's per-call options."""
+
+    question: str
+    context: str
+    top_k: int = 1
+    max_answer_len: int = 15
+    handle_impossible_answer: bool = False
+
+    @classmethod
+    def from_dict(cls, data: object, *, where: str = "") -> QAItem:
+        """Build an item from decoded JSON, naming the bad field in errors.
+
+        Raises:
+            InputError: missing, empty or mistyped field; option out of range.
+        """
+        if not isinstance(data, Mapping):
+            raise InputError(f"{where or 'the request'} must be a JSON object with 'question' and 'context'", field=where or None)
+        fields = {}
+        for name in ("question", "context"):
+            value = data.get(name)
+            if value is None:
+                raise InputError(f"'{where}{name}' is required", field=where + name)
+            if not isinstance(value, str):
+                raise InputError(f"'{where}{name}' must be a string", field=where + name)
+            if not value.strip():
+                raise InputError(f"'{where}{name}' must not be empty", field=where + name)
+            fields[name] = value
+        top_k = _int_option(data, "top_k", 1, 1, MAX_TOP_K, where)
+        max_answer_len = _int_option(data, "max_answer_len", 15, 1, MAX_ANSWER_LEN, where)
+        impossible = data.get("handle_impossible_answer", False)
+        if not isinstance(impossible, bool):
+            raise InputError(f"'{where}handle_impossible_answer' must be true or false", field=where + "handle_impossible_answer")
+        return cls(
+            question=fields["question"],
+            context=fields["context"],
+            top_k=top_k,
+            max_answer_len=max_answer_len,
+            handle_impossible_answer=impossible,
+        )
+
+
+def _int_option(data: Mapping[str, Any], name: str, default: int, low: int, high: int, where: str) -> int:
+    value = data.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"'{where}{name}' must be a whole number", field=where + name)
+    if not low <= value <= high:
+        raise InputError(f"'{where}{name}' must be between {low} and {high}, got {value}", field=where + name)
+    return value
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A span of the context: its text, probability and character offsets (``end`` exclusive)."""
+
+    answer: str
+    score: float
+    start: int
+    end: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.answer, "score": self.score, "start": self.start, "end": self.end}
+
+
+@dataclass
+class _Window:
+    item: int
+    encoding: Any  # tokenizers.Encoding
+    p_mask: np.ndarray
+
+
+def decode_spans(
+    start: np.ndarray, end: np.ndarray, topk: int, max_answer_len: int, undesired_tokens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``topk`` best (start, end) pairs with ``start <= end < start + max_answer_len``.
+
+    Same operations as transformers 4.57.6 ``decode_spans`` (so ties resolve the same way).
+    """
+    if start.ndim == 1:
+        start = start[None]
+    if end.ndim == 1:
+        end = end[None]
+    outer = np.matmul(np.expand_dims(start, -1), np.expand_dims(end, 1))
+    candidates = np.tril(np.triu(outer), max_answer_len - 1)
+    scores_flat = candidates.flatten()
+    if topk == 1:
+        idx_sort = np.array([np.argmax(scores_flat)])
+    elif len(scores_flat) < topk:
+        idx_sort = np.argsort(-scores_flat)
+    else:
+        idx = np.argpartition(-scores_flat, topk)[0:topk]
+        idx_sort = idx[np.argsort(-scores_flat[idx])]
+    starts, ends = np.unravel_index(idx_sort, candidates.shape)[1:]
+    desired_spans = np.isin(starts, undesired_tokens.nonzero()) & np.isin(ends, undesired_tokens.nonzero())
+    starts = starts[desired_spans]
+    ends = ends[desired_spans]
+    scores = candidates[0, starts, ends]
+    return starts, ends, scores
+
+
+def select_starts_ends(
+    start: np.ndarray,
+    end: np.ndarray,
+    p_mask: np.ndarray,
+    min_null_score: float,
+    top_k: int,
+    handle_impossible_answer: bool,
+    max_answer_len: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Softmax over the context tokens (and CLS) of one window, then the best spans.
+
+    ``start`` and ``end`` are float32 logits of shape (1, window length), unpadded.
+    """
+    undesired_tokens = np.abs(p_mask - 1)
+    undesired_tokens_mask = undesired_tokens == 0.0
+    start = np.where(undesired_tokens_mask, np.float32(_MASKED), start)
+    end = np.where(undesired_tokens_mask, np.float32(_MASKED), end)
+    start = np.exp(start - start.max(axis=-1, keepdims=True))
+    start = start / start.sum()
+    end = np.exp(end - end.max(axis=-1, keepdims=True))
+    end = end / end.sum()
+    if handle_impossible_answer:
+        min_null_score = min(min_null_score, (start[0, 0] * end[0, 0]).item())
+    start[0, 0] = end[0, 0] = 0.0
+    starts, ends, scores = decode_spans(start, end, top_k, max_answer_len, undesired_tokens)
+    return starts, ends, scores, min_null_score
+
+
+def _char_span(encoding: Any, s: int, e: int) -> tuple[int, int]:
+    """Character span of tokens ``s..e`` widened to whole words of the context (``align_to_words``);
+    tokens without a word (CLS) fall back to their offsets, as the pipeline does."""
+    start_word = encoding.token_to_word(s)
+    end_word = encoding.token_to_word(e)
+    if start_word is not None and end_word is not None:
+        start_chars = encoding.word_to_chars(start_word, sequence_index=1)
+        end_chars = encoding.word_to_chars(end_word, sequence_index=1)
+        if start_chars is not None and end_chars is not None:
+            return start_chars[0], end_chars[1]
+    return encoding.offsets[s][0], encoding.offsets[e][1]
+
+
+class QAEngine:
+    """Answers questions with one loaded model; thread safe.
+
+    Args:
+        model: an ``AutoModelForQuestionAnswering`` in eval mode.
+        tokenizer: its fast (tokenizers-backed) tokenizer.
+        limits: request budgets.
+        batch_windows: windows per forward pass.
+        max_seq_len, doc_stride: window geometry (pipeline defaults: 384 and 128).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        limits: Limits | None = None,
+        batch_windows: int = 8,
+        max_seq_len: int | None = None,
+        doc_stride: int | None = None,
+    ) -> None:
+        import torch
+        from tokenizers import Tokenizer
+
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("the QA engine needs a fast tokenizer (tokenizer.json)")
+        self.model = model.eval()
+        self.limits = limits or Limits()
+        self.batch_windows = batch_windows
+        self.max_seq_len = max_seq_len or min(int(tokenizer.model_max_length), 384)
+        self.doc_stride = doc_stride or min(self.max_seq_len // 2, 128)
+        self.input_names = [n for n in tokenizer.model_input_names if n in ("input_ids", "attention_mask", "token_type_ids")]
+        self.cls_token_id = tokenizer.cls_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # A private copy of the Rust tokenizer with truncation set once: encode() then never
+        # mutates shared state, so threads can tokenize at once.
+        self._windowing = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._windowing.no_padding()
+        self._windowing.enable_truncation(self.max_seq_len, stride=self.doc_stride, strategy="only_second", direction="right")
+        self._questions = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._questions.no_padding()
+        self._questions.no_truncation()
+        self._torch = torch
+
+    # --- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, model_dir: Path | str, *, quantize: str = "none", **kwargs: Any) -> QAEngine:
+        """Load a model folder (safetensors only, no remote code) and build the engine."""
+        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per load is noise in function logs
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False)
+        return cls(quantize_model(model, quantize), tokenizer, **kwargs)
+
+    # --- answering --------------------------------------------------------------------------
+
+    def answer(self, items: Sequence[QAItem], *, deadline: float | None = None) -> list[list[Answer]]:
+        """Answer every item; each gets its ``top_k`` answers, best first.
+
+        Args:
+            items: the questions.
+            deadline: a ``time.monotonic()`` value after which work stops.
+
+        Raises:
+            InputError, TooLargeError: an item is over a budget; nothing was run.
+            DeadlineExceededError: the deadline passed between forward passes.
+        """
+        if not items:
+            raise InputError("at least one question is needed", field="items")
+        if len(items) > self.limits.max_items:
+            raise TooLargeError(f"{len(items)} items in one request; the limit is {self.limits.max_items}", field="items")
+        windows = self._windows(items)
+        logits = self._run(windows, deadline)
+        return [self._postprocess(items[i], [(w, logits[k]) for k, w in enumerate(windows) if w.item == i]) for i in range(len(items))]
+
+    def _check_sizes(self, index: int, item: QAItem, where: str) -> None:
+        if len(item.question) > self.limits.max_question_chars:
+            raise TooLargeError(
+                f"'{where}question' has {len(item.question)} characters; the limit is {self.limits.max_question_chars}",
+                field=where + "question",
+            )
+        if len(item.context) > self.limits.max_context_chars:
+            raise TooLargeError(
+                f"'{where}context' has {len(item.context)} characters; the limit is {self.limits.max_context_chars}",
+                field=where + "context",
+            )
+
+    def _windows(self, items: Sequence[QAItem]) -> list[_Window]:
+        windows: list[_Window] = []
+        for index, item in enumerate(items):
+            where = f"items[{index}]." if len(items) > 1 else ""
+            self._check_sizes(index, item, where)
+            question_tokens = len(self._safe_encode(self._questions, item.question, None, where, add_special_tokens=False).ids)
+            if question_tokens > self.limits.max_question_tokens:
+                raise TooLargeError(
+                    f"'{where}question' has {question_tokens} tokens; the limit is {self.limits.max_question_tokens}",
+                    field=where + "question",
+                )
+            encoding = self._safe_encode(self._windowing, item.question, item.context, where)
+            for enc in [encoding, *encoding.overflowing]:
+                windows.append(_Window(item=index, encoding=enc, p_mask=self._p_mask(enc)))
+            if len(windows) > self.limits.max_windows:
+                raise TooLargeError(
+                    f"the request needs more than {self.limits.max_windows} windows of {self.max_seq_len} tokens; "
+                    "send shorter contexts or fewer items",
+                    field="context" if len(items) == 1 else "items",
+                )
+        return windows
+
+    def _safe_encode(self, tokenizer: Any, question: str, context: str | None, where: str, **kwargs: Any) -> Any:
+        try:
+            return tokenizer.encode(question, context, **kwargs)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - tokenizers raises pyo3 PanicException (a BaseException)
+            log.info("Tokenizer refused an input: %s", type(err).__name__)
+            raise InputError(
+                f"'{where}question' is too long to leave room for the context in a {self.max_seq_len}-token window",
+                field=where + "question",
+            ) from None
+
+    def _p_mask(self, enc: Any) -> np.ndarray:
+        # 1 where a token cannot be part of the answer: everything but the context, except CLS
+        p_mask = np.array([0 if seq == 1 else 1 for seq in enc.sequence_ids], dtype=np.int64)
+        if self.cls_token_id is not None:
+            p_mask[np.asarray(enc.ids) == self.cls_token_id] = 0
+        return p_mask
+
+    def _run(self, windows: list[_Window], deadline: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        torch = self._torch
+        results: list[tuple[np.ndarray, np.ndarray]] = []
+        for first in range(0, len(windows), self.batch_windows):
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceededError("The request ran out of time; send a shorter context or fewer questions")
+            batch = windows[first : first + self.batch_windows]
+            width = max(len(w.encoding.ids) for w in batch)
+            ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            types = np.zeros((len(batch), width), dtype=np.int64)
+            for row, window in enumerate(batch):
+                n = len(window.encoding.ids)
+                ids[row, :n] = window.encoding.ids
+                mask[row, :n] = 1
+                types[row, :n] = window.encoding.type_ids
+            arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            inputs = {name: torch.from_numpy(arrays[name]) for name in self.input_names}
+            with torch.inference_mode():
+                output = self.model(**inputs)
+            start = output.start_logits.float().numpy()
+            end = output.end_logits.float().numpy()
+            for row, window in enumerate(batch):
+                n = len(window.encoding.ids)
+                results.append((start[row : row + 1, :n], end[row : row + 1, :n]))
+        return results
+
+    def _postprocess(self, item: QAItem, outputs: list[tuple[_Window, tuple[np.ndarray, np.ndarray]]]) -> list[Answer]:
+        min_null_score = 1000000.0
+        answers: list[dict[str, Any]] = []
+        by_text: dict[str, dict[str, Any]] = {}
+        pre_topk = item.top_k * 2 + 10
+        for window, (start, end) in outputs:
+            starts, ends, scores, min_null_score = select_starts_ends(
+                start, end, window.p_mask, min_null_score, pre_topk, item.handle_impossible_answer, item.max_answer_len
+            )
+            for s, e, score in zip(starts, ends, scores, strict=True):
+                start_index, end_index = _char_span(window.encoding, int(s), int(e))
+                text = item.context[start_index:end_index]
+                key = text.lower()
+                found = by_text.get(key)
+                if found is not None:
+                    found["score"] += score.item()
+                else:
+                    entry = {"score": score.item(), "start": start_index, "end": end_index, "answer": text}
+                    by_text[key] = entry
+                    answers.append(entry)
+        if item.handle_impossible_answer:
+            answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
+        best = sorted(answers, key=lambda a: a["score"], reverse=True)[: item.top_k]
+        return [Answer(answer=a["answer"], score=float(a["score"]), start=a["start"], end=a["end"]) for a in best]
+
+
+def quantize_model(model: Any, quantize: str) -> Any:
+    """Dynamic int8 quantization of the Linear layers, in place (no second copy of the weights).
+
+    Scores may move slightly against fp32; answers rarely change.
+    """
+    if quantize == "none":
+        return model
+    if quantize != "int8":
+        raise ValueError(f"unknown quantization {quantize!r}")
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in torch 2.13 but present
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

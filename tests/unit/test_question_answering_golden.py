@@ -1,0 +1,63 @@
+"""The engine against golden answers of the transformers 4.57.6 question-answering pipeline.
+
+``tests/fixtures/make_golden.py`` produced ``golden.json`` and the models under
+``tests/fixtures/models/`` with transformers 4.57.6; this test needs only the project's own stack.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from shared.question_answering import Limits, QAEngine, QAItem
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+GOLDEN = json.loads((FIXTURES / "golden.json").read_text(encoding="utf-8"))
+RECORDS = GOLDEN["records"]
+ROOMY = Limits(max_context_chars=100_000, max_question_tokens=512, max_windows=1000, max_items=1000)
+
+
+@cache
+def engine(model: str, batch_windows: int = 8) -> QAEngine:
+    return QAEngine.from_dir(FIXTURES / "models" / model, limits=ROOMY, batch_windows=batch_windows)
+
+
+def item(record: dict[str, object]) -> QAItem:
+    return QAItem(question=record["question"], context=record["context"], **record["options"])  # type: ignore[arg-type]
+
+
+def assert_same(got: list[object], expected: list[dict[str, object]], where: str) -> None:
+    assert len(got) == len(expected), where
+    for answer, want in zip(got, expected, strict=True):
+        assert (answer.answer, answer.start, answer.end) == (want["answer"], want["start"], want["end"]), where  # type: ignore[attr-defined]
+        assert answer.score == pytest.approx(want["score"], abs=1e-4), where  # type: ignore[attr-defined]
+
+
+def test_golden_file_comes_from_the_reference() -> None:
+    assert GOLDEN["transformers"] == "4.57.6"
+    models = {r["model"] for r in RECORDS}
+    assert models == {"bert", "distilbert", "roberta", "bert-squad2"}
+    assert any(r["answers"][0]["answer"] == "" for r in RECORDS)  # impossible answers do win somewhere
+    assert any(len(r["context"]) > 4000 for r in RECORDS)  # multi-window contexts
+
+
+@pytest.mark.parametrize("model", ["bert", "distilbert", "roberta", "bert-squad2"])
+def test_one_at_a_time_matches_the_pipeline(model: str) -> None:
+    records = [r for r in RECORDS if r["model"] == model]
+    qa = engine(model, batch_windows=1)
+    for index, record in enumerate(records):
+        assert_same(qa.answer([item(record)])[0], record["answers"], f"{model} #{index}: {record['options']}")
+
+
+@pytest.mark.parametrize("model", ["bert", "distilbert", "roberta", "bert-squad2"])
+def test_batched_requests_match_the_pipeline(model: str) -> None:
+    records = [r for r in RECORDS if r["model"] == model]
+    qa = engine(model, batch_windows=8)
+    for first in range(0, len(records), 16):
+        chunk = records[first : first + 16]
+        results = qa.answer([item(r) for r in chunk])
+        for offset, (got, record) in enumerate(zip(results, chunk, strict=True)):
+            assert_same(got, record["answers"], f"{model} #{first + offset}")
