@@ -1,7 +1,8 @@
 """Triggers of the isolated question-answering app: every route, schedule and auth level at a glance.
 
 Each body parses the request, calls ``shared``, and shapes the response; the work lives in
-``shared/``. Nothing heavy happens at import: the model loads on first use.
+``shared/``. Importing this module is cheap and touches no network: settings are read, storage is
+reached and the model is loaded on first use, by the module-level ``engine`` holder.
 """
 
 from __future__ import annotations
@@ -10,11 +11,42 @@ import json
 
 import azure.functions as func
 
+from shared import api
+from shared.model_holder import ModelHolder
+
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+# One per worker process (run FUNCTIONS_WORKER_PROCESS_COUNT=1): lazily loaded, hot-reloaded.
+engine = ModelHolder()
+
+
+def _http(response: api.ApiResponse) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(response.body, ensure_ascii=False),
+        status_code=response.status,
+        headers=response.headers,
+        mimetype="application/json",
+        charset="utf-8",
+    )
+
+
+@app.function_name("ask")
+@app.route(route="ask", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def ask(req: func.HttpRequest) -> func.HttpResponse:
+    """Answer ``{question, context, ...}`` or ``{"items": [...]}`` from the current model version."""
+    return _http(api.guarded(lambda: api.ask(engine, req.get_body())))
 
 
 @app.function_name("health")
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
-    """Liveness of this instance."""
-    return func.HttpResponse(json.dumps({"state": "up"}), status_code=200, mimetype="application/json")
+    """200 when a model is loaded, 503 with a fixed state code otherwise; ``?warm=1`` starts a load."""
+    warm = req.params.get("warm", "").lower() in ("1", "true", "yes")
+    return _http(api.guarded(lambda: api.health(engine, warm=warm)))
+
+
+@app.function_name("model")
+@app.route(route="model", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def model(req: func.HttpRequest) -> func.HttpResponse:
+    """Pointer, stored versions, last refresh, and what this instance loaded (operators)."""
+    return _http(api.guarded(lambda: api.model_status(engine)))

@@ -126,6 +126,22 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dic
     return 0, data, f"current: {pointer.revision} (pinned; a scheduled refresh leaves it until a refresh names a revision)"
 
 
+def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """One question through the same holder and loader as the function."""
+    from . import api
+    from .model_holder import ModelHolder
+
+    holder = ModelHolder(lambda: settings)
+    item: dict[str, Any] = {"question": args.question, "context": args.context, "top_k": args.top_k}
+    response = api.ask(holder, json.dumps(item).encode())
+    holder.close()
+    body = response.body
+    answers = body.get("answers") or [body]
+    lines = [f"{a['answer']!r} (score {a['score']:.4f}, characters {a['start']}-{a['end']})" for a in answers]
+    lines.append(f"model: {body['model_id']}@{body['revision']}")
+    return 0, body, "\n".join(lines)
+
+
 def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """JSON lines of items on stdin, one JSON line of answers per item on stdout."""
     import time
@@ -207,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = add("rollback", cmd_rollback, "point back at an earlier version and pin it")
     rollback.add_argument("--to", help="revision (default: the newest earlier complete version)")
     rollback.add_argument("--model-id")
+
+    ask = add("ask", cmd_ask, "answer one question with the current model version in Blob Storage (as the function does)")
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--context", required=True)
+    ask.add_argument("--top-k", type=int, default=1)
 
     answer = sub.add_parser(
         "answer",

@@ -15,11 +15,13 @@ class QAError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
-    retry_after: ClassVar[int | None] = None
+    retry_after: int | None = None  # seconds, sent as Retry-After with a 503
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class SettingsError(QAError, ValueError):

@@ -261,9 +261,7 @@ class ModelStore:
 
     def write_last_refresh(self, record: dict[str, Any]) -> None:
         with storage_errors("writing last-refresh.json"):
-            self.container.get_blob_client(self._path(LAST_REFRESH)).upload_blob(
-                json.dumps(record, indent=2).encode(), overwrite=True
-            )
+            self.container.get_blob_client(self._path(LAST_REFRESH)).upload_blob(json.dumps(record, indent=2).encode(), overwrite=True)
 
     # --- versions --------------------------------------------------------------------------
 
@@ -329,9 +327,7 @@ class ModelStore:
             progress=progress,
         )
 
-    def read_file(
-        self, revision: str, entry: FileEntry, *, progress: Progress = _noop, cancel: threading.Event | None = None
-    ) -> bytearray:
+    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop, cancel: threading.Event | None = None) -> bytearray:
         """The bytes of one file in memory, sha256 checked while they stream in.
 
         Raises:
@@ -519,7 +515,6 @@ def check_revision_arg(revision: str) -> str:
         return check_revision(revision.strip())
     except IntegrityError:
         raise NotFoundError(f"{revision!r} is not a stored revision (40 hex characters, or local- and 16 hex)") from None
-
 
 
 __all__ = ["ModelStore", "RefreshLock", "VersionInfo", "check_revision_arg", "utc_now"]

@@ -39,6 +39,30 @@ class Limits:
     max_items: int = 32
     max_windows: int = 48
 
+    def check_items(self, items: Sequence[QAItem]) -> None:
+        """The checks that need no tokenizer: item count and character budgets.
+
+        Raises:
+            InputError: no item.
+            TooLargeError: over a budget; the field is named (``items[1].context``).
+        """
+        if not items:
+            raise InputError("at least one question is needed", field="items")
+        if len(items) > self.max_items:
+            raise TooLargeError(f"{len(items)} items in one request; the limit is {self.max_items}", field="items")
+        for index, item in enumerate(items):
+            where = f"items[{index}]." if len(items) > 1 else ""
+            if len(item.question) > self.max_question_chars:
+                raise TooLargeError(
+                    f"'{where}question' has {len(item.question)} characters; the limit is {self.max_question_chars}",
+                    field=where + "question",
+                )
+            if len(item.context) > self.max_context_chars:
+                raise TooLargeError(
+                    f"'{where}context' has {len(item.context)} characters; the limit is {self.max_context_chars}",
+                    field=where + "context",
+                )
+
     @classmethod
     def from_settings(cls, settings: Any) -> Limits:
         return cls(
@@ -115,6 +139,83 @@ class Answer:
 
     def to_dict(self) -> dict[str, Any]:
         return {"answer": self.answer, "score": self.score, "start": self.start, "end": self.end}
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What the engine needs of a fast tokenizer: the Rust tokenizer and a few facts.
+
+    Build it from a transformers tokenizer (:meth:`from_transformers`) or straight from the
+    bytes of ``tokenizer.json`` and ``tokenizer_config.json`` (:meth:`from_files`), which needs
+    no file on disk.
+    """
+
+    backend: Any  # tokenizers.Tokenizer
+    model_max_length: int
+    cls_token_id: int | None
+    pad_token_id: int | None
+    input_names: tuple[str, ...]
+
+    @classmethod
+    def from_transformers(cls, tokenizer: Any) -> TokenizerSpec:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("the QA engine needs a fast tokenizer (tokenizer.json)")
+        return cls(
+            backend=tokenizer.backend_tokenizer,
+            model_max_length=int(min(tokenizer.model_max_length, 1 << 30)),
+            cls_token_id=tokenizer.cls_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            input_names=tuple(tokenizer.model_input_names),
+        )
+
+    @classmethod
+    def from_files(
+        cls,
+        tokenizer_json: bytes | bytearray,
+        tokenizer_config: bytes | bytearray | None,
+        special_tokens_map: bytes | bytearray | None = None,
+    ) -> TokenizerSpec:
+        """Read the spec from file contents, as ``AutoTokenizer`` would resolve it."""
+        import json
+
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(bytes(tokenizer_json).decode("utf-8"))
+        config = json.loads(bytes(tokenizer_config)) if tokenizer_config else {}
+        specials = json.loads(bytes(special_tokens_map)) if special_tokens_map else {}
+        tokenizer_class = _tokenizer_class(config.get("tokenizer_class"))
+
+        def token_id(name: str) -> int | None:
+            token = config.get(name, specials.get(name))
+            if token is None and tokenizer_class is not None:
+                import inspect
+
+                parameter = inspect.signature(tokenizer_class.__init__).parameters.get(name)
+                token = parameter.default if parameter is not None and parameter.default is not inspect.Parameter.empty else None
+            if isinstance(token, dict):
+                token = token.get("content")
+            return backend.token_to_id(token) if isinstance(token, str) else None
+
+        input_names = tuple(getattr(tokenizer_class, "model_input_names", ("input_ids", "token_type_ids", "attention_mask")))
+        max_length = config.get("model_max_length")
+        return cls(
+            backend=backend,
+            model_max_length=int(max_length) if isinstance(max_length, (int, float)) and max_length < (1 << 30) else 1 << 30,
+            cls_token_id=token_id("cls_token"),
+            pad_token_id=token_id("pad_token"),
+            input_names=input_names,
+        )
+
+
+def _tokenizer_class(name: object) -> Any:
+    if not isinstance(name, str) or not name:
+        return None
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        return tokenizer_class_from_name(name) or tokenizer_class_from_name(name.removesuffix("Fast"))
+    except (ImportError, ValueError, AttributeError):
+        return None
 
 
 @dataclass
@@ -199,41 +300,46 @@ class QAEngine:
 
     Args:
         model: an ``AutoModelForQuestionAnswering`` in eval mode.
-        tokenizer: its fast (tokenizers-backed) tokenizer.
+        tokenizer: its fast tokenizer, as a :class:`TokenizerSpec`.
         limits: request budgets.
         batch_windows: windows per forward pass.
+        quantize: ``int8`` quantizes the model's Linear layers in place at build time.
         max_seq_len, doc_stride: window geometry (pipeline defaults: 384 and 128).
     """
 
     def __init__(
         self,
         model: Any,
-        tokenizer: Any,
+        tokenizer: TokenizerSpec,
         *,
         limits: Limits | None = None,
         batch_windows: int = 8,
+        quantize: str = "none",
         max_seq_len: int | None = None,
         doc_stride: int | None = None,
     ) -> None:
+        import inspect
+
         import torch
         from tokenizers import Tokenizer
 
-        if not getattr(tokenizer, "is_fast", False):
-            raise ValueError("the QA engine needs a fast tokenizer (tokenizer.json)")
-        self.model = model.eval()
+        self.model = quantize_model(model.eval(), quantize)
+        self.quantize = quantize
         self.limits = limits or Limits()
         self.batch_windows = batch_windows
-        self.max_seq_len = max_seq_len or min(int(tokenizer.model_max_length), 384)
+        self.max_seq_len = max_seq_len or min(tokenizer.model_max_length, 384)
         self.doc_stride = doc_stride or min(self.max_seq_len // 2, 128)
-        self.input_names = [n for n in tokenizer.model_input_names if n in ("input_ids", "attention_mask", "token_type_ids")]
+        accepted = inspect.signature(model.forward).parameters
+        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.input_names and n in accepted]
         self.cls_token_id = tokenizer.cls_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # A private copy of the Rust tokenizer with truncation set once: encode() then never
         # mutates shared state, so threads can tokenize at once.
-        self._windowing = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        serialized = tokenizer.backend.to_str()
+        self._windowing = Tokenizer.from_str(serialized)
         self._windowing.no_padding()
         self._windowing.enable_truncation(self.max_seq_len, stride=self.doc_stride, strategy="only_second", direction="right")
-        self._questions = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._questions = Tokenizer.from_str(serialized)
         self._questions.no_padding()
         self._questions.no_truncation()
         self._torch = torch
@@ -248,8 +354,10 @@ class QAEngine:
 
         hf_logging.disable_progress_bar()  # a bar per load is noise in function logs
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-        model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False)
-        return cls(quantize_model(model, quantize), tokenizer, **kwargs)
+        model = AutoModelForQuestionAnswering.from_pretrained(
+            str(model_dir), use_safetensors=True, trust_remote_code=False, dtype="float32"
+        )
+        return cls(model, TokenizerSpec.from_transformers(tokenizer), quantize=quantize, **kwargs)
 
     # --- answering --------------------------------------------------------------------------
 
@@ -264,31 +372,15 @@ class QAEngine:
             InputError, TooLargeError: an item is over a budget; nothing was run.
             DeadlineExceededError: the deadline passed between forward passes.
         """
-        if not items:
-            raise InputError("at least one question is needed", field="items")
-        if len(items) > self.limits.max_items:
-            raise TooLargeError(f"{len(items)} items in one request; the limit is {self.limits.max_items}", field="items")
+        self.limits.check_items(items)
         windows = self._windows(items)
         logits = self._run(windows, deadline)
         return [self._postprocess(items[i], [(w, logits[k]) for k, w in enumerate(windows) if w.item == i]) for i in range(len(items))]
-
-    def _check_sizes(self, index: int, item: QAItem, where: str) -> None:
-        if len(item.question) > self.limits.max_question_chars:
-            raise TooLargeError(
-                f"'{where}question' has {len(item.question)} characters; the limit is {self.limits.max_question_chars}",
-                field=where + "question",
-            )
-        if len(item.context) > self.limits.max_context_chars:
-            raise TooLargeError(
-                f"'{where}context' has {len(item.context)} characters; the limit is {self.limits.max_context_chars}",
-                field=where + "context",
-            )
 
     def _windows(self, items: Sequence[QAItem]) -> list[_Window]:
         windows: list[_Window] = []
         for index, item in enumerate(items):
             where = f"items[{index}]." if len(items) > 1 else ""
-            self._check_sizes(index, item, where)
             question_tokens = len(self._safe_encode(self._questions, item.question, None, where, add_special_tokens=False).ids)
             if question_tokens > self.limits.max_question_tokens:
                 raise TooLargeError(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,3 +84,86 @@ def _contained_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     yield
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PrivateAzurite:
+    """An Azurite of the test's own, on free ports, that the test may stop and start again."""
+
+    def __init__(self, location: Path) -> None:
+        self.location = location
+        self.blob_port = _free_port()
+        self.queue_port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{self.blob_port}/{AZURITE_ACCOUNT};"
+            f"QueueEndpoint=http://127.0.0.1:{self.queue_port}/{AZURITE_ACCOUNT};"
+        )
+
+    def start(self) -> None:
+        binary = ROOT / "node_modules" / ".bin" / "azurite"
+        self.process = subprocess.Popen(
+            [
+                str(binary),
+                "--silent",
+                "--skipApiVersionCheck",
+                "--disableTelemetry",
+                "--loose",
+                "--location",
+                str(self.location),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.blob_port),
+                "--queueHost",
+                "127.0.0.1",
+                "--queuePort",
+                str(self.queue_port),
+                "--tableHost",
+                "127.0.0.1",
+                "--tablePort",
+                str(_free_port()),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.blob_port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("private Azurite did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def private_azurite(azurite: str, tmp_path: Path) -> Iterator[PrivateAzurite]:
+    """A separate Azurite for tests that stop storage; needs the npm install of scripts/test."""
+    if not (ROOT / "node_modules" / ".bin" / "azurite").exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("node_modules/.bin/azurite is missing; .ci/run must npm ci")
+        pytest.skip("Azurite is not installed in node_modules (run: npm ci)")
+    server = PrivateAzurite(tmp_path / "azurite")
+    server.location.mkdir()
+    server.start()
+    yield server
+    server.stop()

@@ -62,9 +62,7 @@ def test_storage_precedence_and_identity() -> None:
     assert conn is not None and conn.setting == "MODEL_STORAGE" and conn.connection_string == "UseDevelopmentStorage=true"
     fallback = parse_storage({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
     assert fallback is not None and fallback.setting == "AzureWebJobsStorage"
-    identity = parse_storage(
-        {"MODEL_STORAGE__blobServiceUri": "https://acct.blob.core.windows.net", "MODEL_STORAGE__clientId": "abc"}
-    )
+    identity = parse_storage({"MODEL_STORAGE__blobServiceUri": "https://acct.blob.core.windows.net", "MODEL_STORAGE__clientId": "abc"})
     assert identity is not None and identity.connection_string is None
     assert identity.queue_service_uri == "https://acct.queue.core.windows.net"
     assert identity.client_id == "abc"

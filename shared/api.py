@@ -1,0 +1,135 @@
+"""What each HTTP route does, as plain data in and out (``function_app.py`` only wraps it).
+
+Every error becomes ``{"error": {"code", "message"}}`` with the status of its type (400 bad
+input, 404, 409, 413 too large, 503 not ready + Retry-After); anything unexpected is a 500 whose
+details stay in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError, QAError, TooLargeError
+from .model_holder import ModelHolder
+from .question_answering import Answer, Limits, QAItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    """Status, JSON body and extra headers of one response."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_response(err: BaseException) -> ApiResponse:
+    """The one place an exception becomes a response."""
+    if isinstance(err, QAError):
+        if err.status >= 500:
+            log.warning("Request failed: %s (%s)", err.code, err.message)
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after and err.status == 503 else {}
+        return ApiResponse(err.status, {"error": {"code": err.code, "message": err.message}}, headers)
+    log.error("Unexpected error while handling a request", exc_info=err)
+    return ApiResponse(500, {"error": {"code": "internal_error", "message": "Internal error; see the logs"}})
+
+
+def guarded(handler: Callable[[], ApiResponse]) -> ApiResponse:
+    """Run a route's work, turning any exception into its error response."""
+    try:
+        return handler()
+    except Exception as err:  # noqa: BLE001 - every failure gets a JSON answer; QAErrors keep their status
+        return error_response(err)
+
+
+def parse_json_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object.
+
+    Raises:
+        TooLargeError: over ``max_bytes``.
+        InputError: empty, not UTF-8, not JSON, or not an object.
+    """
+    if len(body) > max_bytes:
+        raise TooLargeError(f"the request body has {len(body)} bytes; the limit is {max_bytes}", field="body")
+    if not body.strip():
+        raise InputError("the request body must be a JSON object", field="body")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise InputError("the request body is not valid JSON", field="body") from None
+    if not isinstance(data, dict):
+        raise InputError("the request body must be a JSON object", field="body")
+    return data
+
+
+def parse_ask(data: dict[str, Any], *, limits: Limits) -> tuple[list[QAItem], bool]:
+    """The items of an ``/api/ask`` body: one item, or ``{"items": [...]}`` (then ``True``),
+    checked against the budgets that need no model."""
+    if "items" not in data:
+        items = [QAItem.from_dict(data)]
+        batch = False
+    else:
+        raw = data["items"]
+        if not isinstance(raw, list) or not raw:
+            raise InputError("'items' must be a non-empty list of {question, context} objects", field="items")
+        if len(raw) > limits.max_items:
+            raise TooLargeError(f"'items' has {len(raw)} entries; the limit is {limits.max_items}", field="items")
+        items = [QAItem.from_dict(item, where=f"items[{i}].") for i, item in enumerate(raw)]
+        batch = True
+    limits.check_items(items)
+    return items, batch
+
+
+def _shape(answers: list[Answer], top_k: int) -> dict[str, Any]:
+    if top_k == 1 and len(answers) == 1:
+        return answers[0].to_dict()
+    return {"answers": [a.to_dict() for a in answers]}
+
+
+def max_body_bytes(holder: ModelHolder) -> int:
+    settings = holder.settings
+    # a JSON string may spend 6 bytes on one character (\\uXXXX)
+    return settings.max_items * (settings.max_context_chars + settings.max_question_chars) * 6 + 64 * 1024
+
+
+def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
+    """``POST /api/ask``: validate, wait for the model within the deadline, answer."""
+    started = time.monotonic()
+    settings = holder.settings
+    deadline = started + settings.deadline_seconds
+    items, batch = parse_ask(parse_json_object(body, max_bytes=max_body_bytes(holder)), limits=Limits.from_settings(settings))
+    with holder.model(deadline) as loaded, holder.inference_slot(deadline):
+        results = loaded.engine.answer(items, deadline=deadline)
+    model = {"model_id": loaded.model_id, "revision": loaded.revision}
+    log.info("Answered %d item(s) with %s in %.3fs", len(items), loaded.revision, time.monotonic() - started)
+    if batch:
+        return ApiResponse(200, {"results": [_shape(r, item.top_k) for r, item in zip(results, items, strict=True)], **model})
+    return ApiResponse(200, {**_shape(results[0], items[0].top_k), **model})
+
+
+def health(holder: ModelHolder, *, warm: bool) -> ApiResponse:
+    """``GET /api/health``: 200 when a model is loaded, 503 with a fixed state code otherwise."""
+    if warm:
+        try:
+            holder.warm()
+        except QAError:
+            pass  # the state below says "empty"; reasons are for /api/model and the logs
+    body = holder.health()
+    if body["state"] == "ready":
+        return ApiResponse(200, body)
+    return ApiResponse(503, body, {"Retry-After": "10"})
+
+
+def model_status(holder: ModelHolder) -> ApiResponse:
+    """``GET /api/model``: pointer, versions, last refresh, and what this instance loaded."""
+    from .model_store import ModelStore
+
+    store = ModelStore.from_settings(holder.settings, serving=True)
+    return ApiResponse(200, {**store.status(), "instance": holder.describe()})
