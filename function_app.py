@@ -11,7 +11,7 @@ import json
 
 import azure.functions as func
 
-from shared import api
+from shared import api, refresh
 from shared.model_holder import ModelHolder
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
@@ -50,3 +50,33 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
 def model(req: func.HttpRequest) -> func.HttpResponse:
     """Pointer, stored versions, last refresh, and what this instance loaded (operators)."""
     return _http(api.guarded(lambda: api.model_status(engine)))
+
+
+@app.function_name("model_refresh")
+@app.route(route="model/refresh", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def model_refresh(req: func.HttpRequest) -> func.HttpResponse:
+    """Queue a refresh from the Hub (``{"revision"?, "unpin"?}``); 202, the worker does the work.
+
+    Give operators this function's own key (not the master key)."""
+    return _http(api.guarded(lambda: api.request_refresh(engine, req.get_body())))
+
+
+@app.function_name("model_rollback")
+@app.route(route="model/rollback", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def model_rollback(req: func.HttpRequest) -> func.HttpResponse:
+    """Point ``current.json`` back at ``{"to"?: revision}`` (default: the previous version) and pin it."""
+    return _http(api.guarded(lambda: api.rollback(engine, req.get_body())))
+
+
+@app.function_name("refresh_schedule")
+@app.timer_trigger(arg_name="timer", schedule="%MODEL_REFRESH_SCHEDULE%", run_on_startup=False, use_monitor=True)
+def refresh_schedule(timer: func.TimerRequest) -> None:
+    """Queue the scheduled refresh; a pinned pointer (after a rollback) is left alone."""
+    refresh.enqueue(engine.settings, refresh.RefreshRequest(reason="schedule"))
+
+
+@app.function_name("refresh_worker")
+@app.queue_trigger(arg_name="msg", queue_name="%MODEL_REFRESH_QUEUE%", connection="AzureWebJobsStorage")
+def refresh_worker(msg: func.QueueMessage) -> None:
+    """Run one refresh (may take minutes); only transient failures raise, so only they retry."""
+    refresh.handle_message(engine.settings, msg.get_body())

@@ -133,3 +133,41 @@ def model_status(holder: ModelHolder) -> ApiResponse:
 
     store = ModelStore.from_settings(holder.settings, serving=True)
     return ApiResponse(200, {**store.status(), "instance": holder.describe()})
+
+
+def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
+    """``POST /api/model/refresh``: queue a refresh (optional revision); 202 + where to look."""
+    from .refresh import RefreshRequest, enqueue
+
+    request = RefreshRequest.from_http(parse_body_or_empty(body))
+    message_id = enqueue(holder.settings, request)
+    return ApiResponse(
+        202,
+        {
+            "status": "queued",
+            "message_id": message_id,
+            "queue": holder.settings.refresh_queue,
+            "revision": request.revision,
+            "moves_pinned_pointer": request.explicit,
+            "result": "GET /api/model shows last_refresh once the worker has run",
+        },
+        {"Location": "/api/model"},
+    )
+
+
+def rollback(holder: ModelHolder, body: bytes) -> ApiResponse:
+    """``POST /api/model/rollback``: point back at ``{"to": revision}`` or the previous version, pinned."""
+    from .model_store import ModelStore
+
+    data = parse_json_object(body, max_bytes=4096) if body.strip() else {}
+    target = data.get("to")
+    if target is not None and not isinstance(target, str):
+        raise InputError("'to' must be a revision string", field="to")
+    pointer = ModelStore.from_settings(holder.settings).rollback(target)
+    return ApiResponse(200, {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned})
+
+
+def parse_body_or_empty(body: bytes) -> bytes:
+    if len(body) > 4096:
+        raise TooLargeError("the request body is over 4096 bytes", field="body")
+    return body

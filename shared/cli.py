@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import QAError
-from .settings import Settings
+from .settings import Settings, parse_model_id
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +50,35 @@ def _store(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """The refresh from a terminal: from the Hub (as the queue worker does) or a local folder."""
+    import dataclasses
+
     from .isolation import LocalDirSource, isolate
+    from .model_store import ModelStore
+    from .refresh import RefreshRequest, canary_validator, check_hub_revision, run_refresh
 
-    store = _store(settings, args)
-    if args.from_dir:
-        source: Any = LocalDirSource(args.from_dir, block_size=settings.block_size)
-        explicit = True
-    else:
-        from .hub import HubSource
-
-        source = HubSource.from_settings(settings, model_id=store.model_id, revision=args.revision)
-        explicit = args.revision is not None
+    if args.model_id:
+        settings = dataclasses.replace(settings, model_id=parse_model_id("--model-id", args.model_id, settings.model_id))
+    if args.skip_canary:
+        settings = dataclasses.replace(settings, canary=None)
     bar = BarProgress("isolate")
     try:
-        result = isolate(
-            store,
-            source,
-            explicit=explicit,
-            keep_versions=settings.keep_versions,
-            validate=None,
-            progress=bar,
-        )
+        if args.from_dir:
+            result = isolate(
+                ModelStore.from_settings(settings),
+                LocalDirSource(args.from_dir, block_size=settings.block_size),
+                explicit=True,
+                keep_versions=settings.keep_versions,
+                validate=canary_validator(settings),
+                progress=bar,
+            )
+        else:
+            revision = check_hub_revision(args.revision) if args.revision else None
+            result = run_refresh(settings, RefreshRequest(revision=revision, explicit=revision is not None, reason="cli"), progress=bar)
     finally:
         bar.close()
-    data = result.to_dict()
-    text = f"{result.outcome}: {store.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
-    return 0, data, text
+    text = f"{result.outcome}: {settings.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
+    return 0, result.to_dict(), text
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--model-id", help="Hub model id (default: MODEL_ID)")
     iso.add_argument("--revision", help="branch, tag or commit (default: MODEL_REVISION); naming one moves a pinned pointer")
     iso.add_argument("--from-dir", help="isolate from this local model folder instead of the Hub (offline)")
+    iso.add_argument("--skip-canary", action="store_true", help="publish without answering MODEL_CANARY first")
 
     status = add("status", cmd_status, "show the pointer, the stored versions and the last refresh")
     status.add_argument("--model-id")

@@ -41,6 +41,10 @@ class Snapshot:
 class Source(Protocol):
     """A place models are isolated from (a local folder, the Hub)."""
 
+    def revision(self) -> str:
+        """The revision the source resolves to (cheap where it can be: one Hub API call)."""
+        ...
+
     def snapshot(self) -> Snapshot:
         """Resolve the revision and list the allowed files with their sha256."""
         ...
@@ -93,8 +97,17 @@ class LocalDirSource:
     def __init__(self, folder: Path | str, *, block_size: int = 8 << 20) -> None:
         self.folder = Path(folder)
         self.block_size = block_size
+        self._snapshot: Snapshot | None = None
+
+    def revision(self) -> str:
+        return self.snapshot().revision
 
     def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            self._snapshot = self._describe()
+        return self._snapshot
+
+    def _describe(self) -> Snapshot:
         if not self.folder.is_dir():
             raise IntegrityError(f"{self.folder} is not a folder")
         names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
@@ -208,14 +221,13 @@ def _isolate_locked(
     validate: Validator | None,
     progress: TransferProgress,
 ) -> None:
-    snapshot = source.snapshot()
-    result.revision = snapshot.revision
-    result.source = snapshot.source
+    revision = source.revision()
+    result.revision = revision
     pointer = store.read_pointer()
     result.previous_revision = pointer.revision if pointer else None
-    if pointer is not None and pointer.revision == snapshot.revision and store.read_manifest(snapshot.revision):
+    if pointer is not None and pointer.revision == revision and store.read_manifest(revision):
         if pointer.pinned and explicit:
-            store.move_pointer(snapshot.revision, pinned=False)
+            store.move_pointer(revision, pinned=False)
         result.outcome = "up_to_date"
         return
     if pointer is not None and pointer.pinned and not explicit:
@@ -223,6 +235,8 @@ def _isolate_locked(
         result.outcome = "pinned"
         return
 
+    snapshot = source.snapshot()
+    result.source = snapshot.source
     manifest = store.read_manifest(snapshot.revision)
     if manifest is None:
         _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)

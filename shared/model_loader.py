@@ -72,8 +72,19 @@ class LoadedModel:
         }
 
 
-def load_version(store: ModelStore, revision: str, settings: Settings, *, cancel: threading.Event | None = None) -> LoadedModel:
+def load_version(
+    store: ModelStore,
+    revision: str,
+    settings: Settings,
+    *,
+    manifest: Manifest | None = None,
+    mode: str | None = None,
+    cancel: threading.Event | None = None,
+) -> LoadedModel:
     """Load ``revision`` of ``store`` the way ``settings`` say (``MODEL_LOAD_MODE``).
+
+    ``manifest`` loads a staged version before its manifest is published (the refresh's
+    validation); ``mode`` overrides the load mode.
 
     Raises:
         NotFoundError: the version is not complete.
@@ -82,9 +93,10 @@ def load_version(store: ModelStore, revision: str, settings: Settings, *, cancel
         StorageUnavailableError: storage could not be read.
     """
     began = time.monotonic()
-    manifest = store.require_manifest(revision)
+    manifest = manifest or store.require_manifest(revision)
+    mode = mode or settings.load_mode
     options = {"limits": Limits.from_settings(settings), "batch_windows": settings.batch_windows}
-    if settings.load_mode == "disk":
+    if mode == "disk":
         assert settings.cache_dir is not None
         folder = cached_version(store, manifest, Path(settings.cache_dir))
         engine = QAEngine.from_dir(folder, quantize=settings.quantize, **options)
@@ -96,7 +108,7 @@ def load_version(store: ModelStore, revision: str, settings: Settings, *, cancel
         "Loaded %s@%s (%s mode, %d bytes) in %.1fs, %.1f MB/s",
         manifest.model_id,
         revision,
-        settings.load_mode,
+        mode,
         manifest.total_bytes,
         seconds,
         manifest.total_bytes / max(seconds, 1e-6) / 1e6,

@@ -145,6 +145,22 @@ def parse_storage(env: Mapping[str, str]) -> StorageConnection | None:
     return None
 
 
+def parse_queue_storage(env: Mapping[str, str]) -> StorageConnection | None:
+    """The refresh queue's account: ``AzureWebJobsStorage``, as the queue trigger binds to it
+    (a connection string, ``__queueServiceUri``, or ``__accountName``)."""
+    prefix = "AzureWebJobsStorage"
+    conn = env.get(prefix, "").strip()
+    if conn:
+        return StorageConnection(setting=prefix, connection_string=conn)
+    uri = env.get(f"{prefix}__queueServiceUri", "").strip()
+    account = env.get(f"{prefix}__accountName", "").strip()
+    if not uri and account:
+        uri = f"https://{account}.queue.core.windows.net"
+    if not uri:
+        return None
+    return StorageConnection(setting=prefix, queue_service_uri=uri, client_id=env.get(f"{prefix}__clientId", "").strip() or None)
+
+
 LoadMode = Literal["memory", "disk"]
 ReloadMode = Literal["overlap", "replace"]
 
@@ -154,6 +170,7 @@ class Settings:
     """Every setting of the app, parsed once. Build with :meth:`from_env`."""
 
     storage: StorageConnection | None = field(repr=True, default=None)
+    queue_storage: StorageConnection | None = None
     container: str = "models"
     model_id: str = DEFAULT_MODEL_ID
     model_revision: str = "main"
@@ -163,7 +180,7 @@ class Settings:
     cache_dir: str | None = None
     poll_seconds: float = 60.0
     reload: ReloadMode = "replace"
-    canary: Canary = field(default_factory=lambda: Canary(**DEFAULT_CANARY))
+    canary: Canary | None = field(default_factory=lambda: Canary(**DEFAULT_CANARY))
     quantize: str = "none"
     max_context_chars: int = 25_000
     max_question_chars: int = 1_000
@@ -194,6 +211,7 @@ class Settings:
         default_reload = "replace" if load_mode == "memory" else "overlap"
         return cls(
             storage=parse_storage(env),
+            queue_storage=parse_queue_storage(env),
             container=parse_name("MODEL_CONTAINER", env.get("MODEL_CONTAINER"), "models", _CONTAINER_RE, "container"),
             model_id=parse_model_id("MODEL_ID", env.get("MODEL_ID"), DEFAULT_MODEL_ID),
             model_revision=(env.get("MODEL_REVISION", "").strip() or "main"),
@@ -219,6 +237,15 @@ class Settings:
             transfer_concurrency=parse_int("MODEL_TRANSFER_CONCURRENCY", env.get("MODEL_TRANSFER_CONCURRENCY"), 4, maximum=32),
             block_size=parse_int("MODEL_BLOCK_SIZE_MB", env.get("MODEL_BLOCK_SIZE_MB"), 8, maximum=100) * 1024 * 1024,
         )
+
+    def require_queue_storage(self) -> StorageConnection:
+        """The refresh queue's account, or a :class:`SettingsError` that says what to set."""
+        if self.queue_storage is None:
+            raise SettingsError(
+                "No queue storage configured: set AzureWebJobsStorage (UseDevelopmentStorage=true for Azurite), "
+                "or AzureWebJobsStorage__queueServiceUri / __accountName for managed identity"
+            )
+        return self.queue_storage
 
     def require_storage(self) -> StorageConnection:
         """The storage connection, or a :class:`SettingsError` that says what to set."""

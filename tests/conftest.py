@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -81,7 +83,6 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _contained_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Keep caches and temp files of each test under its ``tmp_path``; no Hub access."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     yield
 
@@ -167,3 +168,12 @@ def private_azurite(azurite: str, tmp_path: Path) -> Iterator[PrivateAzurite]:
     server.start()
     yield server
     server.stop()
+
+
+@functools.cache
+def registered_functions() -> dict[str, Any]:
+    """The app's functions by name. ``app.get_functions()`` may run once per process only
+    (azure-functions 1.26 rejects the second call as duplicate names), so it is cached here."""
+    import function_app
+
+    return {f.get_function_name(): f for f in function_app.app.get_functions()}

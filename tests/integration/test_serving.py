@@ -22,11 +22,11 @@ from shared.model_loader import LoadedModel, load_version
 from shared.model_store import ModelStore
 from shared.question_answering import QAEngine, QAItem
 from shared.settings import Settings
-from tests.conftest import ROOT, PrivateAzurite
+from tests.conftest import ROOT, PrivateAzurite, registered_functions
 
 pytestmark = pytest.mark.integration
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game against Carolina."
-FUNCTIONS = {f.get_function_name(): f for f in function_app.app.get_functions()}
+FUNCTIONS = registered_functions()
 
 
 def call(

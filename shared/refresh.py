@@ -1,0 +1,198 @@
+"""The scheduled and on-demand refresh: queue messages, the worker's run, and the canary check.
+
+The timer and ``POST /api/model/refresh`` only enqueue a message (base64 JSON, as the Functions
+queue trigger expects); the queue-triggered worker runs the refresh, so it can outlive the 230 s
+HTTP limit. Only transient failures (storage or Hub unreachable) are raised for the host to
+retry; a permanent failure or "already running" is recorded and the message completed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import re
+import string
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import (
+    InputError,
+    QAError,
+    RefreshAlreadyRunningError,
+    SourceUnavailableError,
+    StorageUnavailableError,
+    ValidationFailedError,
+)
+from .isolation import IsolationResult, TransferProgress, Validator, isolate
+from .model_files import Manifest, utc_now
+from .model_store import ModelStore
+from .settings import Settings
+from .storage import queue_client, storage_errors
+
+log = logging.getLogger(__name__)
+
+_REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class RefreshRequest:
+    """One queued refresh: an optional revision, whether it may move a pinned pointer, and why."""
+
+    revision: str | None = None
+    explicit: bool = False
+    reason: str = "schedule"
+    requested_at: str = field(default_factory=utc_now)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> RefreshRequest:
+        """Parse a queue message; a malformed one is an :class:`InputError` (permanent)."""
+        try:
+            data = json.loads(raw)
+            request = cls(
+                revision=data.get("revision"),
+                explicit=bool(data.get("explicit", False)),
+                reason=str(data.get("reason", "unknown")),
+                requested_at=str(data.get("requested_at", "")),
+            )
+        except (ValueError, AttributeError, TypeError) as err:
+            raise InputError("the refresh message is not valid JSON") from err
+        if request.revision is not None:
+            check_hub_revision(request.revision)
+        return request
+
+    @classmethod
+    def from_http(cls, body: bytes) -> RefreshRequest:
+        """``POST /api/model/refresh`` body: empty, or ``{"revision"?: str, "unpin"?: bool}``.
+
+        Naming a revision (or ``unpin: true``) moves a pinned pointer; a bare refresh respects it.
+        """
+        data: Any = {}
+        if body.strip():
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise InputError('the request body must be JSON like {"revision": "main"}', field="body") from None
+            if not isinstance(data, dict):
+                raise InputError("the request body must be a JSON object", field="body")
+        revision = data.get("revision")
+        if revision is not None:
+            if not isinstance(revision, str):
+                raise InputError("'revision' must be a string (branch, tag or commit)", field="revision")
+            check_hub_revision(revision)
+        unpin = data.get("unpin", False)
+        if not isinstance(unpin, bool):
+            raise InputError("'unpin' must be true or false", field="unpin")
+        return cls(revision=revision, explicit=revision is not None or unpin, reason="http")
+
+
+def check_hub_revision(revision: str) -> str:
+    if not _REVISION_RE.match(revision) or ".." in revision:
+        raise InputError(f"{revision!r} is not a valid branch, tag or commit", field="revision")
+    return revision
+
+
+def enqueue(settings: Settings, request: RefreshRequest) -> str:
+    """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id."""
+    from azure.core.exceptions import ResourceExistsError
+
+    client = queue_client(settings.require_queue_storage(), settings.refresh_queue)
+    with storage_errors("queueing the refresh"):
+        try:
+            client.create_queue()
+        except ResourceExistsError:
+            pass
+        message = client.send_message(request.to_bytes())
+    log.info("Queued a refresh (%s, revision=%s, explicit=%s)", request.reason, request.revision, request.explicit)
+    return str(message.id)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying the same refresh later may succeed."""
+    return isinstance(err, (StorageUnavailableError, SourceUnavailableError)) or not isinstance(err, QAError)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def canary_validator(settings: Settings) -> Validator | None:
+    """A check that loads a staged version with the serving loader (memory mode) and answers
+    ``MODEL_CANARY``: with an expected answer, a different one fails; without, any span passes.
+    ``None`` when the canary is switched off (``--skip-canary``)."""
+    from .model_loader import load_version
+    from .question_answering import QAItem
+
+    canary = settings.canary
+    if canary is None:
+        return None
+
+    def validate(store: ModelStore, manifest: Manifest) -> None:
+        loaded = load_version(store, manifest.revision, settings, manifest=manifest, mode="memory")
+        try:
+            answers = loaded.engine.answer([QAItem(canary.question, canary.context)])[0]
+        finally:
+            del loaded
+            gc.collect()
+        if not answers or not answers[0].answer.strip():
+            raise ValidationFailedError(f"Version {manifest.revision} gave no answer to the canary question")
+        got = answers[0].answer
+        if canary.answer is not None and normalize_answer(got) != normalize_answer(canary.answer):
+            raise ValidationFailedError(
+                f"Version {manifest.revision} answered the canary with {got!r}, expected {canary.answer!r}; not published"
+            )
+        log.info("Canary passed for %s: %r (score %.3f)", manifest.revision, got, answers[0].score)
+
+    return validate
+
+
+def run_refresh(settings: Settings, request: RefreshRequest, *, progress: TransferProgress | None = None) -> IsolationResult:
+    """Refresh the model from the Hub as ``request`` says (the queue worker and the CLI).
+
+    Raises:
+        RefreshAlreadyRunningError: another refresh holds the lock.
+        QAError: the refresh failed (already recorded in ``last-refresh.json``).
+    """
+    from .hub import HubSource
+
+    store = ModelStore.from_settings(settings)
+    source = HubSource.from_settings(settings, revision=request.revision)
+    return isolate(
+        store,
+        source,
+        explicit=request.explicit,
+        keep_versions=settings.keep_versions,
+        validate=canary_validator(settings),
+        progress=progress,
+    )
+
+
+def handle_message(settings: Settings, raw: bytes) -> IsolationResult | None:
+    """The queue worker: run the refresh; raise only what is worth retrying.
+
+    Returns:
+        The result, or ``None`` when the message was completed without a run (already running,
+        malformed, or a permanent failure, which ``isolate`` recorded).
+    """
+    try:
+        request = RefreshRequest.from_bytes(raw)
+    except InputError as err:
+        log.error("Dropping a malformed refresh message: %s", err.message)
+        return None
+    try:
+        return run_refresh(settings, request)
+    except RefreshAlreadyRunningError:
+        log.warning("A refresh is already running; this request (%s) is completed without a second run", request.reason)
+        return None
+    except Exception as err:
+        if is_transient(err):
+            log.warning("Refresh failed for a transient reason; the message will be retried", exc_info=True)
+            raise
+        log.error("Refresh failed for a permanent reason (recorded in last-refresh.json): %s", getattr(err, "message", err))
+        return None
