@@ -1,7 +1,7 @@
 """Run each benchmark variant in a fresh process and print a side-by-side table with ratios.
 
 A variant is a function in a bench script; ``measure()`` runs it in a subprocess so that its peak
-RSS (``ru_maxrss``) and bytes written to disk (``write_bytes`` of ``/proc/self/io``) are its own.
+RSS (``VmHWM``) and bytes written to disk (``write_bytes`` of ``/proc/self/io``) are its own.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def io_write_bytes() -> int:
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process image. ``VmHWM`` rather than ``ru_maxrss``: the latter survives
+    ``execve`` and would report the parent's high-water mark for a child that used less."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -1,0 +1,126 @@
+"""Cold start of a serving instance: from "no model in this process" to the first answer.
+
+    .venv/bin/python bench/cold_start.py       # needs Azurite on 127.0.0.1:10000
+
+A bert-large-shaped model (random fp32 weights, 1.34 GB) is published to Azurite once; then each
+variant runs in a fresh process: the seed's way (every blob ``readall()`` into a temp folder,
+load from there), the project's memory mode, and disk mode with a cold and a warm cache.
+Bytes written to disk come from ``write_bytes`` in ``/proc/self/io``. Azurite shares the 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.fixtures import bert_large
+from bench.harness import azurite_connection, measure, run_variant, table
+
+QUESTION = "Which team won Super Bowl 50?"
+CONTEXT = "Super Bowl 50 was played in 2016. The Denver Broncos defeated the Carolina Panthers to win the title."
+
+
+def _settings(container: str, **extra: str) -> Any:
+    from shared.settings import Settings
+
+    env = {"MODEL_STORAGE": azurite_connection(), "MODEL_CONTAINER": container, "MODEL_ID": "bench/bert-large", **extra}
+    return Settings.from_env(env)
+
+
+def _clock_after_imports() -> float:
+    import torch  # noqa: F401 - imports are not part of the cold start being compared
+    import transformers  # noqa: F401
+
+    return time.monotonic()
+
+
+def simple(container: str, revision: str) -> dict[str, Any]:
+    from shared.model_store import ModelStore
+    from shared.question_answering import QAEngine, QAItem
+
+    began = _clock_after_imports()
+    store = ModelStore.from_settings(_settings(container))
+    folder = Path(tempfile.mkdtemp(prefix="seed-"))
+    try:
+        for blob in store.container.list_blobs(name_starts_with=store.version_prefix(revision)):
+            name = blob.name.rsplit("/", 1)[-1]
+            (folder / name).write_bytes(store.container.get_blob_client(blob.name).download_blob().readall())
+        engine = QAEngine.from_dir(folder)
+        answer = engine.answer([QAItem(QUESTION, CONTEXT)])[0][0]
+    finally:
+        shutil.rmtree(folder)
+    return {"seconds": time.monotonic() - began, "answer": answer.answer}
+
+
+def project(container: str, revision: str, mode: str, cache_dir: str = "") -> dict[str, Any]:
+    from shared.model_loader import load_version
+    from shared.model_store import ModelStore
+    from shared.question_answering import QAItem
+
+    began = _clock_after_imports()
+    settings = _settings(container, MODEL_LOAD_MODE=mode, MODEL_CACHE_DIR=cache_dir)
+    loaded = load_version(ModelStore.from_settings(settings, serving=True), revision, settings)
+    answer = loaded.engine.answer([QAItem(QUESTION, CONTEXT)])[0][0]
+    return {"seconds": time.monotonic() - began, "answer": answer.answer}
+
+
+def publish(folder: str, container: str) -> dict[str, Any]:
+    from shared.isolation import LocalDirSource, isolate
+    from shared.model_store import ModelStore
+
+    store = ModelStore.from_settings(_settings(container))
+    store.ensure_container()
+    result = isolate(store, LocalDirSource(folder), explicit=True, keep_versions=3)
+    return {"revision": result.revision}
+
+
+VARIANTS = {"simple": simple, "project": project, "publish": publish}
+
+
+def main() -> None:
+    folder = bert_large()
+    model_mb = (folder / "model.safetensors").stat().st_size / 1e6
+    container = f"bench{uuid.uuid4().hex[:12]}"
+    cache = tempfile.mkdtemp(prefix="bench-cache-")
+    try:
+        revision = measure(__file__, "publish", folder=str(folder), container=container)["revision"]
+        rows = {
+            "seed's way (readall, temp dir)": measure(__file__, "simple", container=container, revision=revision),
+            "memory mode": measure(__file__, "project", container=container, revision=revision, mode="memory"),
+            "disk mode, cold cache": measure(__file__, "project", container=container, revision=revision, mode="disk", cache_dir=cache),
+            "disk mode, warm cache": measure(__file__, "project", container=container, revision=revision, mode="disk", cache_dir=cache),
+        }
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        from shared.model_store import ModelStore
+
+        ModelStore.from_settings(_settings(container)).container.delete_container()
+    answers = {row["answer"] for row in rows.values()}
+    print(f"model.safetensors: {model_mb:.0f} MB; every variant answered {json.dumps(sorted(answers))}")
+    print(
+        table(
+            list(rows.items()),
+            [("seconds", "1st answer s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"), ("written_mb", "written MB", ".1f")],
+        )
+    )
+    base = rows["seed's way (readall, temp dir)"]
+    for name, row in rows.items():
+        if row is not base:
+            print(f"{name}: {base['seconds'] / row['seconds']:.2f}x faster to first answer than the seed's way")
+    memory = rows["memory mode"]
+    print(f"memory mode peak RSS over the model size: {memory['peak_rss_mb'] - model_mb:.0f} MB (target: at most 600)")
+
+
+if __name__ == "__main__":
+    if "--variant" in sys.argv:
+        run_variant(VARIANTS)
+    else:
+        main()

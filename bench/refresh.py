@@ -1,0 +1,130 @@
+"""Refresh a bert-large-sized model from a Hub into Azurite: the project's streaming way against the seed's.
+
+    .venv/bin/python bench/refresh.py          # needs Azurite on 127.0.0.1:10000
+
+A local fake Hub (``tests/fixtures/fake_hub.py``, the one the tests use) serves the 1.34 GB
+random-weights model over HTTP on loopback, redirecting LFS files like the real Hub. Variants run
+in fresh processes: the seed's way (``snapshot_download`` to a local folder, then ``upload_blob``
+per file), the project's copy alone (``isolate`` from ``HubSource``, no canary) and its full
+refresh (with the canary, which loads the staged model once), then the no-op refresh.
+Azurite and the fake Hub share the same 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.fixtures import bert_large
+from bench.harness import azurite_connection, measure, run_variant, table
+
+REPO = "bench/bert-large"
+CANARY = json.dumps({"question": "Which team won?", "context": "The Denver Broncos won Super Bowl 50 in 2016."})
+
+
+def _settings(container: str, endpoint: str, **extra: str) -> Any:
+    from shared.settings import Settings
+
+    env = {
+        "MODEL_STORAGE": azurite_connection(),
+        "MODEL_CONTAINER": container,
+        "MODEL_ID": REPO,
+        "HF_ENDPOINT": endpoint,
+        "MODEL_CANARY": CANARY,
+        **extra,
+    }
+    return Settings.from_env(env)
+
+
+def seed(container: str, endpoint: str) -> dict[str, Any]:
+    from huggingface_hub import snapshot_download
+
+    from shared.model_store import ModelStore
+
+    store = ModelStore.from_settings(_settings(container, endpoint))
+    folder = Path(tempfile.mkdtemp(prefix="seed-snapshot-"))
+    began = time.monotonic()
+    try:
+        snapshot_download(REPO, local_dir=folder, endpoint=endpoint, token=False)
+        moved = 0
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            with path.open("rb") as data:
+                store.container.upload_blob(f"seed/{path.name}", data, overwrite=True)
+            moved += path.stat().st_size
+    finally:
+        shutil.rmtree(folder)
+    return {"seconds": time.monotonic() - began, "mb": moved / 1e6}
+
+
+def project(container: str, endpoint: str, canary: bool) -> dict[str, Any]:
+    import dataclasses
+
+    from shared.refresh import RefreshRequest, run_refresh
+
+    settings = _settings(container, endpoint)
+    if not canary:
+        settings = dataclasses.replace(settings, canary=None)
+    began = time.monotonic()
+    result = run_refresh(settings, RefreshRequest(revision="main", explicit=True, reason="bench"))
+    return {"seconds": time.monotonic() - began, "mb": result.bytes_moved / 1e6, "outcome": result.outcome}
+
+
+VARIANTS = {"seed": seed, "project": project}
+
+
+def main() -> None:
+    from shared.model_store import ModelStore
+    from tests.fixtures.fake_hub import FakeHubServer
+
+    folder = bert_large()
+    with FakeHubServer() as hub:
+        hub.hub.publish(REPO, folder)
+        rows: dict[str, dict[str, Any]] = {}
+        containers = [f"bench{uuid.uuid4().hex[:12]}" for _ in range(3)]
+        try:
+            for name in containers:
+                ModelStore.from_settings(_settings(name, hub.endpoint)).ensure_container()
+            rows["seed's way (snapshot_download + upload)"] = measure(__file__, "seed", container=containers[0], endpoint=hub.endpoint)
+            rows["project, copy only (no canary)"] = measure(
+                __file__, "project", container=containers[1], endpoint=hub.endpoint, canary=False
+            )
+            rows["project, full refresh (canary)"] = measure(
+                __file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True
+            )
+            rows["project, no-op refresh"] = measure(__file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True)
+        finally:
+            for name in containers:
+                ModelStore.from_settings(_settings(name, hub.endpoint)).container.delete_container()
+    for row in rows.values():
+        row["mb_s"] = row["mb"] / row["seconds"] if row["mb"] else 0.0
+    print(
+        table(
+            list(rows.items()),
+            [
+                ("seconds", "seconds", ".1f"),
+                ("mb_s", "MB/s", ".0f"),
+                ("peak_rss_mb", "peak RSS MB", ".0f"),
+                ("written_mb", "disk MB", ".1f"),
+            ],
+        )
+    )
+    base = rows["seed's way (snapshot_download + upload)"]
+    for name, row in rows.items():
+        if row is not base:
+            print(f"{name}: {base['seconds'] / row['seconds']:.2f}x the seed's speed, {row['written_mb']:.1f} MB written to local disk")
+    print(f"no-op outcome: {rows['project, no-op refresh']['outcome']}")
+
+
+if __name__ == "__main__":
+    if "--variant" in sys.argv:
+        run_variant(VARIANTS)
+    else:
+        main()
