@@ -418,31 +418,35 @@ class QAEngine:
         return p_mask
 
     def _run(self, windows: list[_Window], deadline: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Logits of every window, in the windows' order. Windows are batched by length so that a
+        pass pads as little as possible; each window's logits are cut back to its own length."""
         torch = self._torch
-        results: list[tuple[np.ndarray, np.ndarray]] = []
-        for first in range(0, len(windows), self.batch_windows):
+        results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows)
+        order = sorted(range(len(windows)), key=lambda k: len(windows[k].encoding.ids))
+        for first in range(0, len(order), self.batch_windows):
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceededError("The request ran out of time; send a shorter context or fewer questions")
-            batch = windows[first : first + self.batch_windows]
-            width = max(len(w.encoding.ids) for w in batch)
+            batch = order[first : first + self.batch_windows]
+            width = max(len(windows[k].encoding.ids) for k in batch)
             ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
             mask = np.zeros((len(batch), width), dtype=np.int64)
             types = np.zeros((len(batch), width), dtype=np.int64)
-            for row, window in enumerate(batch):
-                n = len(window.encoding.ids)
-                ids[row, :n] = window.encoding.ids
+            for row, k in enumerate(batch):
+                encoding = windows[k].encoding
+                n = len(encoding.ids)
+                ids[row, :n] = encoding.ids
                 mask[row, :n] = 1
-                types[row, :n] = window.encoding.type_ids
+                types[row, :n] = encoding.type_ids
             arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
             inputs = {name: torch.from_numpy(arrays[name]) for name in self.input_names}
             with torch.inference_mode():
                 output = self.model(**inputs)
             start = output.start_logits.float().numpy()
             end = output.end_logits.float().numpy()
-            for row, window in enumerate(batch):
-                n = len(window.encoding.ids)
-                results.append((start[row : row + 1, :n], end[row : row + 1, :n]))
-        return results
+            for row, k in enumerate(batch):
+                n = len(windows[k].encoding.ids)
+                results[k] = (start[row : row + 1, :n], end[row : row + 1, :n])
+        return [r for r in results if r is not None]
 
     def _postprocess(self, item: QAItem, outputs: list[tuple[_Window, tuple[np.ndarray, np.ndarray]]]) -> list[Answer]:
         min_null_score = 1000000.0
