@@ -123,25 +123,21 @@ class StorageConnection:
 
 
 def parse_storage(env: Mapping[str, str]) -> StorageConnection | None:
-    """Find the storage connection: ``MODEL_STORAGE`` (string or ``__blobServiceUri``), else
-    ``AzureWebJobsStorage`` (string or ``__blobServiceUri``). ``None`` when neither is set."""
+    """Find the model storage: ``MODEL_STORAGE`` (a connection string, or ``__blobServiceUri`` for
+    managed identity), else ``AzureWebJobsStorage`` (string, ``__blobServiceUri`` or
+    ``__accountName``). ``None`` when neither is set."""
     for prefix in ("MODEL_STORAGE", "AzureWebJobsStorage"):
         conn = env.get(prefix, "").strip()
         if conn:
             return StorageConnection(setting=prefix, connection_string=conn)
         uri = env.get(f"{prefix}__blobServiceUri", "").strip()
+        account = env.get(f"{prefix}__accountName", "").strip() if prefix == "AzureWebJobsStorage" else ""
+        if not uri and account:
+            uri = f"https://{account}.blob.core.windows.net"
         if uri:
             if not uri.startswith(("https://", "http://")):
                 raise SettingsError(f"{prefix}__blobServiceUri must be a URL like https://ACCOUNT.blob.core.windows.net")
-            queue_uri = env.get(f"{prefix}__queueServiceUri", "").strip() or None
-            if queue_uri is None and ".blob." in uri:
-                queue_uri = uri.replace(".blob.", ".queue.", 1)
-            return StorageConnection(
-                setting=prefix,
-                blob_service_uri=uri,
-                queue_service_uri=queue_uri,
-                client_id=env.get(f"{prefix}__clientId", "").strip() or None,
-            )
+            return StorageConnection(setting=prefix, blob_service_uri=uri, client_id=env.get(f"{prefix}__clientId", "").strip() or None)
     return None
 
 

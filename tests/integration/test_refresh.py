@@ -267,6 +267,7 @@ def test_hf_token_is_sent_but_never_logged(
     secret = "hf_" + uuid.uuid4().hex
     caplog.set_level(logging.DEBUG)
     run_refresh(Settings.from_env({**env, "HF_TOKEN": secret}), RefreshRequest())
+    assert f"Bearer {secret}" in hub.hub.authorizations  # the Hub got it
     assert secret not in caplog.text
     assert secret not in repr(Settings.from_env({**env, "HF_TOKEN": secret}))
 
@@ -374,3 +375,28 @@ def test_not_found_revision_is_permanent(settings: Settings, store: ModelStore, 
     with pytest.raises(NotFoundError):
         run_refresh(settings, RefreshRequest(revision="no-such-branch", explicit=True))
     assert handle_message(settings, RefreshRequest(revision="no-such-branch").to_bytes()) is None
+
+
+def test_cli_isolates_from_the_hub(env: dict[str, str], store: ModelStore, hub: FakeHubServer, tiny_bert_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    commit = hub.hub.publish(REPO, tiny_bert_dir)
+    root = Path(__file__).resolve().parents[2]
+    run_env = {**os.environ, **env}
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared", "isolate", "--json"], cwd=root, env=run_env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "published" and result["revision"] == commit
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared", "isolate", "--revision", "no-such-branch", "--json"],
+        cwd=root,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and json.loads(proc.stdout.strip().splitlines()[-1])["error"]["code"] == "not_found"

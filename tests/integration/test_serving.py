@@ -245,6 +245,18 @@ def test_sixteen_threads_on_a_cold_instance_cause_one_load(
     assert len(loads) == 1 and holder.loads == 1
 
 
+def test_busy_instance_answers_503_with_retry_after(
+    env: dict[str, str], store: ModelStore, tiny_bert_dir: Path, install: Callable[..., ModelHolder]
+) -> None:
+    publish(store, tiny_bert_dir)
+    holder = install({**env, "QA_MAX_CONCURRENT": "1", "QA_DEADLINE_SECONDS": "1"})
+    assert call("ask", body={"question": "Who?", "context": CONTEXT})[0] == 200
+    with holder.inference_slot(time.monotonic() + 10):  # another request holds the only slot
+        status, body, headers = call("ask", body={"question": "Who?", "context": CONTEXT})
+    assert status == 503 and body["error"]["code"] == "busy" and int(headers["Retry-After"]) >= 1
+    assert call("ask", body={"question": "Who?", "context": CONTEXT})[0] == 200
+
+
 @pytest.mark.parametrize("reload", ["overlap", "replace"])
 def test_new_version_is_picked_up_while_requests_succeed(
     env: dict[str, str], store: ModelStore, tiny_bert_dir: Path, tmp_path: Path, install: Callable[..., ModelHolder], reload: str

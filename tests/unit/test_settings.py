@@ -64,8 +64,10 @@ def test_storage_precedence_and_identity() -> None:
     assert fallback is not None and fallback.setting == "AzureWebJobsStorage"
     identity = parse_storage({"MODEL_STORAGE__blobServiceUri": "https://acct.blob.core.windows.net", "MODEL_STORAGE__clientId": "abc"})
     assert identity is not None and identity.connection_string is None
-    assert identity.queue_service_uri == "https://acct.queue.core.windows.net"
+    assert identity.blob_service_uri == "https://acct.blob.core.windows.net"
     assert identity.client_id == "abc"
+    host = parse_storage({"AzureWebJobsStorage__accountName": "hostacct"})
+    assert host is not None and host.blob_service_uri == "https://hostacct.blob.core.windows.net"
     with pytest.raises(SettingsError, match="blobServiceUri"):
         parse_storage({"MODEL_STORAGE__blobServiceUri": "acct"})
 
@@ -75,6 +77,19 @@ def test_storage_repr_hides_the_key() -> None:
     assert "SECRETKEY" not in repr(conn)
     assert "SECRETKEY" not in repr(Settings.from_env({"MODEL_STORAGE": "AccountName=a;AccountKey=SECRETKEY==", "HF_TOKEN": "hf_x"}))
     assert "hf_x" not in repr(Settings.from_env({"HF_TOKEN": "hf_x"}))
+
+
+def test_queue_storage_is_the_host_account() -> None:
+    from shared.settings import parse_queue_storage
+
+    assert parse_queue_storage({"MODEL_STORAGE": "UseDevelopmentStorage=true"}) is None
+    with pytest.raises(SettingsError, match="AzureWebJobsStorage"):
+        Settings.from_env({"MODEL_STORAGE": "UseDevelopmentStorage=true"}).require_queue_storage()
+    conn = parse_queue_storage({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+    assert conn is not None and conn.connection_string == "UseDevelopmentStorage=true"
+    identity = parse_queue_storage({"AzureWebJobsStorage__accountName": "hostacct", "AzureWebJobsStorage__clientId": "c"})
+    assert identity is not None and identity.queue_service_uri == "https://hostacct.queue.core.windows.net"
+    assert identity.client_id == "c"
 
 
 def test_parsers() -> None:
