@@ -129,10 +129,7 @@ def health(holder: ModelHolder, *, warm: bool) -> ApiResponse:
 
 def model_status(holder: ModelHolder) -> ApiResponse:
     """``GET /api/model``: pointer, versions, last refresh, and what this instance loaded."""
-    from .model_store import ModelStore
-
-    store = ModelStore.from_settings(holder.settings, serving=True)
-    return ApiResponse(200, {**store.status(), "instance": holder.describe()})
+    return ApiResponse(200, {**holder.store.status(), "instance": holder.describe()})
 
 
 def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
@@ -156,14 +153,13 @@ def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
 
 
 def rollback(holder: ModelHolder, body: bytes) -> ApiResponse:
-    """``POST /api/model/rollback``: point back at ``{"to": revision}`` or the previous version, pinned."""
-    from .model_store import ModelStore
-
+    """``POST /api/model/rollback``: point back at ``{"to": revision}`` or the previous version, pinned.
+    Uses the serving profile's short timeouts: an HTTP request must not wait minutes on storage."""
     data = parse_json_object(body, max_bytes=4096) if body.strip() else {}
     target = data.get("to")
     if target is not None and not isinstance(target, str):
         raise InputError("'to' must be a revision string", field="to")
-    pointer = ModelStore.from_settings(holder.settings).rollback(target)
+    pointer = holder.store.rollback(target)
     return ApiResponse(200, {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned})
 
 

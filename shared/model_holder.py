@@ -83,7 +83,9 @@ class ModelHolder:
             self._settings = self._settings_factory()
         return self._settings
 
-    def _get_store(self) -> ModelStore:
+    @property
+    def store(self) -> ModelStore:
+        """The model store with the serving profile (short timeouts, few retries), made on first use."""
         if self._store is None:
             self._store = self._store_factory(self.settings)
         return self._store
@@ -225,7 +227,7 @@ class ModelHolder:
     def _load(self) -> None:
         """Resolve the pointer and load its version (runs in its own thread)."""
         try:
-            store = self._get_store()
+            store = self.store
             pointer = store.read_pointer()
             with self._cond:
                 self._last_check = utc_now()
@@ -316,7 +318,7 @@ class ModelHolder:
                 return
             if self._current is None and self._last_error is None:
                 return  # never asked for: loading stays lazy
-        etag = self._get_store().pointer_etag()
+        etag = self.store.pointer_etag()
         with self._cond:
             self._last_check = utc_now()
             changed = etag is not None and etag != self._pointer_etag

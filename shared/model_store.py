@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -327,13 +327,17 @@ class ModelStore:
             progress=progress,
         )
 
-    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop, cancel: threading.Event | None = None) -> bytearray:
-        """The bytes of one file in memory, sha256 checked while they stream in.
-
-        Raises:
-            IntegrityError: size or sha256 mismatch, naming the file and the version.
-        """
-        buffer = bytearray(entry.size)
+    def _fetch(
+        self,
+        revision: str,
+        entry: FileEntry,
+        *,
+        into: memoryview | None = None,
+        sink: Callable[[memoryview], object] | None = None,
+        progress: Progress = _noop,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Stream one stored file into a buffer or a sink, sha256 checked in order; errors name the version."""
         try:
             download_ranges(
                 self.file_blob(revision, entry.name),
@@ -342,12 +346,22 @@ class ModelStore:
                 expected_sha256=entry.sha256,
                 block_size=self.block_size,
                 concurrency=self.concurrency,
-                into=memoryview(buffer),
+                into=into,
+                sink=sink,
                 progress=progress,
                 cancel=cancel,
             )
         except IntegrityError as err:
             raise IntegrityError(f"Version {revision}: {err.message}") from err
+
+    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop, cancel: threading.Event | None = None) -> bytearray:
+        """The bytes of one file in memory, sha256 checked while they stream in.
+
+        Raises:
+            IntegrityError: size or sha256 mismatch, naming the file and the version.
+        """
+        buffer = bytearray(entry.size)
+        self._fetch(revision, entry, into=memoryview(buffer), progress=progress, cancel=cancel)
         return buffer
 
     def download_file(self, revision: str, entry: FileEntry, dest_dir: Path, *, progress: Progress = _noop) -> Path:
@@ -356,19 +370,8 @@ class ModelStore:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=".part", dir=dest_dir)
         try:
             with os.fdopen(fd, "wb") as out:
-                download_ranges(
-                    self.file_blob(revision, entry.name),
-                    name=entry.name,
-                    size=entry.size,
-                    expected_sha256=entry.sha256,
-                    block_size=self.block_size,
-                    concurrency=self.concurrency,
-                    sink=out.write,
-                    progress=progress,
-                )
+                self._fetch(revision, entry, sink=out.write, progress=progress)
             os.replace(tmp_name, final)
-        except IntegrityError as err:
-            raise IntegrityError(f"Version {revision}: {err.message}") from err
         finally:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
@@ -393,18 +396,9 @@ class ModelStore:
         problems = []
         for entry in manifest.files:
             try:
-                download_ranges(
-                    self.file_blob(revision, entry.name),
-                    name=entry.name,
-                    size=entry.size,
-                    expected_sha256=entry.sha256,
-                    block_size=self.block_size,
-                    concurrency=self.concurrency,
-                    sink=lambda _view: None,
-                    progress=progress,
-                )
+                self._fetch(revision, entry, sink=lambda _view: None, progress=progress)
             except IntegrityError as err:
-                problems.append(f"Version {revision}: {err.message}")
+                problems.append(err.message)
             except NotFoundError:
                 problems.append(f"Version {revision}: {entry.name} is missing from storage")
         return problems
