@@ -96,7 +96,8 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ModelHold
         holder.close()
 
 
-def wait_for(condition: Callable[[], bool], *, what: str, tries: int = 300) -> None:
+def wait_for(condition: Callable[[], bool], *, what: str, tries: int = 900) -> None:
+    """Poll until ``condition`` holds; the bound only stops a broken test from hanging CI."""
     for _ in range(tries):
         if condition():
             return
