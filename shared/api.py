@@ -136,7 +136,7 @@ def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/model/refresh``: queue a refresh (optional revision); 202 + where to look."""
     from .refresh import RefreshRequest, enqueue
 
-    request = RefreshRequest.from_http(parse_body_or_empty(body))
+    request = RefreshRequest.from_request(_small_json_body(body))
     message_id = enqueue(holder.settings, request)
     return ApiResponse(
         202,
@@ -155,15 +155,13 @@ def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
 def rollback(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/model/rollback``: point back at ``{"to": revision}`` or the previous version, pinned.
     Uses the serving profile's short timeouts: an HTTP request must not wait minutes on storage."""
-    data = parse_json_object(body, max_bytes=4096) if body.strip() else {}
-    target = data.get("to")
+    target = _small_json_body(body).get("to")
     if target is not None and not isinstance(target, str):
         raise InputError("'to' must be a revision string", field="to")
     pointer = holder.store.rollback(target)
     return ApiResponse(200, {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned})
 
 
-def parse_body_or_empty(body: bytes) -> bytes:
-    if len(body) > 4096:
-        raise TooLargeError("the request body is over 4096 bytes", field="body")
-    return body
+def _small_json_body(body: bytes) -> dict[str, Any]:
+    """The optional JSON object of an operator route (empty body: ``{}``)."""
+    return parse_json_object(body, max_bytes=4096) if body.strip() else {}

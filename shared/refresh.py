@@ -65,19 +65,11 @@ class RefreshRequest:
         return request
 
     @classmethod
-    def from_http(cls, body: bytes) -> RefreshRequest:
-        """``POST /api/model/refresh`` body: empty, or ``{"revision"?: str, "unpin"?: bool}``.
+    def from_request(cls, data: dict[str, Any]) -> RefreshRequest:
+        """``POST /api/model/refresh`` body: ``{}`` or ``{"revision"?: str, "unpin"?: bool}``.
 
         Naming a revision (or ``unpin: true``) moves a pinned pointer; a bare refresh respects it.
         """
-        data: Any = {}
-        if body.strip():
-            try:
-                data = json.loads(body)
-            except ValueError:
-                raise InputError('the request body must be JSON like {"revision": "main"}', field="body") from None
-            if not isinstance(data, dict):
-                raise InputError("the request body must be a JSON object", field="body")
         revision = data.get("revision")
         if revision is not None:
             if not isinstance(revision, str):
