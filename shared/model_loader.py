@@ -15,7 +15,6 @@ import os
 import shutil
 import struct
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -79,7 +78,6 @@ def load_version(
     *,
     manifest: Manifest | None = None,
     mode: str | None = None,
-    cancel: threading.Event | None = None,
 ) -> LoadedModel:
     """Load ``revision`` of ``store`` the way ``settings`` say (``MODEL_LOAD_MODE``).
 
@@ -101,7 +99,7 @@ def load_version(
         folder = cached_version(store, manifest, Path(settings.cache_dir))
         engine = QAEngine.from_dir(folder, quantize=settings.quantize, **options)
     else:
-        files = {entry.name: store.read_file(revision, entry, cancel=cancel) for entry in manifest.files}
+        files = {entry.name: store.read_file(revision, entry) for entry in manifest.files}
         engine = engine_from_files(files, quantize=settings.quantize, **options)
     seconds = time.monotonic() - began
     log.info(

@@ -335,7 +335,6 @@ class ModelStore:
         into: memoryview | None = None,
         sink: Callable[[memoryview], object] | None = None,
         progress: Progress = _noop,
-        cancel: threading.Event | None = None,
     ) -> None:
         """Stream one stored file into a buffer or a sink, sha256 checked in order; errors name the version."""
         try:
@@ -349,19 +348,18 @@ class ModelStore:
                 into=into,
                 sink=sink,
                 progress=progress,
-                cancel=cancel,
             )
         except IntegrityError as err:
             raise IntegrityError(f"Version {revision}: {err.message}") from err
 
-    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop, cancel: threading.Event | None = None) -> bytearray:
+    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop) -> bytearray:
         """The bytes of one file in memory, sha256 checked while they stream in.
 
         Raises:
             IntegrityError: size or sha256 mismatch, naming the file and the version.
         """
         buffer = bytearray(entry.size)
-        self._fetch(revision, entry, into=memoryview(buffer), progress=progress, cancel=cancel)
+        self._fetch(revision, entry, into=memoryview(buffer), progress=progress)
         return buffer
 
     def download_file(self, revision: str, entry: FileEntry, dest_dir: Path, *, progress: Progress = _noop) -> Path:

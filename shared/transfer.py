@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,7 +168,6 @@ def download_ranges(
     into: memoryview | None = None,
     sink: Callable[[memoryview], object] | None = None,
     progress: Progress = _noop,
-    cancel: threading.Event | None = None,
 ) -> None:
     """Fetch ``blob`` in parallel ranges and check its sha256 while the ranges arrive in order.
 
@@ -208,8 +206,6 @@ def download_ranges(
                 if len(in_flight) >= concurrency:
                     break
             while in_flight:
-                if cancel is not None and cancel.is_set():
-                    raise IntegrityError(f"download of {name} was cancelled")
                 offset, length, future = in_flight.popleft()
                 view = future.result()
                 nxt = next(pending, None)
