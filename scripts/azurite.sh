@@ -17,7 +17,7 @@ start_azurite() {
     return 0
   fi
   mkdir -p .azurite
-  npx --no-install azurite --silent --skipApiVersionCheck --disableTelemetry --loose \
+  ./node_modules/.bin/azurite --silent --skipApiVersionCheck --disableTelemetry --loose \
     --location .azurite --blobHost 127.0.0.1 --queueHost 127.0.0.1 --tableHost 127.0.0.1 \
     > .azurite/azurite.log 2>&1 &
   AZURITE_PID=$!
