@@ -266,6 +266,15 @@ def _stage(
     todo = [entry for entry in snapshot.files if not store.stored_file_matches(snapshot.revision, entry)]
     result.files_reused = len(snapshot.files) - len(todo)
     progress.plan(sum(entry.size for entry in todo))
+    log.info(
+        "Copying %d file(s), %d bytes, %d already stored; memory bound about %d MB (block %d MB x %d in flight + 1)",
+        len(todo),
+        sum(entry.size for entry in todo),
+        result.files_reused,
+        store.block_size * (store.concurrency + 1) // (1 << 20),
+        store.block_size // (1 << 20),
+        store.concurrency,
+    )
     for entry in todo:
         lock_check()
         began = time.monotonic()
