@@ -115,7 +115,7 @@ def load_version(
         engine=engine,
         model_id=manifest.model_id,
         revision=revision,
-        mode=settings.load_mode,
+        mode=mode,
         bytes=manifest.total_bytes,
         load_seconds=seconds,
     )

@@ -396,12 +396,16 @@ def test_disk_mode_caches_verifies_and_reuses(
     assert damaged.read_bytes() == (tiny_bert_dir / "model.safetensors").read_bytes()
 
 
-def test_memory_mode_writes_nothing_to_disk(env: dict[str, str], store: ModelStore, tiny_bert_dir: Path) -> None:
+def test_memory_mode_writes_nothing_to_disk(env: dict[str, str], store: ModelStore, tiny_bert_dir: Path, tmp_path: Path) -> None:
     revision = publish(store, tiny_bert_dir)
     settings = Settings.from_env(env)
     io_before = _write_bytes()
     loaded = load_version(ModelStore.from_settings(settings, serving=True), revision, settings)
     assert _write_bytes() - io_before == 0
+    assert loaded.mode == "memory"
+    disk = Settings.from_env({**env, "MODEL_LOAD_MODE": "disk", "MODEL_CACHE_DIR": str(tmp_path / "cache")})
+    override = load_version(ModelStore.from_settings(disk, serving=True), revision, disk, mode="memory")  # as the canary loads
+    assert override.mode == "memory" and not (tmp_path / "cache").exists()
     answer = loaded.engine.answer([QAItem("Who?", CONTEXT)])[0][0]
     assert CONTEXT[answer.start : answer.end] == answer.answer
 
