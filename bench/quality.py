@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import re
-import string
 import sys
 import time
 from pathlib import Path
@@ -36,13 +34,9 @@ def load_questions(shared: Path, limit: int) -> list[dict[str, Any]]:
     return out
 
 
-def normalize(text: str) -> str:
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
 def f1(prediction: str, truth: str) -> float:
+    from shared.refresh import normalize_answer as normalize  # here: the reference venv has no Azure SDK
+
     pred, gold = normalize(prediction).split(), normalize(truth).split()
     common = collections.Counter(pred) & collections.Counter(gold)
     same = sum(common.values())
@@ -53,6 +47,8 @@ def f1(prediction: str, truth: str) -> float:
 
 
 def scores(predictions: list[dict[str, Any]], questions: list[dict[str, Any]]) -> tuple[float, float]:
+    from shared.refresh import normalize_answer as normalize
+
     em = sum(max(float(normalize(p["answer"]) == normalize(g)) for g in q["answers"]) for p, q in zip(predictions, questions, strict=True))
     f = sum(max(f1(p["answer"], g) for g in q["answers"]) for p, q in zip(predictions, questions, strict=True))
     return 100 * em / len(questions), 100 * f / len(questions)
