@@ -265,11 +265,12 @@ def _stage(
 ) -> None:
     todo = [entry for entry in snapshot.files if not store.stored_file_matches(snapshot.revision, entry)]
     result.files_reused = len(snapshot.files) - len(todo)
-    progress.plan(sum(entry.size for entry in todo))
+    todo_bytes = sum(entry.size for entry in todo)
+    progress.plan(todo_bytes)
     log.info(
         "Copying %d file(s), %d bytes, %d already stored; memory bound about %d MB (block %d MB x %d in flight + 1)",
         len(todo),
-        sum(entry.size for entry in todo),
+        todo_bytes,
         result.files_reused,
         store.block_size * (store.concurrency + 1) // (1 << 20),
         store.block_size // (1 << 20),
