@@ -57,6 +57,8 @@ class LoadedModel:
     mode: str
     bytes: int
     load_seconds: float
+    backend: str = "torch"
+    variant: str = "fp32"
     loaded_at: str = field(default_factory=utc_now)
 
     def describe(self) -> dict[str, Any]:
@@ -67,7 +69,8 @@ class LoadedModel:
             "bytes": self.bytes,
             "load_seconds": round(self.load_seconds, 3),
             "loaded_at": self.loaded_at,
-            "quantize": self.engine.quantize,
+            "backend": self.backend,
+            "variant": self.variant,
         }
 
 
@@ -118,6 +121,7 @@ def load_version(
         mode=mode,
         bytes=manifest.total_bytes,
         load_seconds=seconds,
+        variant="int8" if settings.quantize == "int8" else "fp32",
     )
 
 

@@ -80,6 +80,22 @@ def parse_name(name: str, raw: str | None, default: str, pattern: re.Pattern[str
     return value
 
 
+ARTIFACT_VARIANTS = ("fp32", "int8")
+
+
+def parse_artifacts(name: str, raw: str | None) -> tuple[str, ...]:
+    """Parse ``MODEL_ARTIFACTS``: a comma list of ONNX variants to build (``fp32,int8``), or ``none``."""
+    if raw is None or raw.strip() == "":
+        return ARTIFACT_VARIANTS
+    words = [w.strip().lower() for w in raw.split(",") if w.strip()]
+    if words == ["none"]:
+        return ()
+    unknown = [w for w in words if w not in ARTIFACT_VARIANTS]
+    if unknown or not words:
+        raise SettingsError(f"{name} must be a comma list of {', '.join(ARTIFACT_VARIANTS)}, or none; got {raw!r}")
+    return tuple(v for v in ARTIFACT_VARIANTS if v in words)
+
+
 @dataclass(frozen=True)
 class Canary:
     """The question a staged version must answer before it is published."""
@@ -178,6 +194,9 @@ class Settings:
     reload: ReloadMode = "replace"
     canary: Canary | None = field(default_factory=lambda: Canary(**DEFAULT_CANARY))
     quantize: str = "none"
+    backend: str = "onnx"
+    artifacts: tuple[str, ...] = ("fp32", "int8")
+    threads: int | None = None
     max_context_chars: int = 25_000
     max_question_chars: int = 1_000
     max_question_tokens: int = 64
@@ -219,6 +238,9 @@ class Settings:
             reload=parse_choice("MODEL_RELOAD", env.get("MODEL_RELOAD"), ("overlap", "replace"), default_reload),  # type: ignore[arg-type]
             canary=parse_canary("MODEL_CANARY", env.get("MODEL_CANARY")),
             quantize=parse_choice("QA_QUANTIZE", env.get("QA_QUANTIZE"), ("none", "int8"), "none"),
+            backend=parse_choice("QA_BACKEND", env.get("QA_BACKEND"), ("onnx", "torch"), "onnx"),
+            artifacts=parse_artifacts("MODEL_ARTIFACTS", env.get("MODEL_ARTIFACTS")),
+            threads=parse_int("QA_THREADS", env.get("QA_THREADS"), 0, maximum=256) or None,
             max_context_chars=parse_int("QA_MAX_CONTEXT_CHARS", env.get("QA_MAX_CONTEXT_CHARS"), 25_000),
             max_question_chars=parse_int("QA_MAX_QUESTION_CHARS", env.get("QA_MAX_QUESTION_CHARS"), 1_000),
             max_question_tokens=parse_int("QA_MAX_QUESTION_TOKENS", env.get("QA_MAX_QUESTION_TOKENS"), 64),

@@ -98,3 +98,21 @@ def test_parsers() -> None:
     canary = parse_canary("MODEL_CANARY", '{"question": "q?", "context": "c."}')
     assert canary.answer is None and canary.question == "q?"
     assert parse_canary("MODEL_CANARY", None).answer == "Paris"
+
+
+def test_backend_artifacts_and_threads() -> None:
+    from shared.settings import parse_artifacts
+
+    default = Settings.from_env({})
+    assert (default.backend, default.artifacts, default.threads) == ("onnx", ("fp32", "int8"), None)
+    chosen = Settings.from_env({"QA_BACKEND": "Torch", "MODEL_ARTIFACTS": "int8, fp32", "QA_THREADS": "3"})
+    assert (chosen.backend, chosen.artifacts, chosen.threads) == ("torch", ("fp32", "int8"), 3)
+    assert parse_artifacts("MODEL_ARTIFACTS", "none") == ()
+    assert parse_artifacts("MODEL_ARTIFACTS", "int8") == ("int8",)
+    for bad in ("fp16", "none,int8", ","):
+        with pytest.raises(SettingsError, match="MODEL_ARTIFACTS"):
+            parse_artifacts("MODEL_ARTIFACTS", bad)
+    with pytest.raises(SettingsError, match="QA_BACKEND"):
+        Settings.from_env({"QA_BACKEND": "tensorrt"})
+    with pytest.raises(SettingsError, match="QA_THREADS"):
+        Settings.from_env({"QA_THREADS": "0"})
