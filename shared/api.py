@@ -146,6 +146,8 @@ def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
             "queue": holder.settings.refresh_queue,
             "revision": request.revision,
             "moves_pinned_pointer": request.explicit,
+            "repair": request.repair,
+            "build_artifacts": request.build_artifacts,
             "result": "GET /api/model shows last_refresh once the worker has run",
         },
         {"Location": "/api/model"},

@@ -1,7 +1,10 @@
 """Command line for operators and checks: ``python -m shared COMMAND``.
 
 Every command reads its settings from the environment (``MODEL_STORAGE``, ``MODEL_CONTAINER``,
-``MODEL_ID``, ...) and takes ``--json`` to print one JSON object as its last line.
+``MODEL_ID``, ...) and takes ``--json`` to print one JSON object as its last line. A user's
+mistake (a bad flag, a missing folder, a bad setting, storage that is down) is one ``error:``
+line and exit code 1 (2 for bad usage), never a traceback. Commands that use storage first make
+a quick reachability probe, so a dead or silent account fails within seconds, naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import QAError
+from .errors import InputError, QAError
+from .question_answering import MAX_TOP_K
 from .settings import Settings, parse_model_id
 
 log = logging.getLogger(__name__)
@@ -44,9 +48,28 @@ class BarProgress:
 
 
 def _store(settings: Settings, args: argparse.Namespace) -> Any:
+    """The store of the settings (patient profile), after a quick probe that storage answers."""
     from .model_store import ModelStore
+    from .storage import probe
 
+    probe(settings.require_storage(), settings.container)
     return ModelStore.from_settings(settings, model_id=getattr(args, "model_id", None))
+
+
+def _count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[low, high]``."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
 
 
 def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -56,46 +79,83 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     from .isolation import LocalDirSource, isolate
     from .model_store import ModelStore
     from .refresh import RefreshRequest, canary_validator, check_hub_revision, run_refresh
+    from .storage import probe
 
     if args.model_id:
         settings = dataclasses.replace(settings, model_id=parse_model_id("--model-id", args.model_id, settings.model_id))
     if args.skip_canary:
         settings = dataclasses.replace(settings, canary=None)
+    if args.from_dir and args.revision:
+        raise InputError("--revision names a Hub revision; a --from-dir version is named by its files' hashes")
+    source = LocalDirSource(args.from_dir, block_size=settings.block_size) if args.from_dir else None
+    if source is not None:
+        source.snapshot()  # a missing or unusable folder fails before storage is touched
+    probe(settings.require_storage(), settings.container)  # quick; the copy itself keeps patient retries
     bar = BarProgress("isolate")
     try:
-        if args.from_dir:
+        if source is not None:
             result = isolate(
                 ModelStore.from_settings(settings),
-                LocalDirSource(args.from_dir, block_size=settings.block_size),
+                source,
                 explicit=True,
                 keep_versions=settings.keep_versions,
                 validate=canary_validator(settings),
                 progress=bar,
+                repair=args.repair,
             )
         else:
             revision = check_hub_revision(args.revision) if args.revision else None
-            result = run_refresh(settings, RefreshRequest(revision=revision, explicit=revision is not None, reason="cli"), progress=bar)
+            request = RefreshRequest(revision=revision, explicit=revision is not None, reason="cli", repair=args.repair)
+            result = run_refresh(settings, request, progress=bar)
     finally:
         bar.close()
     text = f"{result.outcome}: {settings.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
+    if result.files_repaired:
+        text += f"; repaired {', '.join(result.files_repaired)}"
     return 0, result.to_dict(), text
+
+
+def cmd_refresh(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """Queue a refresh for the function app's worker (as ``POST /api/model/refresh`` does), with
+    this machine's identity or connection string: no function key needed."""
+    from .refresh import RefreshRequest, check_hub_revision, enqueue
+
+    revision = check_hub_revision(args.revision) if args.revision else None
+    request = RefreshRequest(
+        revision=revision,
+        explicit=revision is not None or args.unpin,
+        reason="cli",
+        repair=args.repair,
+        build_artifacts=args.build_artifacts,
+    )
+    message_id = enqueue(settings, request)
+    data = {"status": "queued", "message_id": message_id, "queue": settings.refresh_queue, **request.__dict__}
+    text = (
+        f"Queued a refresh of {settings.model_id} on {settings.refresh_queue} (message {message_id}). "
+        "Watch it: GET /api/model (last_refresh), or python -m shared status"
+    )
+    return 0, data, text
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     data = _store(settings, args).status()
     pointer = data["pointer"]
+    last = data["last_refresh"] or {}
     lines = [f"model: {data['model_id']} in container {data['container']}"]
     if pointer is None:
-        lines.append("current: none (run: python -m shared isolate)")
+        lines.append("current: nothing isolated yet (run: python -m shared isolate, or --from-dir DIR offline)")
     else:
         pin = " (pinned)" if pointer["pinned"] else ""
         lines.append(f"current: {pointer['revision']}{pin}, previous: {', '.join(pointer['previous']) or 'none'}")
     for version in data["versions"]:
-        state = "complete" if version["complete"] else "INCOMPLETE"
+        state = "complete" if version["complete"] else "INCOMPLETE (staged files, resumed by the next isolate)"
+        if not version["complete"] and last.get("revision") == version["revision"] and last.get("error_code") == "validation_failed":
+            state = "INCOMPLETE (staged; the canary failed: set MODEL_CANARY or isolate --skip-canary)"
         lines.append(f"  {version['revision']}  {state}  {version['files']} files  {version['bytes']} bytes  {version['last_modified']}")
-    last = data["last_refresh"]
-    if last:
+    if last.get("outcome"):
         lines.append(f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})")
+    if last.get("last_skipped_at"):
+        lines.append(f"last skipped: {last['last_skipped_at']} ({last.get('skipped_reason')})")
     return 0, data, "\n".join(lines)
 
 
@@ -120,6 +180,14 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
         bar.close()
     data = {"revision": revision, "ok": not problems, "files": len(manifest.files), "problems": problems}
     text = f"{revision}: " + ("intact" if not problems else "CORRUPT\n" + "\n".join(problems))
+    if problems:
+        how = (
+            "python -m shared isolate --repair --from-dir DIR (the folder it was isolated from)"
+            if manifest.source == "local"
+            else f"python -m shared isolate --repair --revision {manifest.source_revision or revision}"
+        )
+        data["repair"] = how
+        text += f"\nRepair it (re-copies only the damaged files): {how}"
     return (0 if not problems else 1), data, text
 
 
@@ -151,6 +219,7 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
 
     from .question_answering import Limits, QAEngine, QAItem
 
+    check_model_dir(args.model_dir)
     engine = QAEngine.from_dir(
         args.model_dir,
         quantize=args.quantize or settings.quantize,
@@ -201,6 +270,25 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     return 0, summary, f"answered {counts['answered']}, failed {counts['failed']} in {seconds:.1f}s"
 
 
+def check_model_dir(folder: str) -> None:
+    """A local model folder the engine can load, or a clear error (never a Hub download).
+
+    Raises:
+        NotFoundError: the folder does not exist (or is not a folder).
+        UnsafeModelError: it has no config, no tokenizer, or only pickle weights.
+    """
+    from pathlib import Path
+
+    from .errors import NotFoundError
+    from .model_files import select_files
+
+    path = Path(folder)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise NotFoundError(f"--model-dir {folder} {what}; give a local model folder (config.json, *.safetensors, tokenizer files)")
+    select_files([p.name for p in path.iterdir() if p.is_file()], where=f"folder {folder}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shared", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--revision", help="branch, tag or commit (default: MODEL_REVISION); naming one moves a pinned pointer")
     iso.add_argument("--from-dir", help="isolate from this local model folder instead of the Hub (offline)")
     iso.add_argument("--skip-canary", action="store_true", help="publish without answering MODEL_CANARY first")
+    iso.add_argument(
+        "--repair",
+        action="store_true",
+        help="if the revision is already stored: re-hash its files and copy again each one whose bytes differ from the source",
+    )
+
+    refresh = add("refresh", cmd_refresh, "queue a refresh for the function app's worker (needs --enqueue)")
+    refresh.add_argument("--enqueue", action="store_true", required=True, help="put the request on MODEL_REFRESH_QUEUE")
+    refresh.add_argument("--revision", help="branch, tag or commit (moves a pinned pointer)")
+    refresh.add_argument("--unpin", action="store_true", help="let the refresh move a pinned pointer")
+    refresh.add_argument("--repair", action="store_true", help="re-copy the stored files of the revision that differ from the Hub")
+    refresh.add_argument("--build-artifacts", action="store_true", help="build the ONNX serving artifacts the version lacks")
 
     status = add("status", cmd_status, "show the pointer, the stored versions and the last refresh")
     status.add_argument("--model-id")
@@ -231,18 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     ask = add("ask", cmd_ask, "answer one question with the current model version in Blob Storage (as the function does)")
     ask.add_argument("--question", required=True)
     ask.add_argument("--context", required=True)
-    ask.add_argument("--top-k", type=int, default=1)
+    ask.add_argument("--top-k", type=_count(1, MAX_TOP_K), default=1, help=f"answers to return (1-{MAX_TOP_K})")
 
-    answer = sub.add_parser(
+    answer = add(
         "answer",
-        help="answer JSON lines from stdin with a local model folder",
-        description="Read JSON lines of {question, context, top_k?, max_answer_len?, handle_impossible_answer?} on stdin; "
-        "write one JSON line {answers: [...]} or {error: {...}} per item on stdout.",
+        cmd_answer,
+        "Read JSON lines of {question, context, top_k?, max_answer_len?, handle_impossible_answer?} on stdin; "
+        "write one JSON line {answers: [...]} or {error: {...}} per item on stdout (with --json, a summary object last). "
+        "Only a local folder: it never contacts the Hub.",
     )
     answer.add_argument("--model-dir", required=True, help="a local model folder (safetensors, config, tokenizer)")
     answer.add_argument("--quantize", choices=("none", "int8"), help="default: QA_QUANTIZE")
-    answer.add_argument("--batch", type=int, default=1, help="items per engine call (windows still batch per QA_BATCH_WINDOWS)")
-    answer.set_defaults(handler=cmd_answer, json=False, stream=True)
+    answer.add_argument(
+        "--batch", type=_count(1, 1024), default=1, help="items per engine call, 1-1024 (windows still batch per QA_BATCH_WINDOWS)"
+    )
+    answer.set_defaults(stream=True)
     return parser
 
 
@@ -254,10 +357,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         code, data, text = args.handler(args, settings)
     except QAError as err:
+        err = _named(err)
         log.debug("command failed", exc_info=True)
         print(f"error: {err.message}", file=sys.stderr)
         if args.json:
             print(json.dumps({"error": {"code": err.code, "message": err.message}}))
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug must still end in one line, not a traceback
+        log.debug("command failed", exc_info=True)
+        print(f"error: unexpected {type(err).__name__} (a bug; please report it with the command you ran)", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": "internal_error", "message": f"unexpected {type(err).__name__}"}}))
         return 1
     if args.json:
         print(text, file=sys.stderr)
@@ -266,3 +379,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a streaming command owns stdout; its summary goes to stderr
         print(text, file=sys.stderr if getattr(args, "stream", False) else sys.stdout)
     return code
+
+
+def _named(err: QAError) -> QAError:
+    """A storage outage names the endpoint (and, for a local one, how to start Azurite)."""
+    from .errors import StorageUnavailableError
+
+    if not isinstance(err, StorageUnavailableError):
+        return err
+    try:
+        from .storage import with_endpoint
+
+        conn = Settings.from_env().storage
+        return err if conn is None else with_endpoint(err, conn)
+    except QAError:
+        return err

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .errors import IntegrityError, QAError
+from .errors import IntegrityError, NotFoundError, QAError
 from .model_files import FileEntry, Manifest, select_files, utc_now
 from .model_store import ModelStore
 from .transfer import file_chunks
@@ -109,7 +109,8 @@ class LocalDirSource:
 
     def _describe(self) -> Snapshot:
         if not self.folder.is_dir():
-            raise IntegrityError(f"{self.folder} is not a folder")
+            what = "is a file, not a folder" if self.folder.exists() else "does not exist"
+            raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
         names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
         chosen = select_files(names, where=f"folder {self.folder}")
         files = tuple(
@@ -130,7 +131,7 @@ Validator = Callable[[ModelStore, Manifest], None]
 class IsolationResult:
     """What a refresh did; also what ``last-refresh.json`` records."""
 
-    outcome: str  # published | up_to_date | pinned | failed
+    outcome: str  # published | up_to_date | repaired | failed; skipped (a pinned pointer, no record)
     model_id: str
     revision: str | None = None
     previous_revision: str | None = None
@@ -143,6 +144,10 @@ class IsolationResult:
     finished: str | None = None
     seconds: float = 0.0
     error: str | None = None
+    error_code: str | None = None
+    files_repaired: list[str] = field(default_factory=list)
+    skipped_reason: str | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -156,6 +161,7 @@ def isolate(
     keep_versions: int,
     validate: Validator | None = None,
     progress: TransferProgress | None = None,
+    repair: bool = False,
 ) -> IsolationResult:
     """Run one refresh of ``store`` from ``source`` under the writers' lock.
 
@@ -163,10 +169,14 @@ def isolate(
         store: where the version goes.
         source: where it comes from.
         explicit: the caller named this revision or folder: a pinned pointer is moved (and
-            unpinned). A scheduled refresh passes ``False`` and leaves a pinned pointer alone.
+            unpinned). A scheduled refresh passes ``False``: on a pinned pointer it is skipped
+            before the source is even asked (no Hub call), and ``last-refresh.json`` keeps the
+            last real outcome, adding ``last_skipped_at`` and ``skipped_reason``.
         keep_versions: retention (``MODEL_KEEP_VERSIONS``).
         validate: loads the staged version and answers the canary; raises to stop the publish.
         progress: told the bytes to move and each chunk moved.
+        repair: when the source's revision is already stored, re-hash its stored files and copy
+            again every file whose bytes differ from the source (outcome ``repaired``).
 
     Raises:
         RefreshAlreadyRunningError: another writer holds the lock; nothing is changed or recorded.
@@ -177,17 +187,29 @@ def isolate(
     started = time.monotonic()
     result = IsolationResult(outcome="failed", model_id=store.model_id)
     with store.lock() as lock:
+        pointer = store.read_pointer()
+        if pointer is not None and pointer.pinned and not explicit and not repair:
+            log.info("Pointer of %s is pinned at %s; the scheduled refresh is skipped", store.model_id, pointer.revision)
+            result.outcome, result.skipped_reason, result.revision = "skipped", "pinned", pointer.revision
+            result.previous_revision = pointer.revision
+            result.finished = utc_now()
+            _record_skip(store, result)
+            return result
         try:
-            _isolate_locked(store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress)
+            _isolate_locked(
+                store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair
+            )
             if result.outcome == "published":
                 result.deleted_versions = store.apply_retention(keep_versions)
         except QAError as err:
             result.outcome = "failed"
             result.error = err.message
+            result.error_code = err.code
             raise
         except Exception:
             result.outcome = "failed"
             result.error = "internal error (see logs)"
+            result.error_code = "internal_error"
             raise
         finally:
             result.finished = utc_now()
@@ -211,6 +233,16 @@ def _record(store: ModelStore, result: IsolationResult) -> None:
         log.warning("Could not record the refresh outcome in last-refresh.json", exc_info=True)
 
 
+def _record_skip(store: ModelStore, result: IsolationResult) -> None:
+    """Keep the last real outcome; note when and why a refresh was skipped."""
+    try:
+        record = store.read_last_refresh() or {"outcome": None, "model_id": store.model_id}
+        record.update(last_skipped_at=result.finished, skipped_reason=result.skipped_reason)
+        store.write_last_refresh(record)
+    except QAError:
+        log.warning("Could not record the skipped refresh in last-refresh.json", exc_info=True)
+
+
 def _isolate_locked(
     store: ModelStore,
     source: Source,
@@ -220,24 +252,32 @@ def _isolate_locked(
     explicit: bool,
     validate: Validator | None,
     progress: TransferProgress,
+    repair: bool,
 ) -> None:
     revision = source.revision()
     result.revision = revision
     pointer = store.read_pointer()
     result.previous_revision = pointer.revision if pointer else None
-    if pointer is not None and pointer.revision == revision and store.read_manifest(revision):
+    stored = store.read_manifest(revision)
+    if repair and stored is not None:
+        _repair(store, source, stored, result, lock_check=lock_check, progress=progress)
+        if pointer is None or (pointer.revision == revision and pointer.pinned and explicit):
+            store.move_pointer(revision, pinned=False)
+        return
+    if pointer is not None and pointer.revision == revision and stored is not None:
         if pointer.pinned and explicit:
             store.move_pointer(revision, pinned=False)
         result.outcome = "up_to_date"
         return
     if pointer is not None and pointer.pinned and not explicit:
+        # The pointer was pinned between the check before the lock and now.
         log.info("Pointer of %s is pinned at %s; the scheduled refresh leaves it", store.model_id, pointer.revision)
-        result.outcome = "pinned"
+        result.outcome, result.skipped_reason = "skipped", "pinned"
         return
 
     snapshot = source.snapshot()
     result.source = snapshot.source
-    manifest = store.read_manifest(snapshot.revision)
+    manifest = stored
     if manifest is None:
         _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)
         manifest = Manifest(
@@ -252,6 +292,37 @@ def _isolate_locked(
         lock_check()
     store.publish(manifest, pinned=False)
     result.outcome = "published"
+
+
+def _repair(
+    store: ModelStore,
+    source: Source,
+    stored: Manifest,
+    result: IsolationResult,
+    *,
+    lock_check: Callable[[], None],
+    progress: TransferProgress,
+) -> None:
+    """Re-hash every stored file of ``stored`` and copy again from ``source`` each one whose bytes differ."""
+    snapshot = source.snapshot()
+    result.source = snapshot.source
+    if {(f.name, f.size, f.sha256) for f in snapshot.files} != {(f.name, f.size, f.sha256) for f in stored.files}:
+        raise IntegrityError(
+            f"The source's files for {stored.revision} differ from the stored manifest; it cannot repair this version"
+        )
+    damaged = [entry for entry in stored.files if store.file_problem(stored.revision, entry) is not None]
+    progress.plan(sum(entry.size for entry in damaged))
+    for entry in damaged:
+        lock_check()
+        log.warning("Repairing %s of %s: its stored bytes differ from the manifest", entry.name, stored.revision)
+        result.bytes_moved += store.upload_file(stored.revision, entry, source.open(entry), progress=progress.advance)
+        result.files_copied += 1
+        result.files_repaired.append(entry.name)
+    result.files_reused = len(stored.files) - len(damaged)
+    remaining = store.verify_version(stored.revision)
+    if remaining:
+        raise IntegrityError(f"Version {stored.revision} still fails verification after the repair: {remaining[0]}")
+    result.outcome = "repaired" if damaged else "up_to_date"
 
 
 def _stage(

@@ -125,9 +125,9 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def utc_now() -> str:
-    """The current UTC time as ISO 8601 with seconds."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+def utc_now(*, precise: bool = False) -> str:
+    """The current UTC time as ISO 8601 with seconds (``precise``: microseconds)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds" if precise else "seconds")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Manifest:
     revision: str
     source: str
     files: tuple[FileEntry, ...]
-    isolated_at: str = field(default_factory=utc_now)
+    isolated_at: str = field(default_factory=lambda: utc_now(precise=True))  # orders rollbacks
     source_revision: str | None = None
     task: str = TASK
     libraries: dict[str, str] = field(default_factory=library_versions)

@@ -7,6 +7,13 @@ settings are read, storage is touched and the model is loaded on the first reque
 loads a new version without a restart: ``overlap`` keeps the old engine serving meanwhile,
 ``replace`` lets in-flight requests finish, frees the old engine, then loads (two bert-large
 copies never sit in a 4 GB instance).
+
+Fallback order of one load: the current version's ONNX artifact (``QA_BACKEND=onnx``), then its
+safetensors through torch, then the same for each earlier complete version, newest isolation
+first. A current version whose files fail verification is *damaged*: an earlier one serves
+meanwhile (``degraded``), and a background check re-hashes the damaged files as they stream
+(no second model in memory), with backoff up to 15 minutes, loading the current version again
+only once the re-hash passes (after a repair).
 """
 
 from __future__ import annotations
@@ -19,17 +26,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import BusyError, ModelNotReadyError, QAError, SettingsError
-from .model_files import utc_now
+from .errors import BusyError, IntegrityError, ModelNotReadyError, QAError, SettingsError, StorageUnavailableError
+from .model_files import Manifest, Pointer, utc_now
 from .model_loader import LoadedModel, load_version
 from .model_store import ModelStore
 from .settings import Settings
+from .telemetry import log_event
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ModelStore, str, Settings], LoadedModel]
+ArtifactLoader = Callable[[ModelStore, Manifest, str, Settings], LoadedModel]
 NO_MODEL = "No model has been isolated yet: run a refresh (POST /api/model/refresh, or python -m shared isolate), then retry"
 GATE_WAIT_SECONDS = 5.0
+
+
+def utc_now_plus(seconds: float) -> str:
+    import datetime as dt
+
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat(timespec="seconds")
 
 
 class ModelHolder:
@@ -38,8 +53,11 @@ class ModelHolder:
     Args:
         settings_factory: builds the settings on first use (default: from the environment).
         store_factory: builds the store (default: the serving profile of :class:`ModelStore`).
-        loader: loads one version (default: :func:`~shared.model_loader.load_version`).
+        loader: loads one version with torch (default: :func:`~shared.model_loader.load_version`).
+        artifact_loader: loads a version's ONNX artifact of a variant; ``None``: torch only.
         backoff_seconds: first wait after a failed load; it doubles up to ``max_backoff_seconds``.
+        damage_backoff_seconds: first wait before re-hashing a damaged current version; it
+            doubles up to ``max_damage_backoff_seconds`` (15 minutes).
     """
 
     def __init__(
@@ -48,14 +66,23 @@ class ModelHolder:
         *,
         store_factory: Callable[[Settings], ModelStore] | None = None,
         loader: Loader | None = None,
+        artifact_loader: ArtifactLoader | None = None,
         backoff_seconds: float = 2.0,
         max_backoff_seconds: float = 120.0,
+        damage_backoff_seconds: float = 30.0,
+        max_damage_backoff_seconds: float = 900.0,
     ) -> None:
         self._settings_factory = settings_factory
         self._store_factory = store_factory or (lambda s: ModelStore.from_settings(s, serving=True))
         self._loader: Loader = loader or (lambda store, revision, settings: load_version(store, revision, settings))
+        self._artifact_loader = artifact_loader
         self._backoff = backoff_seconds
         self._max_backoff = max_backoff_seconds
+        self._damage_backoff = damage_backoff_seconds
+        self._max_damage_backoff = max_damage_backoff_seconds
+        self._damaged: dict[str, Any] | None = None
+        self._fallbacks: list[dict[str, Any]] = []
+        self._watcher: threading.Thread | None = None
         self._cond = threading.Condition()
         self._settings: Settings | None = None
         self._store: ModelStore | None = None
@@ -116,14 +143,20 @@ class ModelHolder:
         """State as fixed codes, for the anonymous health route (no reasons, no settings)."""
         with self._cond:
             state = self._state_locked()
-            body: dict[str, Any] = {"state": state}
+            body: dict[str, Any] = {"state": state, "degraded": self._degraded_locked()}
             if self._current is not None:
                 body.update(
                     model_id=self._current.model_id,
                     revision=self._current.revision,
                     load_seconds=round(self._current.load_seconds, 3),
+                    backend=self._current.backend,
+                    variant=self._current.variant,
                 )
             return body
+
+    def _degraded_locked(self) -> bool:
+        """Serving, but not what was asked for: an earlier version, or a fallback backend."""
+        return self._current is not None and (self._damaged is not None or bool(self._fallbacks))
 
     def describe(self) -> dict[str, Any]:
         """What this instance has loaded, is loading, and its last load error (operators only)."""
@@ -131,13 +164,18 @@ class ModelHolder:
             settings = self._settings
             return {
                 "state": self._state_locked(),
+                "degraded": self._degraded_locked(),
                 "loaded": None if self._current is None else self._current.describe(),
                 "loading": self._loading,
                 "last_error": self._last_error,
+                "damaged": None if self._damaged is None else dict(self._damaged),
+                "fallbacks": [dict(f) for f in self._fallbacks],
                 "last_pointer_check": self._last_check,
                 "load_mode": settings.load_mode if settings else None,
                 "reload": settings.reload if settings else None,
                 "poll_seconds": settings.poll_seconds if settings else None,
+                "backend": settings.backend if settings else None,
+                "quantize": settings.quantize if settings else None,
             }
 
     # --- serving ----------------------------------------------------------------------------
@@ -225,7 +263,7 @@ class ModelHolder:
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
 
     def _load(self) -> None:
-        """Resolve the pointer and load its version (runs in its own thread)."""
+        """Resolve the pointer and load the best version it allows (runs in its own thread)."""
         try:
             store = self.store
             pointer = store.read_pointer()
@@ -235,7 +273,7 @@ class ModelHolder:
                 self._finish_empty()
                 return
             with self._cond:
-                if self._current is not None and self._current.revision == pointer.revision:
+                if self._current is not None and self._current.revision == pointer.revision and not self._fallbacks:
                     self._pointer_etag = pointer.etag  # touched, same revision
                     self._loading = None
                     self._cond.notify_all()
@@ -243,7 +281,7 @@ class ModelHolder:
                 self._loading = pointer.revision
             if self.settings.reload == "replace":
                 self._release_current()
-            loaded = self._loader(store, pointer.revision, self.settings)
+            loaded, fallbacks, damaged = self._load_best(store, pointer)
         except QAError as err:
             self._finish_failed(err.code, err.message)
             return
@@ -259,11 +297,130 @@ class ModelHolder:
             self._replacing = False
             self._failures = 0
             self._no_model = False
+            self._fallbacks = fallbacks
+            self._damaged = damaged
             self._cond.notify_all()
+        if damaged is not None:
+            log.warning(
+                "Serving %s instead of the current version %s, which failed verification (%s); degraded until it is repaired",
+                loaded.revision,
+                pointer.revision,
+                damaged["message"],
+            )
+            self._watch_damaged(pointer.revision)
         if previous is not None:
             log.info("Now serving %s (was %s)", loaded.revision, previous.revision)
             del previous
             gc.collect()
+
+    def _candidates(self, store: ModelStore, pointer: Pointer) -> Iterator[str]:
+        """The current revision, then earlier complete versions, newest isolation first (read lazily:
+        the usual load never lists the container)."""
+        yield pointer.revision
+        order = [m.revision for m in store.publication_order()]
+        earlier = order[order.index(pointer.revision) + 1 :] if pointer.revision in order else order
+        yield from (r for r in earlier if r != pointer.revision)
+
+    def _backends(self) -> list[tuple[str, str]]:
+        settings = self.settings
+        variant = "int8" if settings.quantize == "int8" else "fp32"
+        if settings.backend == "onnx" and self._artifact_loader is not None:
+            return [("onnx", variant), ("torch", variant)]
+        return [("torch", variant)]
+
+    def _load_best(self, store: ModelStore, pointer: Pointer) -> tuple[LoadedModel, list[dict[str, Any]], dict[str, Any] | None]:
+        """Walk the fallback order; the first load that works wins.
+
+        Returns:
+            The loaded model, what was tried and refused before it, and the current version's
+            damage (``None`` when its files verified or were not the reason).
+
+        Raises:
+            StorageUnavailableError, SettingsError: at once (no fallback hides an outage).
+            QAError: nothing could be loaded; the current version's own error.
+        """
+        settings = self.settings
+        tried: list[dict[str, Any]] = []
+        damaged: dict[str, Any] | None = None
+        first_error: QAError | None = None
+        for revision in self._candidates(store, pointer):
+            for backend, variant in self._backends():
+                began = time.monotonic()
+                try:
+                    if backend == "onnx":
+                        assert self._artifact_loader is not None
+                        loaded = self._artifact_loader(store, store.require_manifest(revision), variant, settings)
+                    else:
+                        loaded = self._loader(store, revision, settings)
+                except (StorageUnavailableError, SettingsError):
+                    raise
+                except QAError as err:
+                    first_error = first_error or err
+                    tried.append({"revision": revision, "backend": backend, "variant": variant, "code": err.code, "message": err.message})
+                    log_event(
+                        log, "model_load", level=logging.WARNING, model_id=store.model_id, revision=revision, backend=backend,
+                        variant=variant, mode=settings.load_mode, bytes=0, seconds=time.monotonic() - began, outcome="failed",
+                        error_code=err.code,
+                    )  # fmt: skip
+                    if backend == "torch" and isinstance(err, IntegrityError) and revision == pointer.revision:
+                        damaged = {
+                            "revision": revision,
+                            "code": err.code,
+                            "message": err.message,
+                            "at": utc_now(),
+                            "next_check_at": None,
+                        }
+                    continue
+                log_event(
+                    log, "model_load", model_id=loaded.model_id, revision=loaded.revision, backend=loaded.backend,
+                    variant=loaded.variant, mode=loaded.mode, bytes=loaded.bytes, seconds=loaded.load_seconds, outcome="ok",
+                    error_code=None,
+                )  # fmt: skip
+                return loaded, tried, damaged
+            if damaged is None and revision == pointer.revision:
+                break  # the current version is not damaged: an earlier one would hide a real problem
+        assert first_error is not None
+        if damaged is not None:
+            with self._cond:
+                self._damaged = damaged
+            self._watch_damaged(pointer.revision)
+        raise first_error
+
+    def _watch_damaged(self, revision: str) -> None:
+        """Re-hash the damaged current version in the background until it verifies, then reload."""
+        with self._cond:
+            if self._watcher is not None and self._watcher.is_alive():
+                return
+            self._watcher = threading.Thread(target=self._recheck_damaged, args=(revision,), name="model-damage-check", daemon=True)
+            self._watcher.start()
+
+    def _recheck_damaged(self, revision: str) -> None:
+        delay = self._damage_backoff
+        while True:
+            with self._cond:
+                if self._damaged is None or self._damaged["revision"] != revision:
+                    return
+                self._damaged["next_check_at"] = utc_now_plus(delay)
+            if self._stop.wait(delay):
+                return
+            try:
+                problems = self.store.verify_version(revision)  # streamed: no second model in memory
+            except QAError as err:
+                problems = [err.message]
+            if not problems:
+                log.info("The current version %s verifies again; loading it", revision)
+                with self._cond:
+                    self._damaged = None
+                    self._fallbacks = []
+                    self._retry_at = 0.0
+                    if self._loading is None:
+                        self._begin_load_locked()
+                return
+            log.warning("The current version %s still fails verification (%s); next check in %.0fs", revision, problems[0], delay * 2)
+            with self._cond:
+                if self._damaged is not None:
+                    self._damaged["message"] = problems[0]
+            delay = min(self._max_damage_backoff, delay * 2)
 
     def _release_current(self) -> None:
         """``replace`` mode: stop handing out the old engine, let in-flight requests finish, free it."""

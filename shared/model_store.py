@@ -37,7 +37,7 @@ from .errors import (
 from .model_files import FileEntry, Manifest, Pointer, check_file_name, check_revision, utc_now
 from .settings import Settings
 from .storage import container_client, storage_errors
-from .transfer import Progress, _noop, download_ranges, upload_blocks
+from .transfer import BlobChangedError, Progress, _noop, download_ranges, upload_blocks
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ POINTER = "current.json"
 LOCK = "refresh.lock"
 LAST_REFRESH = "last-refresh.json"
 INCOMPLETE_GRACE = dt.timedelta(days=1)
+CHANGED_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,11 @@ class ModelStore:
         prefix = self._path("versions") + "/"
         found: dict[str, dict[str, Any]] = {}
         with storage_errors("listing versions"):
-            for blob in self.container.list_blobs(name_starts_with=prefix):
+            try:
+                blobs = list(self.container.list_blobs(name_starts_with=prefix))
+            except ResourceNotFoundError:  # no container yet: nothing isolated
+                return []
+            for blob in blobs:
                 rest = blob.name[len(prefix) :]
                 revision, _, name = rest.partition("/")
                 entry = found.setdefault(revision, {"files": 0, "bytes": 0, "complete": False, "modified": blob.last_modified})
@@ -334,23 +339,36 @@ class ModelStore:
         *,
         into: memoryview | None = None,
         sink: Callable[[memoryview], object] | None = None,
+        restart: Callable[[], object] | None = None,
         progress: Progress = _noop,
     ) -> None:
-        """Stream one stored file into a buffer or a sink, sha256 checked in order; errors name the version."""
-        try:
-            download_ranges(
-                self.file_blob(revision, entry.name),
-                name=entry.name,
-                size=entry.size,
-                expected_sha256=entry.sha256,
-                block_size=self.block_size,
-                concurrency=self.concurrency,
-                into=into,
-                sink=sink,
-                progress=progress,
-            )
-        except IntegrityError as err:
-            raise IntegrityError(f"Version {revision}: {err.message}") from err
+        """Stream one stored file into a buffer or a sink, sha256 checked in order; errors name the version.
+
+        A blob rewritten meanwhile (a concurrent repair changes its ETag) is read again from the
+        start, up to :data:`CHANGED_RETRIES` times; ``restart`` rewinds the sink first.
+        """
+        for attempt in range(CHANGED_RETRIES + 1):
+            try:
+                download_ranges(
+                    self.file_blob(revision, entry.name),
+                    name=entry.name,
+                    size=entry.size,
+                    expected_sha256=entry.sha256,
+                    block_size=self.block_size,
+                    concurrency=self.concurrency,
+                    into=into,
+                    sink=sink,
+                    progress=progress,
+                )
+                return
+            except BlobChangedError as err:
+                if attempt == CHANGED_RETRIES:
+                    raise IntegrityError(f"Version {revision}: {err.message} {attempt + 1} times; try again later") from err
+                log.info("Version %s: %s changed while it was read; reading it again", revision, entry.name)
+                if restart is not None:
+                    restart()
+            except IntegrityError as err:
+                raise IntegrityError(f"Version {revision}: {err.message}") from err
 
     def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop) -> bytearray:
         """The bytes of one file in memory, sha256 checked while they stream in.
@@ -368,7 +386,12 @@ class ModelStore:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.name}.", suffix=".part", dir=dest_dir)
         try:
             with os.fdopen(fd, "wb") as out:
-                self._fetch(revision, entry, sink=out.write, progress=progress)
+
+                def rewind() -> None:
+                    out.seek(0)
+                    out.truncate()
+
+                self._fetch(revision, entry, sink=out.write, restart=rewind, progress=progress)
             os.replace(tmp_name, final)
         finally:
             if os.path.exists(tmp_name):
@@ -391,15 +414,18 @@ class ModelStore:
             One message per bad file (empty when the version is intact).
         """
         manifest = self.require_manifest(revision)
-        problems = []
-        for entry in manifest.files:
-            try:
-                self._fetch(revision, entry, sink=lambda _view: None, progress=progress)
-            except IntegrityError as err:
-                problems.append(err.message)
-            except NotFoundError:
-                problems.append(f"Version {revision}: {entry.name} is missing from storage")
-        return problems
+        found = (self.file_problem(revision, entry, progress=progress) for entry in manifest.files)
+        return [problem for problem in found if problem is not None]
+
+    def file_problem(self, revision: str, entry: FileEntry, *, progress: Progress = _noop) -> str | None:
+        """Re-hash one stored file as it streams (nothing kept in memory); what is wrong with it, or ``None``."""
+        try:
+            self._fetch(revision, entry, sink=lambda _view: None, progress=progress)
+        except IntegrityError as err:
+            return err.message
+        except NotFoundError:
+            return f"Version {revision}: {entry.name} is missing from storage"
+        return None
 
     # --- writers ---------------------------------------------------------------------------
 
@@ -421,25 +447,36 @@ class ModelStore:
             return self.write_pointer(Pointer(model_id=self.model_id, revision=revision, pinned=pinned), replacing=None)
         return self.write_pointer(current.moved_to(revision, pinned=pinned), replacing=current)
 
+    def publication_order(self) -> list[Manifest]:
+        """The complete versions' manifests, newest isolation first."""
+        manifests = [m for m in (self.read_manifest(r) for r in self.complete_revisions()) if m is not None]
+        return sorted(manifests, key=lambda m: _isolated_at(m.isolated_at), reverse=True)
+
     def rollback(self, to: str | None = None) -> Pointer:
-        """Point back at ``to`` (default: the newest earlier complete version) and pin it.
+        """Point back at ``to``, or at the complete version isolated just before the current one, and pin it.
+
+        Repeated rollbacks walk back in publication order (v3 -> v2 -> v1), never flip between two.
 
         Raises:
             RefreshAlreadyRunningError: a refresh holds the lock.
-            NotFoundError: no pointer yet, or no complete earlier version.
+            NotFoundError: nothing isolated yet, ``to`` is not a complete version, or there is
+                no earlier complete version.
         """
+        if self.read_pointer() is None:  # before the lock: an empty store (no container) stays untouched
+            raise NotFoundError("Nothing has been isolated yet: there is nothing to roll back")
         with self.lock():
             current = self.read_pointer()
             if current is None:
-                raise NotFoundError("No model has been published yet: there is nothing to roll back")
-            complete = set(self.complete_revisions())
+                raise NotFoundError("Nothing has been isolated yet: there is nothing to roll back")
+            order = [m.revision for m in self.publication_order()]
             if to is None:
-                target = next((r for r in current.previous if r in complete), None)
-                if target is None:
-                    raise NotFoundError("There is no earlier complete version to roll back to")
+                earlier = order[order.index(current.revision) + 1 :] if current.revision in order else order
+                if not earlier:
+                    raise NotFoundError(f"There is no complete version isolated before {current.revision}: nothing earlier to roll back to")
+                target = earlier[0]
             else:
                 target = check_revision_arg(to)
-                if target not in complete:
+                if target not in order:
                     raise NotFoundError(f"Version {target} is not a complete version of {self.model_id}")
             pointer = self.write_pointer(current.moved_to(target, pinned=True), replacing=current)
         log.info("Rolled %s back from %s to %s", self.model_id, current.revision, target)
@@ -474,8 +511,11 @@ class ModelStore:
         return deleted
 
     def status(self) -> dict[str, Any]:
-        """Pointer, versions and last refresh, as plain JSON-able data."""
+        """Pointer, versions and last refresh, as plain JSON-able data (an empty or missing
+        container reads as nothing isolated yet: ``pointer`` is ``None``)."""
         pointer = self.read_pointer()
+        versions = self.list_versions()
+        isolated = {v.revision: self.read_manifest(v.revision) for v in versions if v.complete}
         return {
             "model_id": self.model_id,
             "container": self.container.container_name,
@@ -494,11 +534,20 @@ class ModelStore:
                     "files": v.files,
                     "bytes": v.bytes,
                     "last_modified": v.last_modified.isoformat(timespec="seconds"),
+                    "isolated_at": manifest.isolated_at if (manifest := isolated.get(v.revision)) else None,
                 }
-                for v in self.list_versions()
+                for v in versions
             ],
             "last_refresh": self.read_last_refresh(),
         }
+
+
+def _isolated_at(value: str) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def check_revision_arg(revision: str) -> str:

@@ -44,6 +44,8 @@ class RefreshRequest:
     explicit: bool = False
     reason: str = "schedule"
     requested_at: str = field(default_factory=utc_now)
+    repair: bool = False
+    build_artifacts: bool = False
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -58,6 +60,8 @@ class RefreshRequest:
                 explicit=bool(data.get("explicit", False)),
                 reason=str(data.get("reason", "unknown")),
                 requested_at=str(data.get("requested_at", "")),
+                repair=bool(data.get("repair", False)),
+                build_artifacts=bool(data.get("build_artifacts", False)),
             )
         except (ValueError, AttributeError, TypeError) as err:
             raise InputError("the refresh message is not valid JSON") from err
@@ -67,19 +71,33 @@ class RefreshRequest:
 
     @classmethod
     def from_request(cls, data: dict[str, Any]) -> RefreshRequest:
-        """``POST /api/model/refresh`` body: ``{}`` or ``{"revision"?: str, "unpin"?: bool}``.
+        """``POST /api/model/refresh`` body: ``{}`` or ``{"revision"?, "unpin"?, "repair"?, "build_artifacts"?}``.
 
         Naming a revision (or ``unpin: true``) moves a pinned pointer; a bare refresh respects it.
+        ``repair`` re-copies the stored files of the revision whose bytes differ from the source;
+        ``build_artifacts`` builds the serving artifacts a complete version lacks.
         """
+        unknown = sorted(set(data) - {"revision", "unpin", "repair", "build_artifacts"})
+        if unknown:
+            raise InputError(f"unknown field {unknown[0]!r}; allowed: revision, unpin, repair, build_artifacts", field=unknown[0])
         revision = data.get("revision")
         if revision is not None:
             if not isinstance(revision, str):
                 raise InputError("'revision' must be a string (branch, tag or commit)", field="revision")
             check_hub_revision(revision)
-        unpin = data.get("unpin", False)
-        if not isinstance(unpin, bool):
-            raise InputError("'unpin' must be true or false", field="unpin")
-        return cls(revision=revision, explicit=revision is not None or unpin, reason="http")
+        flags = {}
+        for name in ("unpin", "repair", "build_artifacts"):
+            value = data.get(name, False)
+            if not isinstance(value, bool):
+                raise InputError(f"'{name}' must be true or false", field=name)
+            flags[name] = value
+        return cls(
+            revision=revision,
+            explicit=revision is not None or flags["unpin"],
+            reason="http",
+            repair=flags["repair"],
+            build_artifacts=flags["build_artifacts"],
+        )
 
 
 def check_hub_revision(revision: str) -> str:
@@ -133,12 +151,17 @@ def canary_validator(settings: Settings) -> Validator | None:
         finally:
             del loaded
             gc.collect()
+        how = (
+            "; the staged files are kept and the next isolate resumes. Set MODEL_CANARY to a question this model answers "
+            '(JSON {"question", "context", "answer"?}) or, from the command line, pass --skip-canary'
+        )
         if not answers or not answers[0].answer.strip():
-            raise ValidationFailedError(f"Version {manifest.revision} gave no answer to the canary question")
+            raise ValidationFailedError(f"Version {manifest.revision} gave no answer to the canary question{how}")
         got = answers[0].answer
-        if canary.answer is not None and normalize_answer(got) != normalize_answer(canary.answer):
+        expected = canary.expected_answer(manifest.model_id)
+        if expected is not None and normalize_answer(got) != normalize_answer(expected):
             raise ValidationFailedError(
-                f"Version {manifest.revision} answered the canary with {got!r}, expected {canary.answer!r}; not published"
+                f"Version {manifest.revision} answered the canary with {got!r}, expected {expected!r}; not published{how}"
             )
         log.info("Canary passed for %s: %r (score %.3f)", manifest.revision, got, answers[0].score)
 
@@ -163,6 +186,7 @@ def run_refresh(settings: Settings, request: RefreshRequest, *, progress: Transf
         keep_versions=settings.keep_versions,
         validate=canary_validator(settings),
         progress=progress,
+        repair=request.repair,
     )
 
 

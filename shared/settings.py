@@ -104,6 +104,13 @@ class Canary:
     context: str
     answer: str | None = None
 
+    def expected_answer(self, model_id: str) -> str | None:
+        """The answer to insist on: the default canary's only for the default model (other
+        models must merely answer it), a configured canary's always."""
+        if self == Canary(**DEFAULT_CANARY) and model_id != DEFAULT_MODEL_ID:
+            return None
+        return self.answer
+
 
 def parse_canary(name: str, raw: str | None) -> Canary:
     """Parse ``MODEL_CANARY``: JSON with ``question``, ``context`` and optionally ``answer``."""

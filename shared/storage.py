@@ -1,7 +1,13 @@
 """Blob and Queue clients built from :class:`~shared.settings.StorageConnection`.
 
-Two profiles: the serving path gets short timeouts and few retries so that no request hangs
-on a dead storage account; the refresh path keeps the SDK's patient retries.
+Two profiles. The serving path (HTTP routes, the holder's loads, the CLI's probe) fails fast: an
+explicit retry policy of one retry after one second, short connect and read timeouts, and longer
+read timeouts only for model ranges (:data:`RANGE_READ_TIMEOUT`), so that a request facing a dead
+or silent account answers within seconds. The refresh path keeps patient retries: it runs in a
+queue worker where minutes of waiting are cheaper than a failed 1.3 GB copy.
+
+The storage SDK ignores azure-core's ``retry_backoff_factor``: its own ``ExponentialRetry``
+defaults wait 15 s then 18 s, hence the explicit ``retry_policy`` of each profile.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobServiceClient, ContainerClient
+from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry, LinearRetry
 
-from .errors import NotFoundError, QAError, StorageUnavailableError
+from .errors import NotFoundError, QAError, SettingsError, StorageUnavailableError
 from .settings import StorageConnection
 
 # The SDK logs every request and response header at INFO; that is noise and may carry SAS tokens.
@@ -30,8 +36,53 @@ logging.getLogger("azure.identity").setLevel(logging.WARNING)
 
 log = logging.getLogger(__name__)
 
-SERVING_OPTIONS: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 20, "retry_total": 2, "retry_backoff_factor": 0.5}
-REFRESH_OPTIONS: dict[str, Any] = {"connection_timeout": 20, "read_timeout": 120, "retry_total": 6}
+# Serving: at worst 2 attempts x 3 s + 1 s of backoff for a small read against a silent endpoint.
+SERVING_CONNECT_TIMEOUT = 3
+SERVING_READ_TIMEOUT = 3
+SERVING_RETRIES = 1
+SERVING_BACKOFF = 1
+# An 8 MB range on a slow link needs longer than a small JSON read; passed per operation.
+RANGE_READ_TIMEOUT = 30
+REFRESH_OPTIONS: dict[str, Any] = {"connection_timeout": 20, "read_timeout": 120}
+
+
+def serving_budget_seconds() -> int:
+    """Worst case of one small serving-profile operation against a silent endpoint."""
+    attempts = SERVING_RETRIES + 1
+    return attempts * max(SERVING_CONNECT_TIMEOUT, SERVING_READ_TIMEOUT) + SERVING_RETRIES * SERVING_BACKOFF
+
+
+def _options(serving: bool) -> dict[str, Any]:
+    if serving:
+        return {
+            "connection_timeout": SERVING_CONNECT_TIMEOUT,
+            "read_timeout": SERVING_READ_TIMEOUT,
+            # linear: ExponentialRetry adds increment_base**count to its initial backoff (1 + 2 = 3 s)
+            "retry_policy": LinearRetry(backoff=SERVING_BACKOFF, retry_total=SERVING_RETRIES, random_jitter_range=0),
+        }
+    return {**REFRESH_OPTIONS, "retry_policy": ExponentialRetry(initial_backoff=2, increment_base=3, retry_total=6)}
+
+
+def endpoint(conn: StorageConnection) -> str:
+    """Where the account is, for messages: ``host:port`` of a local endpoint, else the account URL."""
+    from urllib.parse import urlparse
+
+    url = conn.blob_service_uri or blob_service_client(conn, serving=True).url
+    parsed = urlparse(url)
+    if is_local(conn):
+        return f"{parsed.hostname}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
+    return f"{parsed.scheme}://{parsed.hostname}"
+
+
+def is_local(conn: StorageConnection) -> bool:
+    """Whether the account is on this machine (Azurite)."""
+    from urllib.parse import urlparse
+
+    url = conn.blob_service_uri or blob_service_client(conn, serving=True).url
+    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+AZURITE_HINT = "Is Azurite running? Start it in another terminal with: npm run azurite (after npm ci), or ./scripts/test starts one"
 
 
 def _credential(conn: StorageConnection) -> Any:
@@ -47,9 +98,15 @@ def blob_service_client(conn: StorageConnection, *, serving: bool = False) -> Bl
         conn: where the account is and how to authenticate.
         serving: use the short-timeout profile of the request path.
     """
-    options = SERVING_OPTIONS if serving else REFRESH_OPTIONS
+    options = _options(serving)
     if conn.connection_string:
-        return BlobServiceClient.from_connection_string(conn.connection_string, **options)
+        try:
+            return BlobServiceClient.from_connection_string(conn.connection_string, **options)
+        except ValueError as err:
+            raise SettingsError(
+                f"{conn.setting} is not a storage connection string (like DefaultEndpointsProtocol=https;AccountName=...;"
+                "AccountKey=...; or UseDevelopmentStorage=true for Azurite)"
+            ) from err
     assert conn.blob_service_uri is not None
     return BlobServiceClient(conn.blob_service_uri, credential=_credential(conn), **options)
 
@@ -58,14 +115,20 @@ def queue_client(conn: StorageConnection, queue_name: str) -> Any:
     """A :class:`~azure.storage.queue.QueueClient` whose messages are base64, as the Functions
     queue trigger expects."""
     from azure.storage.queue import BinaryBase64DecodePolicy, BinaryBase64EncodePolicy, QueueClient
+    from azure.storage.queue import LinearRetry as QueueRetry
 
     options: dict[str, Any] = {
         "message_encode_policy": BinaryBase64EncodePolicy(),
         "message_decode_policy": BinaryBase64DecodePolicy(),
-        **SERVING_OPTIONS,
+        "connection_timeout": SERVING_CONNECT_TIMEOUT,
+        "read_timeout": SERVING_READ_TIMEOUT,
+        "retry_policy": QueueRetry(backoff=SERVING_BACKOFF, retry_total=SERVING_RETRIES, random_jitter_range=0),
     }
     if conn.connection_string:
-        return QueueClient.from_connection_string(conn.connection_string, queue_name, **options)
+        try:
+            return QueueClient.from_connection_string(conn.connection_string, queue_name, **options)
+        except ValueError as err:
+            raise SettingsError(f"{conn.setting} is not a storage connection string") from err
     if not conn.queue_service_uri:
         raise StorageUnavailableError(f"Set {conn.setting}__queueServiceUri to reach the refresh queue with an identity")
     return QueueClient(conn.queue_service_uri, queue_name, credential=_credential(conn), **options)
@@ -101,3 +164,27 @@ def storage_errors(action: str) -> Iterator[None]:
     except AzureError as err:
         log.warning("Storage failure while %s: %s", action, type(err).__name__)
         raise StorageUnavailableError(f"Storage failed while {action}") from err
+
+
+def probe(conn: StorageConnection, container: str) -> bool:
+    """A quick reachability check (serving profile): whether ``container`` exists.
+
+    Raises:
+        StorageUnavailableError: the account cannot be reached or refuses us; the message names
+            the endpoint and, for a local one, how to start Azurite.
+    """
+    client = container_client(conn, container, serving=True)
+    try:
+        with storage_errors(f"checking the container {container!r}"):
+            return bool(client.exists())
+    except StorageUnavailableError as err:
+        raise with_endpoint(err, conn) from err.__cause__
+
+
+def with_endpoint(err: StorageUnavailableError, conn: StorageConnection) -> StorageUnavailableError:
+    """``err`` with the endpoint (and, for a local one, the Azurite hint) in its message."""
+    where = endpoint(conn)
+    if where in err.message:
+        return err
+    hint = f" {AZURITE_HINT}." if is_local(conn) else ""
+    return StorageUnavailableError(f"{err.message} (storage at {where}, from {conn.setting}).{hint}")

@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, Protocol
 
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceModifiedError
 from azure.storage.blob import BlobBlock, BlobClient
 
-from .errors import IntegrityError
-from .storage import storage_errors
+from .errors import IntegrityError, StorageUnavailableError
+from .storage import RANGE_READ_TIMEOUT, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,10 @@ def _stage(blob: BlobClient, block_id: str, block: bytes, progress: Progress) ->
     progress(len(block))
 
 
+class BlobChangedError(IntegrityError):
+    """The blob was rewritten (its ETag changed) while its ranges were read: start the file over."""
+
+
 class Sink(Protocol):
     """Where downloaded bytes go: ``take`` is called in order, once per range."""
 
@@ -173,8 +179,11 @@ def download_ranges(
 
     Either ``into`` (a writable buffer of exactly ``size`` bytes: ranges land in place, no
     extra copy) or ``sink`` (called with each range in order, for example a file's ``write``).
+    Every range is read with If-Match on the ETag seen first, so a concurrent rewrite (a repair)
+    can never produce a file mixed from two writes.
 
     Raises:
+        BlobChangedError: the blob changed during the read; the caller may start over.
         IntegrityError: a size or sha256 mismatch; the message names the file.
     """
     if (into is None) == (sink is None):
@@ -182,7 +191,8 @@ def download_ranges(
     if into is not None and len(into) != size:
         raise ValueError("buffer size differs from the file size")
     with storage_errors(f"reading the properties of {name}"):
-        actual_size = blob.get_blob_properties().size
+        properties = blob.get_blob_properties(read_timeout=RANGE_READ_TIMEOUT)
+    actual_size, etag = properties.size, properties.etag
     if actual_size != size:
         raise IntegrityError(f"{name} is {actual_size} bytes in storage, the manifest says {size}")
     digest = hashlib.sha256()
@@ -192,8 +202,20 @@ def download_ranges(
     def fetch(offset: int, length: int) -> memoryview:
         target = into[offset : offset + length] if into is not None else memoryview(bytearray(length))
         writer = _ViewWriter(target)
-        with storage_errors(f"downloading {name}"):
-            blob.download_blob(offset=offset, length=length, max_concurrency=1).readinto(writer)  # type: ignore[arg-type]
+        try:
+            with storage_errors(f"downloading {name}"):
+                blob.download_blob(
+                    offset=offset,
+                    length=length,
+                    max_concurrency=1,
+                    etag=etag,
+                    match_condition=MatchConditions.IfNotModified,
+                    read_timeout=RANGE_READ_TIMEOUT,
+                ).readinto(writer)  # type: ignore[arg-type]
+        except StorageUnavailableError as err:
+            if isinstance(err.__cause__, ResourceModifiedError):  # 412: the ETag no longer matches
+                raise BlobChangedError(f"{name} was rewritten while it was read") from err
+            raise
         if writer.written != length:
             raise IntegrityError(f"{name}: storage returned {writer.written} bytes for a {length}-byte range")
         return target

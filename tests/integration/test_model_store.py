@@ -237,7 +237,7 @@ def test_rollback_pins_and_scheduled_refresh_respects_the_pin(store: ModelStore,
 
     v3_dir = variant(tiny_bert_dir, tmp_path / "v3", "v3")
     scheduled = publish(store, v3_dir, explicit=False)
-    assert scheduled.outcome == "pinned" and scheduled.bytes_moved == 0
+    assert scheduled.outcome == "skipped" and scheduled.bytes_moved == 0
     current = store.read_pointer()
     assert current is not None and current.revision == v1 and current.pinned
 

@@ -134,7 +134,7 @@ def test_a_tag_or_commit_resolves_and_moves_a_pinned_pointer(
     second = hub.hub.publish(REPO, build_bert(tmp_path / "v2", seed=6))
     run_refresh(settings, RefreshRequest())
     store.rollback()  # pinned at first
-    assert run_refresh(settings, RefreshRequest()).outcome == "pinned"
+    assert run_refresh(settings, RefreshRequest()).outcome == "skipped"
     pointer = store.read_pointer()
     assert pointer is not None and pointer.revision == first and pointer.pinned
     result = run_refresh(settings, RefreshRequest(revision=second, explicit=True))

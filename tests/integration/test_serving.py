@@ -200,7 +200,7 @@ def test_no_model_yet_is_503_saying_to_refresh(env: dict[str, str], store: Model
     assert status == 503 and "refresh" in body["error"]["message"]
     assert int(headers["Retry-After"]) >= 1
     status, body, _ = call("health")
-    assert status == 503 and body == {"state": "empty"}
+    assert status == 503 and body == {"state": "empty", "degraded": False}
 
 
 def test_health_never_loads_unless_warm(
@@ -209,7 +209,7 @@ def test_health_never_loads_unless_warm(
     revision = publish(store, tiny_bert_dir)
     holder = install(env)
     status, body, _ = call("health")
-    assert (status, body) == (503, {"state": "empty"})
+    assert (status, body) == (503, {"state": "empty", "degraded": False})
     assert holder.loads == 0
     status, _, _ = call("health", params={"warm": "1"})
     assert holder.loads == 1
@@ -295,7 +295,7 @@ def test_corrupted_blob_cold_instance_answers_503(
     assert status == 503 and "Retry-After" in headers
     assert "safetensors" not in body["error"]["message"]  # details stay in logs and /api/model
     status, body, _ = call("health")
-    assert (status, body) == (503, {"state": "error"})
+    assert (status, body) == (503, {"state": "error", "degraded": False})
     _, body, _ = call("model")
     assert body["instance"]["last_error"]["code"] == "integrity_error"
     assert "model.safetensors" in body["instance"]["last_error"]["message"]
@@ -318,11 +318,11 @@ def test_corrupted_new_version_keeps_a_warm_overlap_instance_on_the_old_one(
 
     with store.lock():
         store.publish(Manifest(model_id=store.model_id, revision=snapshot.revision, source="local", files=snapshot.files), pinned=False)
-    wait_for(lambda: holder.describe()["last_error"] is not None, what="the failed reload")
+    wait_for(lambda: holder.describe()["damaged"] is not None, what="the failed reload")
     status, body, _ = call("ask", body={"question": "Who?", "context": CONTEXT})
     assert status == 200 and body["revision"] == first
     assert call("health")[1]["revision"] == first
-    assert call("model")[1]["instance"]["last_error"]["code"] == "integrity_error"
+    assert call("model")[1]["instance"]["damaged"]["code"] == "integrity_error"
 
 
 def test_storage_down_gives_503_and_recovers(
