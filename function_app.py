@@ -20,7 +20,11 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 engine = ModelHolder()
 
 
-def _http(response: api.ApiResponse) -> func.HttpResponse:
+def _http(response: api.ApiResponse | api.FileResponse) -> func.HttpResponse:
+    if isinstance(response, api.FileResponse):
+        return func.HttpResponse(
+            response.body, status_code=response.status, headers=response.headers, mimetype=response.media_type, charset="utf-8"
+        )
     return func.HttpResponse(
         json.dumps(response.body, ensure_ascii=False),
         status_code=response.status,
@@ -66,6 +70,27 @@ def model_refresh(req: func.HttpRequest) -> func.HttpResponse:
 def model_rollback(req: func.HttpRequest) -> func.HttpResponse:
     """Point ``current.json`` back at ``{"to"?: revision}`` (default: the previous version) and pin it."""
     return _http(api.guarded(lambda: api.rollback(engine, req.get_body())))
+
+
+@app.function_name("openapi")
+@app.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def openapi(req: func.HttpRequest) -> func.HttpResponse:
+    """The OpenAPI 3.1 document of these routes; ``?version=3.0`` gives 3.0.3 for API Management."""
+    return _http(api.guarded(lambda: api.openapi_document(engine, version=req.params.get("version", ""), url=req.url)))
+
+
+@app.function_name("playground")
+@app.route(route="playground", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def playground(req: func.HttpRequest) -> func.HttpResponse:
+    """A page to try ``/api/ask`` in a browser (it asks for a function key; the page itself is public)."""
+    return _http(api.guarded(api.playground_page))
+
+
+@app.function_name("playground_file")
+@app.route(route="playground/{file}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def playground_file(req: func.HttpRequest) -> func.HttpResponse:
+    """The playground's allow-listed style sheet, script and icon."""
+    return _http(api.guarded(lambda: api.playground_file(req.route_params.get("file", ""))))
 
 
 @app.function_name("refresh_schedule")

@@ -12,13 +12,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from .errors import InputError, QAError, TooLargeError
+from .errors import InputError, NotFoundError, QAError, TooLargeError
 from .model_holder import ModelHolder
 from .question_answering import Answer, Limits, QAItem
+from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+OPERATOR_BODY_LIMIT = 4096  # bytes of a refresh or rollback body
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,20 @@ def error_response(err: BaseException) -> ApiResponse:
     return ApiResponse(500, {"error": {"code": "internal_error", "message": "Internal error; see the logs"}})
 
 
-def guarded(handler: Callable[[], ApiResponse]) -> ApiResponse:
+@dataclass(frozen=True)
+class FileResponse:
+    """A response that is a file of the app (the playground), not JSON."""
+
+    status: int
+    body: bytes
+    media_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+_Response = TypeVar("_Response", ApiResponse, FileResponse, ApiResponse | FileResponse)
+
+
+def guarded(handler: Callable[[], _Response]) -> _Response | ApiResponse:
     """Run a route's work, turning any exception into its error response."""
     try:
         return handler()
@@ -93,10 +110,14 @@ def _shape(answers: list[Answer], top_k: int) -> dict[str, Any]:
     return {"answers": [a.to_dict() for a in answers]}
 
 
-def max_body_bytes(holder: ModelHolder) -> int:
-    settings = holder.settings
+def ask_body_limit(settings: Settings) -> int:
+    """The most bytes an ``/api/ask`` body may have under ``settings`` (the OpenAPI document says it too)."""
     # a JSON string may spend 6 bytes on one character (\\uXXXX)
     return settings.max_items * (settings.max_context_chars + settings.max_question_chars) * 6 + 64 * 1024
+
+
+def max_body_bytes(holder: ModelHolder) -> int:
+    return ask_body_limit(holder.settings)
 
 
 def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
@@ -106,12 +127,16 @@ def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
     deadline = started + settings.deadline_seconds
     items, batch = parse_ask(parse_json_object(body, max_bytes=max_body_bytes(holder)), limits=Limits.from_settings(settings))
     with holder.model(deadline) as loaded, holder.inference_slot(deadline):
+        inference_started = time.perf_counter()
         results = loaded.engine.answer(items, deadline=deadline)
+        inference_ms = (time.perf_counter() - inference_started) * 1000
     model = {"model_id": loaded.model_id, "revision": loaded.revision}
     log.info("Answered %d item(s) with %s in %.3fs", len(items), loaded.revision, time.monotonic() - started)
+    # the model's time alone, so a caller can tell it from queueing, loading and the network
+    timing = {"Server-Timing": f"model;dur={inference_ms:.1f}"}
     if batch:
-        return ApiResponse(200, {"results": [_shape(r, item.top_k) for r, item in zip(results, items, strict=True)], **model})
-    return ApiResponse(200, {**_shape(results[0], items[0].top_k), **model})
+        return ApiResponse(200, {"results": [_shape(r, item.top_k) for r, item in zip(results, items, strict=True)], **model}, timing)
+    return ApiResponse(200, {**_shape(results[0], items[0].top_k), **model}, timing)
 
 
 def health(holder: ModelHolder, *, warm: bool) -> ApiResponse:
@@ -166,4 +191,49 @@ def rollback(holder: ModelHolder, body: bytes) -> ApiResponse:
 
 def _small_json_body(body: bytes) -> dict[str, Any]:
     """The optional JSON object of an operator route (empty body: ``{}``)."""
-    return parse_json_object(body, max_bytes=4096) if body.strip() else {}
+    return parse_json_object(body, max_bytes=OPERATOR_BODY_LIMIT) if body.strip() else {}
+
+
+def openapi_document(holder: ModelHolder, *, version: str, url: str) -> ApiResponse:
+    """``GET /api/openapi.json``: the OpenAPI document with the limits of this app's settings;
+    ``version`` ``3.0`` gives OpenAPI 3.0.3 (API Management), ``url`` the request's, for ``servers``."""
+    from urllib.parse import urlsplit
+
+    from .openapi import document
+
+    parts = urlsplit(url)
+    server = f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else None
+    return ApiResponse(200, document(holder.settings, version=version or "3.1", server=server), {"Cache-Control": "no-cache"})
+
+
+PLAYGROUND_DIR = Path(__file__).resolve().parents[1] / "playground"
+
+
+def _playground_headers() -> dict[str, str]:
+    from .openapi import CONTENT_SECURITY_POLICY
+
+    return {
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
+
+
+def playground_page() -> FileResponse:
+    """``GET /api/playground``: the page, from ``playground/index.html``."""
+    return FileResponse(200, (PLAYGROUND_DIR / "index.html").read_bytes(), "text/html", _playground_headers())
+
+
+def playground_file(name: str) -> FileResponse:
+    """``GET /api/playground/{file}``: one allow-listed file of ``playground/``; any other name is 404.
+
+    Raises:
+        NotFoundError: ``name`` is not on the allow-list.
+    """
+    from .openapi import PLAYGROUND_FILES
+
+    media_type = PLAYGROUND_FILES.get(name)
+    if media_type is None:  # the allow-list, not the file system, decides: no path ever comes from the caller
+        raise NotFoundError("no such playground file")
+    return FileResponse(200, (PLAYGROUND_DIR / name).read_bytes(), media_type, _playground_headers())

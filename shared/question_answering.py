@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# bounds of the per-item options (the OpenAPI document reads them too)
+MIN_TOP_K = 1
 MAX_TOP_K = 20
+MIN_ANSWER_LEN = 1
 MAX_ANSWER_LEN = 512
 _MASKED = -10000.0
 
@@ -106,9 +109,9 @@ class QAItem:
             if not value.strip():
                 raise InputError(f"'{where}{name}' must not be empty", field=where + name)
             fields[name] = value
-        top_k = _int_option(data, "top_k", 1, 1, MAX_TOP_K, where)
-        max_answer_len = _int_option(data, "max_answer_len", 15, 1, MAX_ANSWER_LEN, where)
-        impossible = data.get("handle_impossible_answer", False)
+        top_k = _int_option(data, "top_k", cls.top_k, MIN_TOP_K, MAX_TOP_K, where)
+        max_answer_len = _int_option(data, "max_answer_len", cls.max_answer_len, MIN_ANSWER_LEN, MAX_ANSWER_LEN, where)
+        impossible = data.get("handle_impossible_answer", cls.handle_impossible_answer)
         if not isinstance(impossible, bool):
             raise InputError(f"'{where}handle_impossible_answer' must be true or false", field=where + "handle_impossible_answer")
         return cls(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -173,7 +174,149 @@ def private_azurite(azurite: str, tmp_path: Path) -> Iterator[PrivateAzurite]:
 @functools.cache
 def registered_functions() -> dict[str, Any]:
     """The app's functions by name. ``app.get_functions()`` may run once per process only
-    (azure-functions 1.26 rejects the second call as duplicate names), so it is cached here."""
+    (azure-functions 1.26 rejects the second call as duplicate names), so it is cached here.
+
+    HTTP functions come back wrapped: every response they give in a test is checked against the
+    OpenAPI document (see :class:`ValidatedFunction`)."""
     import function_app
 
-    return {f.get_function_name(): f for f in function_app.app.get_functions()}
+    functions = {}
+    for function in function_app.app.get_functions():
+        trigger = json.loads(function.get_raw_bindings()[0])
+        functions[function.get_function_name()] = ValidatedFunction(function, trigger) if trigger["type"] == "httpTrigger" else function
+    return functions
+
+
+# --- every HTTP response of every test is checked against the OpenAPI document ----------------
+
+# TEMPORARY (delete entries as the work of issues 8 and 9 lands, then the whole list): fields that
+# round-contracts.md puts in a response but the code does not produce yet, or that the code still
+# produces beyond the contract. Only these are tolerated (missing, or present though undocumented);
+# every other field must match the document exactly. Keys name a schema of the document:
+# "Schema.property.property" for nested objects, "[]" for the items of an array.
+PENDING_FIELDS: dict[str, set[str]] = {
+    "AskAnswer": {"backend", "variant"},
+    "AskAnswers": {"backend", "variant"},
+    "AskResults": {"backend", "variant"},
+    "Health": {"degraded"},
+    "ModelStatus.versions[]": {"isolated_at", "artifacts"},
+    "ModelStatus.last_refresh": {"error_code", "artifacts"},
+    "ModelStatus.instance": {"degraded", "damaged", "fallbacks", "backend", "quantize"},
+    "ModelStatus.instance.loaded": {"backend", "variant", "quantize"},  # quantize: produced today, not in the contract
+    "RefreshQueued": {"repair", "build_artifacts"},
+}
+
+SCHEMA_MISMATCHES: list[str] = []  # filled by ValidatedFunction, emptied and checked around each test
+
+
+def _pending_tolerant(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with the :data:`PENDING_FIELDS` made optional (and allowed when present)."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for where, names in PENDING_FIELDS.items():
+        schema_name, *steps = where.split(".")
+        schema = doc["components"]["schemas"][schema_name]
+        for step in steps:
+            array = step.endswith("[]")
+            schema = schema["properties"][step.removesuffix("[]")]
+            if array:
+                schema = schema["items"]
+        schema["required"] = [name for name in schema["required"] if name not in names]
+        for name in names:
+            schema["properties"].setdefault(name, {})
+    return doc
+
+
+@functools.lru_cache(maxsize=16)
+def _validation_document(settings: Any) -> dict[str, Any]:
+    from shared.openapi import document
+
+    return _pending_tolerant(document(settings))
+
+
+def response_mismatches(doc: dict[str, Any], route: str, method: str, response: Any) -> list[str]:
+    """What in ``response`` (a ``func.HttpResponse`` of ``method /api/route``) the document does not allow."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    where = f"{method} /api/{route} -> {response.status_code}"
+    operation = doc["paths"].get(f"/api/{route}", {}).get(method.lower())
+    if operation is None:
+        return [f"{where}: the route is not in the OpenAPI document"]
+    documented = operation["responses"].get(str(response.status_code))
+    if documented is None:
+        return [f"{where}: status not documented (documented: {', '.join(operation['responses'])})"]
+    headers = {name.lower(): value for name, value in response.headers.items()}
+    body = response.get_body() or b""
+    problems = []
+    content = documented.get("content")
+    if not content:
+        return [f"{where}: documented without a body, got {len(body)} bytes"] if body else []
+    media = (headers.get("content-type") or response.mimetype).split(";")[0].strip().lower()
+    if media not in content:
+        return [f"{where}: media type {media} not documented ({', '.join(content)})"]
+    registry = Registry().with_resource("urn:openapi", Resource.from_contents(doc, default_specification=DRAFT202012))
+    for name, header in documented.get("headers", {}).items():
+        value = headers.get(name.lower())
+        if value is None:
+            if header.get("required"):
+                problems.append(f"{where}: required header {name} is missing")
+            continue
+        for error in Draft202012Validator(header["schema"], registry=registry).iter_errors(value):
+            problems.append(f"{where}: header {name}: {error.message}")
+    if media == "application/json":
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return [*problems, f"{where}: the body is not JSON"]
+        schema = {"$ref": "urn:openapi" + content[media]["schema"]["$ref"]}
+        for error in Draft202012Validator(schema, registry=registry).iter_errors(data):
+            path = "/".join(str(p) for p in error.absolute_path) or "(body)"
+            problems.append(f"{where}: {path}: {error.message}")
+    return problems
+
+
+class ValidatedFunction:
+    """A registered HTTP function whose user function checks each response against the document
+    built from the serving holder's settings (``function_app.engine``), as ``/api/openapi.json``
+    serves it. Mismatches fail the test (see ``pytest_runtest_call``)."""
+
+    def __init__(self, function: Any, trigger: dict[str, Any]) -> None:
+        self._function = function
+        self._route = trigger["route"]
+        self._user = function.get_user_function()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._function, name)
+
+    def get_user_function(self) -> Any:
+        def checked(req: Any) -> Any:
+            response = self._user(req)
+            SCHEMA_MISMATCHES.extend(response_mismatches(_validation_document(_serving_settings()), self._route, req.method, response))
+            return response
+
+        return checked
+
+
+def _serving_settings() -> Any:
+    import function_app
+    from shared.settings import Settings
+
+    try:
+        return function_app.engine.settings
+    except Exception:  # noqa: BLE001 - bad settings give a 500 the document also describes
+        return Settings()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail a test whose HTTP responses do not match the OpenAPI document."""
+    SCHEMA_MISMATCHES.clear()
+    result = yield
+    found = list(SCHEMA_MISMATCHES)
+    SCHEMA_MISMATCHES.clear()
+    if found:
+        raise AssertionError("responses do not match the OpenAPI document:\n" + "\n".join(dict.fromkeys(found)))
+    return result

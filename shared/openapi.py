@@ -1,0 +1,718 @@
+"""The app's OpenAPI documents, built from the code that validates requests and shapes responses.
+
+:func:`document` gives OpenAPI 3.1 (JSON Schema 2020-12) with the limits of the running settings,
+the error codes of ``shared/errors.py`` and the function-key scheme; ``version="3.0"`` converts it
+to OpenAPI 3.0.3 for API Management, which imports 3.1 only with restrictions: no security schemes,
+no component examples, no inline operation schemas (every body here is a ``$ref``).
+
+Response schemas use ``required`` and ``additionalProperties: false``; the tests validate every
+response the integration tests produce against them, so the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors, refresh
+from .api import OPERATOR_BODY_LIMIT, ask_body_limit
+from .question_answering import MAX_ANSWER_LEN, MAX_TOP_K, MIN_ANSWER_LEN, MIN_TOP_K, QAItem
+from .settings import Settings
+
+VERSIONS = ("3.1", "3.0")
+BACKENDS = ("onnx", "torch")
+VARIANTS = ("fp32", "int8")
+HEALTH_STATES = ("ready", "loading", "empty", "error")
+REFRESH_OUTCOMES = ("published", "up_to_date", "repaired", "failed")
+
+# The playground's files: the only names GET /api/playground/{file} serves, and their media types.
+PLAYGROUND_FILES = {
+    "playground.css": "text/css",
+    "playground.js": "text/javascript",
+    "icon.svg": "image/svg+xml",
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One HTTP function as the document shows it; ``name`` is its function name in ``function_app``."""
+
+    name: str
+    method: str
+    route: str
+    auth: str  # "function" or "anonymous", as the trigger's auth level
+    summary: str
+    description: str
+    responses: tuple[int, ...]
+    request: str | None = None  # component schema of the JSON body
+    parameters: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "ask",
+        "POST",
+        "ask",
+        "function",
+        "Answer questions from a context",
+        'One `{question, context}` item, or `{"items": [...]}`. `start`/`end` are offsets in Unicode '
+        "code points into the item's context (`end` exclusive). The `Server-Timing` header gives the model's time.",
+        (200, 400, 401, 413, 500, 503),
+        request="AskRequest",
+    ),
+    Operation(
+        "health",
+        "GET",
+        "health",
+        "anonymous",
+        "Whether this instance serves a model",
+        "200 when a model is loaded (also when `degraded`), 503 with `Retry-After` otherwise. "
+        "Reasons are in the logs and in `GET /api/model`, never here.",
+        (200, 500, 503),
+        parameters=(
+            {
+                "name": "warm",
+                "in": "query",
+                "required": False,
+                "description": "`1`, `true` or `yes`: start loading the model if none is loaded (answers at once)",
+                "schema": {"type": "string", "enum": ["1", "true", "yes", "0", "false", "no"]},
+            },
+        ),
+    ),
+    Operation(
+        "model",
+        "GET",
+        "model",
+        "function",
+        "Stored versions, pointer, last refresh and what this instance loaded",
+        "For operators. 503 `storage_unavailable` when storage cannot be reached.",
+        (200, 401, 500, 503),
+    ),
+    Operation(
+        "model_refresh",
+        "POST",
+        "model/refresh",
+        "function",
+        "Queue a refresh of the model",
+        "Answers 202 at once; the queue-triggered worker does the copy. `GET /api/model` shows `last_refresh` "
+        "when it has run. Naming a `revision` (or `unpin`) moves a pinned pointer. Give operators this function's own key.",
+        (202, 400, 401, 413, 500, 503),
+        request="RefreshRequest",
+    ),
+    Operation(
+        "model_rollback",
+        "POST",
+        "model/rollback",
+        "function",
+        "Point the model back at an earlier version and pin it",
+        "`to` defaults to the previous version. 404 `not_found` when there is nothing to roll back to.",
+        (200, 400, 401, 404, 409, 413, 500, 503),
+        request="RollbackRequest",
+    ),
+    Operation(
+        "openapi",
+        "GET",
+        "openapi.json",
+        "anonymous",
+        "This document",
+        "OpenAPI 3.1 by default; `?version=3.0` gives OpenAPI 3.0.3 for API Management.",
+        (200, 400, 500),
+        parameters=(
+            {
+                "name": "version",
+                "in": "query",
+                "required": False,
+                "description": "`3.1` (default) or `3.0` (OpenAPI 3.0.3)",
+                "schema": {"type": "string", "enum": list(VERSIONS), "default": "3.1"},
+            },
+        ),
+    ),
+    Operation(
+        "playground",
+        "GET",
+        "playground",
+        "anonymous",
+        "A page to try the API in a browser",
+        "Served from the app's own files, with a strict Content-Security-Policy; it asks for a function key "
+        "and keeps it in the tab's sessionStorage only.",
+        (200, 500),
+    ),
+    Operation(
+        "playground_file",
+        "GET",
+        "playground/{file}",
+        "anonymous",
+        "The playground's style sheet, script and icon",
+        "Only the names listed in the `file` parameter are served; any other is 404 `not_found`.",
+        (200, 404, 500),
+        parameters=(
+            {
+                "name": "file",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": list(PLAYGROUND_FILES)},
+            },
+        ),
+    ),
+)
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def http_route(operation: Operation) -> str:
+    """The path of an operation as callers see it (the host's route prefix is ``api``)."""
+    return "/api/" + operation.route
+
+
+def error_codes() -> dict[int, list[str]]:
+    """Every error code of ``shared/errors.py`` by HTTP status (``internal_error`` included)."""
+    found: dict[int, set[str]] = {}
+    pending: list[type[errors.QAError]] = [errors.QAError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.status, set()).add(cls.code)
+        pending.extend(cls.__subclasses__())
+    return {status: sorted(codes) for status, codes in sorted(found.items())}
+
+
+def _obj(properties: Mapping[str, Any], *, optional: tuple[str, ...] = (), description: str | None = None) -> dict[str, Any]:
+    """A closed object schema: every property required unless named in ``optional``."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": dict(properties),
+        "required": [name for name in properties if name not in optional],
+        "additionalProperties": False,
+    }
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    out = dict(schema)
+    out["type"] = [schema["type"], "null"]
+    if "enum" in out:
+        out["enum"] = [*out["enum"], None]
+    return out
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+STRING: dict[str, Any] = {"type": "string"}
+TIME: dict[str, Any] = {"type": "string", "description": "ISO 8601 time, UTC"}
+COUNT: dict[str, Any] = {"type": "integer", "minimum": 0}
+SECONDS: dict[str, Any] = {"type": "number", "minimum": 0}
+
+
+def _schemas(settings: Settings) -> dict[str, Any]:
+    codes = error_codes()
+    answer = {
+        "answer": {"type": "string", "description": "the span of the context"},
+        "score": {"type": "number", "minimum": 0, "description": "probability of the span"},
+        "start": {**COUNT, "description": "offset of the first character, in Unicode code points (not UTF-16 units)"},
+        "end": {**COUNT, "description": "offset after the last character, in Unicode code points"},
+    }
+    served: dict[str, Any] = {
+        "model_id": {"type": "string"},
+        "revision": {"type": "string", "description": "the stored version that answered"},
+        "backend": {"type": "string", "enum": list(BACKENDS)},
+        "variant": {"type": "string", "enum": list(VARIANTS)},
+    }
+    answers = {"type": "array", "items": _ref("Answer"), "maxItems": MAX_TOP_K, "description": "best first"}
+    item = {
+        "type": "object",
+        "required": ["question", "context"],
+        "properties": {
+            "question": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": settings.max_question_chars,
+                "pattern": "\\S",
+                "description": f"at most {settings.max_question_chars} characters and {settings.max_question_tokens} tokens",
+            },
+            "context": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": settings.max_context_chars,
+                "pattern": "\\S",
+                "description": f"at most {settings.max_context_chars} characters",
+            },
+            "top_k": {"type": "integer", "minimum": MIN_TOP_K, "maximum": MAX_TOP_K, "default": QAItem.top_k},
+            "max_answer_len": {
+                "type": "integer",
+                "minimum": MIN_ANSWER_LEN,
+                "maximum": MAX_ANSWER_LEN,
+                "default": QAItem.max_answer_len,
+                "description": "longest answer, in tokens",
+            },
+            "handle_impossible_answer": {"type": "boolean", "default": QAItem.handle_impossible_answer},
+        },
+    }
+    windows = (
+        f"A request may need at most {settings.max_windows} windows of the model's sequence length "
+        f"over all its items, and its body at most {ask_body_limit(settings)} bytes; over a budget is 413 `too_large`."
+    )
+    schemas: dict[str, Any] = {
+        "AskItem": item,
+        "AskBatch": {
+            "type": "object",
+            "required": ["items"],
+            "properties": {"items": {"type": "array", "minItems": 1, "maxItems": settings.max_items, "items": _ref("AskItem")}},
+        },
+        "AskRequest": {"anyOf": [_ref("AskItem"), _ref("AskBatch")], "description": windows},
+        "Answer": _obj(answer),
+        "AskAnswer": _obj({**answer, **served}, description="one item with top_k 1"),
+        "AskAnswers": _obj({"answers": answers, **served}, description="one item with top_k above 1"),
+        "AskResults": _obj(
+            {
+                "results": {
+                    "type": "array",
+                    "maxItems": settings.max_items,
+                    "description": "one per item, in order",
+                    "items": {"oneOf": [_ref("Answer"), _ref("Answers")]},
+                },
+                **served,
+            },
+            description="a batch (`items`)",
+        ),
+        "Answers": _obj({"answers": answers}),
+        "AskResponse": {"oneOf": [_ref("AskAnswer"), _ref("AskAnswers"), _ref("AskResults")]},
+        "Health": _obj(
+            {
+                "state": {"type": "string", "enum": list(HEALTH_STATES)},
+                "degraded": {"type": "boolean", "description": "serving, but not what was asked for (an earlier version, a fallback)"},
+                "model_id": STRING,
+                "revision": STRING,
+                "load_seconds": SECONDS,
+                "backend": served["backend"],
+                "variant": served["variant"],
+            },
+            optional=("model_id", "revision", "load_seconds", "backend", "variant"),
+        ),
+        "ModelStatus": _obj(
+            {
+                "model_id": STRING,
+                "container": STRING,
+                "pointer": _nullable(
+                    _obj(
+                        {
+                            "revision": STRING,
+                            "previous": {"type": "array", "items": STRING},
+                            "pinned": {"type": "boolean"},
+                            "updated_at": TIME,
+                        },
+                        description="null until a first version is isolated",
+                    )
+                ),
+                "versions": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "revision": STRING,
+                            "complete": {"type": "boolean"},
+                            "files": COUNT,
+                            "bytes": COUNT,
+                            "last_modified": TIME,
+                            "isolated_at": _nullable(TIME),
+                            "artifacts": {
+                                "type": "object",
+                                "description": "ONNX artifacts by variant",
+                                "additionalProperties": _obj({"size": COUNT, "sha256": STRING}),
+                            },
+                        }
+                    ),
+                },
+                "last_refresh": _nullable(
+                    _obj(
+                        {
+                            "outcome": {"type": "string", "enum": list(REFRESH_OUTCOMES)},
+                            "model_id": STRING,
+                            "revision": _nullable(STRING),
+                            "previous_revision": _nullable(STRING),
+                            "source": _nullable(STRING),
+                            "bytes_moved": COUNT,
+                            "files_copied": COUNT,
+                            "files_reused": COUNT,
+                            "deleted_versions": {"type": "array", "items": STRING},
+                            "started": TIME,
+                            "finished": _nullable(TIME),
+                            "seconds": SECONDS,
+                            "error": _nullable(STRING),
+                            "error_code": _nullable(STRING),
+                            "artifacts": {
+                                "type": "object",
+                                "description": 'by variant: "built", "skipped" or "unusable: <reason>"',
+                                "additionalProperties": STRING,
+                            },
+                            "last_skipped_at": TIME,
+                            "skipped_reason": {"type": "string", "enum": ["pinned"]},
+                        },
+                        optional=("last_skipped_at", "skipped_reason"),
+                        description="last-refresh.json: null before the first refresh",
+                    )
+                ),
+                "instance": _obj(
+                    {
+                        "state": {"type": "string", "enum": list(HEALTH_STATES)},
+                        "degraded": {"type": "boolean"},
+                        "loaded": _nullable(
+                            _obj(
+                                {
+                                    "model_id": STRING,
+                                    "revision": STRING,
+                                    "mode": {"type": "string", "enum": ["memory", "disk"]},
+                                    "bytes": COUNT,
+                                    "load_seconds": SECONDS,
+                                    "loaded_at": TIME,
+                                    "backend": served["backend"],
+                                    "variant": served["variant"],
+                                }
+                            )
+                        ),
+                        "loading": _nullable({"type": "string", "description": '"pending" or the revision being loaded'}),
+                        "last_error": _nullable(_obj({"code": STRING, "message": STRING, "at": TIME})),
+                        "damaged": _nullable(
+                            _obj(
+                                {"revision": STRING, "code": STRING, "message": STRING, "at": TIME, "next_check_at": TIME},
+                                description="the current version failed verification and is not served",
+                            )
+                        ),
+                        "fallbacks": {
+                            "type": "array",
+                            "description": "tried and refused before what is loaded",
+                            "items": _obj(
+                                {
+                                    "revision": STRING,
+                                    "backend": served["backend"],
+                                    "variant": served["variant"],
+                                    "code": STRING,
+                                    "message": STRING,
+                                }
+                            ),
+                        },
+                        "last_pointer_check": _nullable(TIME),
+                        "load_mode": _nullable({"type": "string", "enum": ["memory", "disk"]}),
+                        "reload": _nullable({"type": "string", "enum": ["overlap", "replace"]}),
+                        "poll_seconds": _nullable(SECONDS),
+                        "backend": _nullable(served["backend"]),
+                        "quantize": _nullable({"type": "string", "enum": ["none", "int8"]}),
+                    },
+                    description="this instance (another instance may have loaded something else)",
+                ),
+            }
+        ),
+        "RefreshRequest": {
+            "type": "object",
+            "description": f"`{{}}` or an empty body refreshes to MODEL_REVISION; at most {OPERATOR_BODY_LIMIT} bytes",
+            "properties": {
+                # the pattern refresh.check_hub_revision applies (ECMA-262 compatible)
+                "revision": {"type": "string", "pattern": refresh._REVISION_RE.pattern, "description": "branch, tag or commit"},
+                "unpin": {"type": "boolean", "default": False, "description": "move a pinned pointer"},
+                "repair": {"type": "boolean", "default": False, "description": "re-copy stored files whose bytes differ"},
+                "build_artifacts": {"type": "boolean", "default": False, "description": "build missing ONNX artifacts"},
+            },
+        },
+        "RefreshQueued": _obj(
+            {
+                "status": {"type": "string", "enum": ["queued"]},
+                "message_id": STRING,
+                "queue": STRING,
+                "revision": _nullable(STRING),
+                "moves_pinned_pointer": {"type": "boolean"},
+                "repair": {"type": "boolean"},
+                "build_artifacts": {"type": "boolean"},
+                "result": STRING,
+            }
+        ),
+        "RollbackRequest": {
+            "type": "object",
+            "description": f"`{{}}` or an empty body rolls back to the previous version; at most {OPERATOR_BODY_LIMIT} bytes",
+            "properties": {"to": {"type": "string", "description": "a stored revision"}},
+        },
+        "RollbackResult": _obj({"revision": STRING, "previous": {"type": "array", "items": STRING}, "pinned": {"type": "boolean"}}),
+        "OpenApiDocument": _obj(
+            {
+                "openapi": STRING,
+                "info": {"type": "object"},
+                "servers": {"type": "array"},
+                "paths": {"type": "object"},
+                "components": {"type": "object"},
+                "jsonSchemaDialect": STRING,
+            },
+            optional=("servers", "jsonSchemaDialect"),
+        ),
+        "Text": {"type": "string"},
+    }
+    for status, names in codes.items():
+        if status >= 400:
+            schemas[f"Error{status}"] = _obj(
+                {"error": _obj({"code": {"type": "string", "enum": names}, "message": {"type": "string"}})},
+                description=f"codes of status {status}: {', '.join(names)}",
+            )
+    return schemas
+
+
+EXAMPLE_CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game against Carolina."
+_SERVED_EXAMPLE = {"model_id": "org/model", "revision": "0" * 40, "backend": "onnx", "variant": "fp32"}
+
+REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
+    "AskRequest": {
+        "single": {"summary": "one question", "value": {"question": "Who won the game?", "context": EXAMPLE_CONTEXT}},
+        "top_k": {"summary": "three answers", "value": {"question": "Where was it played?", "context": EXAMPLE_CONTEXT, "top_k": 3}},
+        "batch": {
+            "summary": "several questions",
+            "value": {
+                "items": [
+                    {"question": "Who won?", "context": EXAMPLE_CONTEXT},
+                    {"question": "When?", "context": EXAMPLE_CONTEXT, "top_k": 2},
+                ]
+            },
+        },
+    },
+    "RefreshRequest": {
+        "latest": {"summary": "MODEL_REVISION again", "value": {}},
+        "named": {"summary": "a named revision", "value": {"revision": "main", "unpin": True}},
+    },
+    "RollbackRequest": {"previous": {"summary": "the previous version", "value": {}}},
+}
+
+RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "AskResponse": {
+        "single": {"value": {"answer": "Denver Broncos", "score": 0.93, "start": 55, "end": 69, **_SERVED_EXAMPLE}},
+        "top_k": {
+            "value": {
+                "answers": [
+                    {"answer": "San Francisco", "score": 0.81, "start": 36, "end": 49},
+                    {"answer": "2016", "score": 0.07, "start": 28, "end": 32},
+                ],
+                **_SERVED_EXAMPLE,
+            }
+        },
+    },
+    "Health": {
+        "ready": {"value": {"state": "ready", "degraded": False, "model_id": "org/model", "revision": "0" * 40, "load_seconds": 4.2}},
+        "empty": {"value": {"state": "empty", "degraded": False}},
+    },
+    "RefreshQueued": {
+        "queued": {
+            "value": {
+                "status": "queued",
+                "message_id": "6f1c0f7e-1c2b-4a6f-9a59-2f2b5d9a3c11",
+                "queue": "model-refresh",
+                "revision": None,
+                "moves_pinned_pointer": False,
+                "repair": False,
+                "build_artifacts": False,
+                "result": "GET /api/model shows last_refresh once the worker has run",
+            }
+        }
+    },
+    "RollbackResult": {"rolled_back": {"value": {"revision": "1" * 40, "previous": ["0" * 40], "pinned": True}}},
+    "Error503": {
+        "not_ready": {"value": {"error": {"code": "model_not_ready", "message": "No model is isolated yet: run a refresh"}}},
+    },
+}
+
+_DESCRIPTIONS = {
+    200: "OK",
+    202: "Queued",
+    400: "Bad input: not JSON, a missing or mistyped field, an option out of range; the message names the field",
+    401: "No or wrong function key. The Functions host answers with an EMPTY body (not JSON).",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Over a size budget (characters, tokens, items, windows, body bytes); the message names it",
+    500: "Unexpected; details are in the logs",
+    503: "Not ready, busy, out of time or storage unreachable: retry after `Retry-After` seconds",
+}
+
+_RETRY_AFTER = {"description": "seconds to wait before retrying", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+
+
+def _response(operation: Operation, status: int) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": _DESCRIPTIONS[status]}
+    if status == 401:
+        return response  # from the host, empty body: no content, no schema
+    name: str
+    media = "application/json"
+    headers: dict[str, Any] = {}
+    if status >= 400:
+        name = f"Error{status}"
+        if status == 503:
+            headers["Retry-After"] = _RETRY_AFTER
+    else:
+        name = {
+            "ask": "AskResponse",
+            "health": "Health",
+            "model": "ModelStatus",
+            "model_refresh": "RefreshQueued",
+            "model_rollback": "RollbackResult",
+            "openapi": "OpenApiDocument",
+            "playground": "Text",
+            "playground_file": "Text",
+        }[operation.name]
+    if operation.name == "health" and status == 503:
+        name = "Health"  # the state, not an error; 500 keeps the error shape
+        response["description"] = "No model loaded on this instance (state loading, empty or error); retry after `Retry-After`"
+    if operation.name == "ask" and status == 200:
+        headers["Server-Timing"] = {
+            "description": "`model;dur=<ms>`: the model's inference time in milliseconds",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^model;dur=[0-9]+(\\.[0-9]+)?$"},
+        }
+    if operation.name == "model_refresh" and status == 202:
+        headers["Location"] = {"description": "where the outcome shows", "required": True, "schema": {"type": "string"}}
+    if operation.name.startswith("playground") and status == 200:
+        headers["Content-Security-Policy"] = {"required": True, "schema": {"type": "string", "enum": [CONTENT_SECURITY_POLICY]}}
+    content: dict[str, Any]
+    if operation.name == "playground" and status == 200:
+        content = {"text/html": {"schema": _ref(name)}}
+    elif operation.name == "playground_file" and status == 200:
+        content = {media_type: {"schema": _ref(name)} for media_type in dict.fromkeys(PLAYGROUND_FILES.values())}
+    else:
+        content = {media: {"schema": _ref(name)}}
+        examples = RESPONSE_EXAMPLES.get(name)
+        if examples and (status < 400 or status == 503):
+            content[media]["examples"] = copy.deepcopy(examples)
+    response["content"] = content
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _operation(operation: Operation) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "operationId": operation.name,
+        "summary": operation.summary,
+        "description": operation.description,
+        "tags": ["operators" if operation.name.startswith("model") else "api"],
+    }
+    if operation.parameters:
+        out["parameters"] = copy.deepcopy(list(operation.parameters))
+    if operation.request:
+        body: dict[str, Any] = {"schema": _ref(operation.request)}
+        if operation.request in REQUEST_EXAMPLES:
+            body["examples"] = copy.deepcopy(REQUEST_EXAMPLES[operation.request])
+        out["requestBody"] = {"required": operation.name == "ask", "content": {"application/json": body}}
+    out["responses"] = {str(status): _response(operation, status) for status in operation.responses}
+    out["security"] = [{"functionKeyHeader": []}, {"functionKeyQuery": []}] if operation.auth == "function" else []
+    return out
+
+
+def limits(settings: Settings) -> dict[str, int]:
+    """The request budgets the app enforces under ``settings`` (also in the document's ``info``)."""
+    return {
+        "max_context_chars": settings.max_context_chars,
+        "max_question_chars": settings.max_question_chars,
+        "max_question_tokens": settings.max_question_tokens,
+        "max_items": settings.max_items,
+        "max_windows": settings.max_windows,
+        "max_top_k": MAX_TOP_K,
+        "max_answer_len": MAX_ANSWER_LEN,
+        "max_ask_body_bytes": ask_body_limit(settings),
+        "max_operator_body_bytes": OPERATOR_BODY_LIMIT,
+    }
+
+
+def document(settings: Settings, *, version: str = "3.1", server: str | None = None) -> dict[str, Any]:
+    """The OpenAPI document of every HTTP route, with the limits of ``settings``.
+
+    Args:
+        settings: the running app's settings (limits, model id).
+        version: ``"3.1"`` or ``"3.0"`` (OpenAPI 3.0.3, for API Management).
+        server: the origin callers use (``https://APP.azurewebsites.net``); omitted when unknown.
+
+    Raises:
+        InputError: an unknown version.
+    """
+    if version not in VERSIONS:
+        raise errors.InputError(f"'version' must be one of {', '.join(VERSIONS)}, got {version[:20]!r}", field="version")
+    budget = limits(settings)
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "info": {
+            "title": "Isolated question answering",
+            "version": "1.0.0",
+            "description": (
+                f"Extractive question answering with `{settings.model_id}`, served from Blob Storage. "
+                "Routes with a function key take it as the `x-functions-key` header or the `code` query parameter; "
+                "a missing or wrong key is a 401 with an empty body from the Functions host. "
+                'Errors are JSON `{"error": {"code", "message"}}`; every 503 carries `Retry-After`. '
+                "Limits of this deployment: " + ", ".join(f"{k}={v}" for k, v in budget.items()) + "."
+            ),
+            "x-limits": budget,
+        },
+        "paths": {},
+        "components": {
+            "schemas": _schemas(settings),
+            "securitySchemes": {
+                "functionKeyHeader": {"type": "apiKey", "in": "header", "name": "x-functions-key", "description": "a function key"},
+                "functionKeyQuery": {"type": "apiKey", "in": "query", "name": "code", "description": "a function key"},
+            },
+        },
+    }
+    if server:
+        doc["servers"] = [{"url": server}]
+    for operation in OPERATIONS:
+        doc["paths"].setdefault(http_route(operation), {})[operation.method.lower()] = _operation(operation)
+    return doc if version == "3.1" else to_openapi_30(doc)
+
+
+def to_openapi_30(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAPI 3.0.3 from the 3.1 document, for API Management: ``nullable`` for type lists,
+    ``example`` for ``examples``, and no security schemes (APIM ignores them; set the key as
+    the backend's credential instead)."""
+    out = copy.deepcopy(dict(doc))
+    out["openapi"] = "3.0.3"
+    out.pop("jsonSchemaDialect", None)
+    out["components"].pop("securitySchemes", None)
+    out["components"]["schemas"] = {name: _schema_30(schema) for name, schema in out["components"]["schemas"].items()}
+    for item in out["paths"].values():
+        for operation in item.values():
+            operation.pop("security", None)
+            for parameter in operation.get("parameters", []):
+                parameter["schema"] = _schema_30(parameter["schema"])
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                _media_30(media)
+            for response in operation["responses"].values():
+                for media in response.get("content", {}).values():
+                    _media_30(media)
+                for header in response.get("headers", {}).values():
+                    header["schema"] = _schema_30(header["schema"])
+    return out
+
+
+def _media_30(media: dict[str, Any]) -> None:
+    examples = media.pop("examples", None)
+    if examples:
+        media["example"] = next(iter(examples.values()))["value"]
+    media["schema"] = _schema_30(media["schema"])
+
+
+def _schema_30(schema: Any) -> Any:
+    """One JSON Schema 2020-12 schema as an OpenAPI 3.0 Schema Object."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "properties":
+            out[key] = {name: _schema_30(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not"):
+            out[key] = _schema_30(value)
+        elif key in ("anyOf", "oneOf", "allOf"):
+            out[key] = [_schema_30(sub) for sub in value]
+        elif key == "type" and isinstance(value, list):
+            kinds = [kind for kind in value if kind != "null"]
+            out["type"] = kinds[0]
+            if "null" in value:
+                out["nullable"] = True
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
