@@ -19,6 +19,7 @@ from .errors import InputError, NotFoundError, QAError, TooLargeError
 from .model_holder import ModelHolder
 from .question_answering import Answer, Limits, QAItem
 from .settings import Settings
+from .telemetry import log_event
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,11 @@ def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
         inference_started = time.perf_counter()
         results = loaded.engine.answer(items, deadline=deadline)
         inference_ms = (time.perf_counter() - inference_started) * 1000
-    model = {"model_id": loaded.model_id, "revision": loaded.revision}
-    log.info("Answered %d item(s) with %s in %.3fs", len(items), loaded.revision, time.monotonic() - started)
+    model = {"model_id": loaded.model_id, "revision": loaded.revision, "backend": loaded.backend, "variant": loaded.variant}
+    log_event(
+        log, "ask", items=len(items), seconds=time.monotonic() - started, model_ms=inference_ms,
+        revision=loaded.revision, backend=loaded.backend, variant=loaded.variant, status=200,
+    )  # fmt: skip
     # the model's time alone, so a caller can tell it from queueing, loading and the network
     timing = {"Server-Timing": f"model;dur={inference_ms:.1f}"}
     if batch:

@@ -236,7 +236,7 @@ def _record(store: ModelStore, result: IsolationResult) -> None:
 def _record_skip(store: ModelStore, result: IsolationResult) -> None:
     """Keep the last real outcome; note when and why a refresh was skipped."""
     try:
-        record = store.read_last_refresh() or {"outcome": None, "model_id": store.model_id}
+        record = store.read_last_refresh() or {**result.to_dict(), "outcome": None}
         record.update(last_skipped_at=result.finished, skipped_reason=result.skipped_reason)
         store.write_last_refresh(record)
     except QAError:

@@ -332,7 +332,11 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "last_refresh": _nullable(
                     _obj(
                         {
-                            "outcome": {"type": "string", "enum": list(REFRESH_OUTCOMES)},
+                            "outcome": {
+                                "type": ["string", "null"],
+                                "enum": [*REFRESH_OUTCOMES, None],
+                                "description": "null when every refresh so far was skipped (pinned pointer)",
+                            },
                             "model_id": STRING,
                             "revision": _nullable(STRING),
                             "previous_revision": _nullable(STRING),
@@ -346,15 +350,16 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                             "seconds": SECONDS,
                             "error": _nullable(STRING),
                             "error_code": _nullable(STRING),
+                            "files_repaired": {"type": "array", "items": STRING, "description": "files a repair copied again"},
                             "artifacts": {
                                 "type": "object",
                                 "description": 'by variant: "built", "skipped" or "unusable: <reason>"',
                                 "additionalProperties": STRING,
                             },
                             "last_skipped_at": TIME,
-                            "skipped_reason": {"type": "string", "enum": ["pinned"]},
+                            "skipped_reason": {"type": ["string", "null"], "enum": ["pinned", None]},
                         },
-                        optional=("last_skipped_at", "skipped_reason"),
+                        optional=("last_skipped_at",),
                         description="last-refresh.json: null before the first refresh",
                     )
                 ),
