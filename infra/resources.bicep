@@ -466,7 +466,7 @@ resource refreshFailedAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-p
     criteria: {
       allOf: [
         {
-          query: 'traces | where message startswith "event=refresh " and message has "outcome=failed" | parse message with * "error_code=" error_code " " *'
+          query: 'traces | where message startswith "event=refresh " | parse-kv message as (outcome: string, revision: string, error_code: string, reason: string) with (pair_delimiter=" ", kv_delimiter="=") | where outcome == "failed"'
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0
@@ -484,7 +484,7 @@ resource poisonMessageAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-p
   tags: tags
   properties: {
     displayName: 'Refresh message moved to the poison queue'
-    description: 'The host gave up on a refresh message after maxDequeueCount tries (transient failures). Read ${refreshQueueName}-poison and the exceptions.'
+    description: 'The host gave up on a refresh message after maxDequeueCount (3) tries, all transient failures, and moved it to ${refreshQueueName}-poison. Read the exceptions, then queue a refresh again.'
     severity: 2
     enabled: true
     scopes: [applicationInsights.id]
@@ -493,7 +493,7 @@ resource poisonMessageAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-p
     criteria: {
       allOf: [
         {
-          query: 'traces | where message has "moved to the poison queue" or message has "poison queue"'
+          query: 'traces | where message has "MaxDequeueCount" or message contains "moved to the poison queue" or message contains "${refreshQueueName}-poison"'
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

@@ -13,6 +13,12 @@ if [ -z "$PYTHON" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 
+if ! "$PYTHON" -c "import azure.identity, azure.storage.queue, shared.cli" 2>/dev/null; then
+  echo "The project's Python dependencies are not installed for $PYTHON (./scripts/test or ./scripts/run installs them into .venv)." >&2
+  echo "Queue the first refresh later: ./scripts/postdeploy.sh, or POST ${SERVICE_API_URI:-https://<app>}/api/model/refresh with the model_refresh key." >&2
+  exit 1
+fi
+
 # The CLI reads the same settings as the app; only the queue's account is needed to enqueue.
 # DefaultAzureCredential picks up `az login` / `azd auth login` (no client id: the user's identity).
 export AzureWebJobsStorage__queueServiceUri="$AZURE_STORAGE_QUEUE_ENDPOINT"
