@@ -16,7 +16,7 @@ from shared.model_holder import ModelHolder
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
-# One per worker process (run FUNCTIONS_WORKER_PROCESS_COUNT=1): lazily loaded, hot-reloaded.
+# One per worker process (one process: Flex's default; FUNCTIONS_WORKER_PROCESS_COUNT=1 on Premium): lazily loaded, hot-reloaded.
 engine = ModelHolder()
 
 
