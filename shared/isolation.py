@@ -19,6 +19,7 @@ from typing import Protocol
 from .errors import IntegrityError, NotFoundError, QAError
 from .model_files import FileEntry, Manifest, select_files, utc_now
 from .model_store import ModelStore
+from .telemetry import log_event
 from .transfer import file_chunks
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def isolate(
     validate: Validator | None = None,
     progress: TransferProgress | None = None,
     repair: bool = False,
+    reason: str = "cli",
 ) -> IsolationResult:
     """Run one refresh of ``store`` from ``source`` under the writers' lock.
 
@@ -177,6 +179,7 @@ def isolate(
         progress: told the bytes to move and each chunk moved.
         repair: when the source's revision is already stored, re-hash its stored files and copy
             again every file whose bytes differ from the source (outcome ``repaired``).
+        reason: why it runs (``schedule``, ``http``, ``cli``), for the operators' event line.
 
     Raises:
         RefreshAlreadyRunningError: another writer holds the lock; nothing is changed or recorded.
@@ -194,6 +197,7 @@ def isolate(
             result.previous_revision = pointer.revision
             result.finished = utc_now()
             _record_skip(store, result)
+            _event(result, reason)
             return result
         try:
             _isolate_locked(
@@ -215,6 +219,7 @@ def isolate(
             result.finished = utc_now()
             result.seconds = round(time.monotonic() - started, 3)
             _record(store, result)
+            _event(result, reason)
     log.info(
         "Refresh of %s: %s at %s, %d bytes moved in %.1fs",
         store.model_id,
@@ -224,6 +229,14 @@ def isolate(
         result.seconds,
     )
     return result
+
+
+def _event(result: IsolationResult, reason: str) -> None:
+    log_event(
+        log, "refresh", level=logging.ERROR if result.outcome == "failed" else logging.INFO, outcome=result.outcome,
+        model_id=result.model_id, revision=result.revision, bytes=result.bytes_moved, seconds=result.seconds,
+        error_code=result.error_code, reason=reason,
+    )  # fmt: skip
 
 
 def _record(store: ModelStore, result: IsolationResult) -> None:

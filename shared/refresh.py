@@ -108,17 +108,27 @@ def check_hub_revision(revision: str) -> str:
 
 def enqueue(settings: Settings, request: RefreshRequest) -> str:
     """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id."""
-    from azure.core.exceptions import ResourceExistsError
-
     client = queue_client(settings.require_queue_storage(), settings.refresh_queue)
     with storage_errors("queueing the refresh"):
-        try:
-            client.create_queue()
-        except ResourceExistsError:
-            pass
+        ensure_queue(client)
         message = client.send_message(request.to_bytes())
     log.info("Queued a refresh (%s, revision=%s, explicit=%s)", request.reason, request.revision, request.explicit)
     return str(message.id)
+
+
+def ensure_queue(client: Any) -> None:
+    """Create the refresh queue if missing. An identity allowed only to send messages (the deploying
+    user: Storage Queue Data Message Sender) gets 403 here on a queue infra/ already created: go on."""
+    from azure.core.exceptions import HttpResponseError, ResourceExistsError
+
+    try:
+        client.create_queue()
+    except ResourceExistsError:
+        pass
+    except HttpResponseError as err:
+        if err.status_code != 403:
+            raise
+        log.info("Not allowed to create the refresh queue (403); sending to it as it is")
 
 
 def is_transient(err: BaseException) -> bool:
@@ -187,6 +197,7 @@ def run_refresh(settings: Settings, request: RefreshRequest, *, progress: Transf
         validate=canary_validator(settings),
         progress=progress,
         repair=request.repair,
+        reason=request.reason,
     )
 
 
