@@ -384,12 +384,15 @@ class QAEngine:
 
     # --- answering --------------------------------------------------------------------------
 
-    def answer(self, items: Sequence[QAItem], *, deadline: float | None = None) -> list[list[Answer]]:
+    def answer(
+        self, items: Sequence[QAItem], *, deadline: float | None = None, stats: dict[str, int] | None = None
+    ) -> list[list[Answer]]:
         """Answer every item; each gets its ``top_k`` answers, best first.
 
         Args:
             items: the questions.
             deadline: a ``time.monotonic()`` value after which work stops.
+            stats: if given, receives ``windows``: the model windows the items took.
 
         Raises:
             InputError, TooLargeError: an item is over a budget; nothing was run.
@@ -397,6 +400,8 @@ class QAEngine:
         """
         self.limits.check_items(items)
         windows = self._windows(items)
+        if stats is not None:
+            stats["windows"] = len(windows)
         logits = self._run(windows, deadline)
         return [self._postprocess(items[i], [(w, logits[k]) for k, w in enumerate(windows) if w.item == i]) for i in range(len(items))]
 
