@@ -12,12 +12,14 @@ import json
 import azure.functions as func
 
 from shared import api, refresh
+from shared.artifacts import load_artifact
 from shared.model_holder import ModelHolder
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 # One per worker process (one process: Flex's default; FUNCTIONS_WORKER_PROCESS_COUNT=1 on Premium): lazily loaded, hot-reloaded.
-engine = ModelHolder()
+# QA_BACKEND=onnx (default) serves a version's ONNX artifact when it has a usable one, else torch.
+engine = ModelHolder(artifact_loader=load_artifact)
 
 
 def _http(response: api.ApiResponse | api.FileResponse) -> func.HttpResponse:

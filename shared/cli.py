@@ -78,7 +78,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
 
     from .isolation import LocalDirSource, isolate
     from .model_store import ModelStore
-    from .refresh import RefreshRequest, canary_validator, check_hub_revision, run_refresh
+    from .refresh import RefreshRequest, artifact_builder, canary_validator, check_hub_revision, run_refresh
     from .storage import probe
 
     if args.model_id:
@@ -102,6 +102,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
                 validate=canary_validator(settings),
                 progress=bar,
                 repair=args.repair,
+                build=artifact_builder(settings),
             )
         else:
             revision = check_hub_revision(args.revision) if args.revision else None
@@ -112,7 +113,45 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     text = f"{result.outcome}: {settings.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
     if result.files_repaired:
         text += f"; repaired {', '.join(result.files_repaired)}"
+    if result.artifacts:
+        text += "; ONNX artifacts: " + ", ".join(f"{variant} {outcome}" for variant, outcome in result.artifacts.items())
     return 0, result.to_dict(), text
+
+
+def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """Build the ONNX artifacts an existing complete version lacks (new versions get them from the refresh)."""
+    import dataclasses
+
+    from .artifacts import build_artifacts
+    from .errors import NotFoundError
+    from .model_store import check_revision_arg
+    from .refresh import check_canary
+
+    if args.skip_canary:
+        settings = dataclasses.replace(settings, canary=None)
+    store = _store(settings, args)
+    if args.revision:
+        revision = check_revision_arg(args.revision)
+    else:
+        pointer = store.read_pointer()
+        if pointer is None:
+            raise NotFoundError("No model has been published yet: nothing to build artifacts for")
+        revision = pointer.revision
+    manifest = store.require_manifest(revision)
+    canary = settings.canary
+    variants = tuple(args.variant) if args.variant else settings.artifacts or ("fp32", "int8")
+    with store.lock():  # one writer at a time, as for a refresh
+        outcomes = build_artifacts(
+            store,
+            manifest,
+            settings,
+            variants=variants,
+            canary=None if canary is None else (lambda engine, m: check_canary(engine, m, canary, what=" (ONNX artifact)")),
+            progress=lambda step: log.info("%s", step),
+        )
+    failed = any(outcome.startswith("unusable") for outcome in outcomes.values())
+    text = "\n".join(f"{revision} {variant}: {outcome}" for variant, outcome in outcomes.items())
+    return (1 if failed else 0), {"revision": revision, "artifacts": outcomes}, text
 
 
 def cmd_refresh(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -152,6 +191,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
         if not version["complete"] and last.get("revision") == version["revision"] and last.get("error_code") == "validation_failed":
             state = "INCOMPLETE (staged; the canary failed: set MODEL_CANARY or isolate --skip-canary)"
         lines.append(f"  {version['revision']}  {state}  {version['files']} files  {version['bytes']} bytes  {version['last_modified']}")
+        for variant, artifact in version.get("artifacts", {}).items():
+            usable = "usable" if artifact["usable"] else f"UNUSABLE ({artifact['reason']})"
+            lines.append(f"    onnx {variant}: {artifact['size']} bytes, {usable}")
     if last.get("outcome"):
         lines.append(f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})")
     if last.get("last_skipped_at"):
@@ -200,9 +242,10 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dic
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """One question through the same holder and loader as the function."""
     from . import api
+    from .artifacts import load_artifact
     from .model_holder import ModelHolder
 
-    holder = ModelHolder(lambda: settings)
+    holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
     item: dict[str, Any] = {"question": args.question, "context": args.context, "top_k": args.top_k}
     response = api.ask(holder, json.dumps(item).encode())
     holder.close()
@@ -316,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument("--unpin", action="store_true", help="let the refresh move a pinned pointer")
     refresh.add_argument("--repair", action="store_true", help="re-copy the stored files of the revision that differ from the Hub")
     refresh.add_argument("--build-artifacts", action="store_true", help="build the ONNX serving artifacts the version lacks")
+
+    build = add("build-artifacts", cmd_build_artifacts, "build the ONNX artifacts an existing version lacks (exit 1 if one is unusable)")
+    build.add_argument("--revision", help="default: the current one")
+    build.add_argument("--variant", action="append", choices=("fp32", "int8"), help="repeat for both (default: MODEL_ARTIFACTS)")
+    build.add_argument("--skip-canary", action="store_true", help="record the artifacts without answering MODEL_CANARY")
+    build.add_argument("--model-id")
 
     status = add("status", cmd_status, "show the pointer, the stored versions and the last refresh")
     status.add_argument("--model-id")

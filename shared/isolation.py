@@ -126,6 +126,7 @@ class LocalDirSource:
 
 
 Validator = Callable[[ModelStore, Manifest], None]
+ArtifactBuilder = Callable[[ModelStore, Manifest], dict[str, str]]
 
 
 @dataclass
@@ -164,6 +165,8 @@ def isolate(
     progress: TransferProgress | None = None,
     repair: bool = False,
     reason: str = "cli",
+    build: ArtifactBuilder | None = None,
+    build_existing: bool = False,
 ) -> IsolationResult:
     """Run one refresh of ``store`` from ``source`` under the writers' lock.
 
@@ -180,6 +183,11 @@ def isolate(
         repair: when the source's revision is already stored, re-hash its stored files and copy
             again every file whose bytes differ from the source (outcome ``repaired``).
         reason: why it runs (``schedule``, ``http``, ``cli``), for the operators' event line.
+        build: builds the serving artifacts of a version (:func:`shared.artifacts.build_artifacts`):
+            for a new version after its files are validated and before the pointer moves; a
+            variant that cannot be built is recorded as unusable, never a failed refresh.
+        build_existing: also run ``build`` when the revision was already stored (the only way an
+            existing version gets artifacts: a no-op refresh never touches them otherwise).
 
     Raises:
         RefreshAlreadyRunningError: another writer holds the lock; nothing is changed or recorded.
@@ -201,8 +209,9 @@ def isolate(
             return result
         try:
             _isolate_locked(
-                store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair
-            )
+                store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
+                build=build, build_existing=build_existing,
+            )  # fmt: skip
             if result.outcome == "published":
                 result.deleted_versions = store.apply_retention(keep_versions)
         except QAError as err:
@@ -266,7 +275,14 @@ def _isolate_locked(
     validate: Validator | None,
     progress: TransferProgress,
     repair: bool,
+    build: ArtifactBuilder | None,
+    build_existing: bool,
 ) -> None:
+    def build_for(manifest: Manifest) -> None:
+        if build is not None:
+            result.artifacts = build(store, manifest)
+            lock_check()
+
     revision = source.revision()
     result.revision = revision
     pointer = store.read_pointer()
@@ -274,10 +290,14 @@ def _isolate_locked(
     stored = store.read_manifest(revision)
     if repair and stored is not None:
         _repair(store, source, stored, result, lock_check=lock_check, progress=progress)
+        if build_existing:
+            build_for(stored)
         if pointer is None or (pointer.revision == revision and pointer.pinned and explicit):
             store.move_pointer(revision, pinned=False)
         return
     if pointer is not None and pointer.revision == revision and stored is not None:
+        if build_existing:
+            build_for(stored)
         if pointer.pinned and explicit:
             store.move_pointer(revision, pinned=False)
         result.outcome = "up_to_date"
@@ -303,6 +323,9 @@ def _isolate_locked(
         if validate is not None:
             validate(store, manifest)
         lock_check()
+        build_for(manifest)  # before the pointer moves: serving finds the artifacts with the version
+    elif build_existing:
+        build_for(manifest)
     store.publish(manifest, pinned=False)
     result.outcome = "published"
 

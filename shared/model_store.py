@@ -4,6 +4,7 @@ Layout (DESIGN.md)::
 
     {model_id}/versions/{revision}/{file}      the files; each blob's metadata keeps its sha256
     {model_id}/versions/{revision}/manifest.json  written last: without it a version is incomplete
+    {model_id}/versions/{revision}/onnx/{variant}/...  serving artifacts (shared.artifacts), not in the manifest
     {model_id}/current.json                    the pointer, replaced with If-Match on its ETag
     {model_id}/refresh.lock                    leased by the one writer at work
     {model_id}/last-refresh.json               outcome of the last refresh
@@ -47,6 +48,9 @@ LOCK = "refresh.lock"
 LAST_REFRESH = "last-refresh.json"
 INCOMPLETE_GRACE = dt.timedelta(days=1)
 CHANGED_RETRIES = 2
+ARTIFACTS_FOLDER = "onnx"
+ARTIFACT_VARIANTS = ("fp32", "int8")
+ARTIFACT_RECORD = "artifact.json"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class VersionInfo:
     files: int
     bytes: int
     last_modified: dt.datetime
+    artifacts: tuple[str, ...] = ()  # variants with a record (usable or not; shared.artifacts reads it)
 
 
 class RefreshLock:
@@ -160,6 +165,12 @@ class ModelStore:
 
     def file_blob(self, revision: str, name: str) -> BlobClient:
         return self.container.get_blob_client(self.version_prefix(revision) + check_file_name(name))
+
+    def artifact_blob(self, revision: str, variant: str, name: str) -> BlobClient:
+        """A blob of the ``variant`` ONNX artifact of ``revision`` (``onnx/{variant}/{name}``)."""
+        if variant not in ARTIFACT_VARIANTS:
+            raise IntegrityError(f"{variant!r} is not an artifact variant ({', '.join(ARTIFACT_VARIANTS)})")
+        return self.container.get_blob_client(f"{self.version_prefix(revision)}{ARTIFACTS_FOLDER}/{variant}/{check_file_name(name)}")
 
     # --- container -------------------------------------------------------------------------
 
@@ -278,15 +289,28 @@ class ModelStore:
             for blob in blobs:
                 rest = blob.name[len(prefix) :]
                 revision, _, name = rest.partition("/")
-                entry = found.setdefault(revision, {"files": 0, "bytes": 0, "complete": False, "modified": blob.last_modified})
+                entry = found.setdefault(
+                    revision, {"files": 0, "bytes": 0, "complete": False, "modified": blob.last_modified, "artifacts": []}
+                )
                 entry["modified"] = max(entry["modified"], blob.last_modified)
                 if name == MANIFEST:
                     entry["complete"] = True
+                elif "/" in name:  # onnx/{variant}/...: artifacts, counted apart from the model's files
+                    folder, variant, leaf = ([*name.split("/"), "", ""])[:3]
+                    if folder == ARTIFACTS_FOLDER and leaf == ARTIFACT_RECORD and variant in ARTIFACT_VARIANTS:
+                        entry["artifacts"].append(variant)
                 else:
                     entry["files"] += 1
                     entry["bytes"] += blob.size
         versions = [
-            VersionInfo(revision=r, complete=e["complete"], files=e["files"], bytes=e["bytes"], last_modified=e["modified"])
+            VersionInfo(
+                revision=r,
+                complete=e["complete"],
+                files=e["files"],
+                bytes=e["bytes"],
+                last_modified=e["modified"],
+                artifacts=tuple(sorted(e["artifacts"])),
+            )
             for r, e in found.items()
         ]
         return sorted(versions, key=lambda v: v.last_modified, reverse=True)
@@ -332,6 +356,19 @@ class ModelStore:
             progress=progress,
         )
 
+    def upload_artifact_file(self, revision: str, variant: str, entry: FileEntry, data: bytes | bytearray) -> int:
+        """Store one file of an ONNX artifact (in memory), committed only if size and sha256 match."""
+        view = memoryview(data)
+        return upload_blocks(
+            self.artifact_blob(revision, variant, entry.name),
+            (bytes(view[i : i + self.block_size]) for i in range(0, len(view), self.block_size)),  # block-sized copies
+            name=f"{ARTIFACTS_FOLDER}/{variant}/{entry.name}",
+            expected_size=entry.size,
+            expected_sha256=entry.sha256,
+            block_size=self.block_size,
+            concurrency=self.concurrency,
+        )
+
     def _fetch(
         self,
         revision: str,
@@ -341,6 +378,7 @@ class ModelStore:
         sink: Callable[[memoryview], object] | None = None,
         restart: Callable[[], object] | None = None,
         progress: Progress = _noop,
+        blob: BlobClient | None = None,
     ) -> None:
         """Stream one stored file into a buffer or a sink, sha256 checked in order; errors name the version.
 
@@ -350,7 +388,7 @@ class ModelStore:
         for attempt in range(CHANGED_RETRIES + 1):
             try:
                 download_ranges(
-                    self.file_blob(revision, entry.name),
+                    blob or self.file_blob(revision, entry.name),
                     name=entry.name,
                     size=entry.size,
                     expected_sha256=entry.sha256,
@@ -370,14 +408,16 @@ class ModelStore:
             except IntegrityError as err:
                 raise IntegrityError(f"Version {revision}: {err.message}") from err
 
-    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop) -> bytearray:
-        """The bytes of one file in memory, sha256 checked while they stream in.
+    def read_file(
+        self, revision: str, entry: FileEntry, *, progress: Progress = _noop, blob: BlobClient | None = None
+    ) -> bytearray:
+        """The bytes of one file (or of ``blob``, an artifact's) in memory, sha256 checked while they stream in.
 
         Raises:
             IntegrityError: size or sha256 mismatch, naming the file and the version.
         """
         buffer = bytearray(entry.size)
-        self._fetch(revision, entry, into=memoryview(buffer), progress=progress)
+        self._fetch(revision, entry, into=memoryview(buffer), progress=progress, blob=blob)
         return buffer
 
     def download_file(self, revision: str, entry: FileEntry, dest_dir: Path, *, progress: Progress = _noop) -> Path:
@@ -513,9 +553,16 @@ class ModelStore:
     def status(self) -> dict[str, Any]:
         """Pointer, versions and last refresh, as plain JSON-able data (an empty or missing
         container reads as nothing isolated yet: ``pointer`` is ``None``)."""
+        from .artifacts import list_artifacts  # artifacts builds on this module
+
         pointer = self.read_pointer()
         versions = self.list_versions()
         isolated = {v.revision: self.read_manifest(v.revision) for v in versions if v.complete}
+        artifacts = {
+            v.revision: list_artifacts(self, manifest, v.artifacts)
+            for v in versions
+            if v.artifacts and (manifest := isolated.get(v.revision)) is not None
+        }
         return {
             "model_id": self.model_id,
             "container": self.container.container_name,
@@ -535,6 +582,7 @@ class ModelStore:
                     "bytes": v.bytes,
                     "last_modified": v.last_modified.isoformat(timespec="seconds"),
                     "isolated_at": manifest.isolated_at if (manifest := isolated.get(v.revision)) else None,
+                    "artifacts": artifacts.get(v.revision, {}),
                 }
                 for v in versions
             ],

@@ -323,8 +323,15 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                             "isolated_at": _nullable(TIME),
                             "artifacts": {
                                 "type": "object",
-                                "description": "ONNX artifacts by variant",
-                                "additionalProperties": _obj({"size": COUNT, "sha256": STRING}),
+                                "description": "ONNX serving artifacts by variant (fp32, int8); {} when none was built",
+                                "additionalProperties": _obj(
+                                    {
+                                        "size": COUNT,
+                                        "sha256": {"type": "string", "description": "of artifact.json, which pins each blob's sha256"},
+                                        "usable": {"type": "boolean"},
+                                        "reason": _nullable(STRING),
+                                    }
+                                ),
                             },
                         }
                     ),

@@ -14,7 +14,7 @@ import logging
 import re
 import string
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     InputError,
@@ -24,11 +24,14 @@ from .errors import (
     StorageUnavailableError,
     ValidationFailedError,
 )
-from .isolation import IsolationResult, TransferProgress, Validator, isolate
+from .isolation import ArtifactBuilder, IsolationResult, TransferProgress, Validator, isolate
 from .model_files import Manifest, utc_now
 from .model_store import ModelStore
-from .settings import Settings
+from .settings import Canary, Settings
 from .storage import queue_client, storage_errors
+
+if TYPE_CHECKING:
+    from .question_answering import QAEngine
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +151,6 @@ def canary_validator(settings: Settings) -> Validator | None:
     ``MODEL_CANARY``: with an expected answer, a different one fails; without, any span passes.
     ``None`` when the canary is switched off (``--skip-canary``)."""
     from .model_loader import load_version
-    from .question_answering import QAItem
 
     canary = settings.canary
     if canary is None:
@@ -157,25 +159,54 @@ def canary_validator(settings: Settings) -> Validator | None:
     def validate(store: ModelStore, manifest: Manifest) -> None:
         loaded = load_version(store, manifest.revision, settings, manifest=manifest, mode="memory")
         try:
-            answers = loaded.engine.answer([QAItem(canary.question, canary.context)])[0]
+            check_canary(loaded.engine, manifest, canary)
         finally:
             del loaded
             gc.collect()
-        how = (
-            "; the staged files are kept and the next isolate resumes. Set MODEL_CANARY to a question this model answers "
-            '(JSON {"question", "context", "answer"?}) or, from the command line, pass --skip-canary'
-        )
-        if not answers or not answers[0].answer.strip():
-            raise ValidationFailedError(f"Version {manifest.revision} gave no answer to the canary question{how}")
-        got = answers[0].answer
-        expected = canary.expected_answer(manifest.model_id)
-        if expected is not None and normalize_answer(got) != normalize_answer(expected):
-            raise ValidationFailedError(
-                f"Version {manifest.revision} answered the canary with {got!r}, expected {expected!r}; not published{how}"
-            )
-        log.info("Canary passed for %s: %r (score %.3f)", manifest.revision, got, answers[0].score)
 
     return validate
+
+
+def check_canary(engine: QAEngine, manifest: Manifest, canary: Canary, *, what: str = "") -> None:
+    """Answer ``canary`` with ``engine``: no answer, or another answer than an expected one, fails.
+
+    Raises:
+        ValidationFailedError: naming the version (and ``what``, an artifact) and how to proceed.
+    """
+    from .question_answering import QAItem
+
+    answers = engine.answer([QAItem(canary.question, canary.context)])[0]
+    subject = f"Version {manifest.revision}{what}"
+    how = (
+        "; the staged files are kept and the next isolate resumes. Set MODEL_CANARY to a question this model answers "
+        '(JSON {"question", "context", "answer"?}) or, from the command line, pass --skip-canary'
+    )
+    if not answers or not answers[0].answer.strip():
+        raise ValidationFailedError(f"{subject} gave no answer to the canary question{how}")
+    got = answers[0].answer
+    expected = canary.expected_answer(manifest.model_id)
+    if expected is not None and normalize_answer(got) != normalize_answer(expected):
+        raise ValidationFailedError(f"{subject} answered the canary with {got!r}, expected {expected!r}; not published{how}")
+    log.info("Canary passed for %s%s: %r (score %.3f)", manifest.revision, what, got, answers[0].score)
+
+
+def artifact_builder(settings: Settings) -> ArtifactBuilder | None:
+    """Builds the ONNX artifacts of ``MODEL_ARTIFACTS`` (``None`` when it is ``none``); each must
+    answer the canary as the version did, else it is recorded unusable (the version still publishes)."""
+    if not settings.artifacts:
+        return None
+    from .artifacts import build_artifacts
+
+    canary = settings.canary
+
+    def check(engine: QAEngine, manifest: Manifest) -> None:
+        if canary is not None:
+            check_canary(engine, manifest, canary, what=" (ONNX artifact)")
+
+    def build(store: ModelStore, manifest: Manifest) -> dict[str, str]:
+        return build_artifacts(store, manifest, settings, canary=check)
+
+    return build
 
 
 def run_refresh(settings: Settings, request: RefreshRequest, *, progress: TransferProgress | None = None) -> IsolationResult:
@@ -198,6 +229,8 @@ def run_refresh(settings: Settings, request: RefreshRequest, *, progress: Transf
         progress=progress,
         repair=request.repair,
         reason=request.reason,
+        build=artifact_builder(settings),
+        build_existing=request.build_artifacts,
     )
 
 

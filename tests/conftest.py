@@ -189,42 +189,14 @@ def registered_functions() -> dict[str, Any]:
 
 # --- every HTTP response of every test is checked against the OpenAPI document ----------------
 
-# TEMPORARY (delete entries as the work of issues 8 and 9 lands, then the whole list): fields that
-# round-contracts.md puts in a response but the code does not produce yet, or that the code still
-# produces beyond the contract. Only these are tolerated (missing, or present though undocumented);
-# every other field must match the document exactly. Keys name a schema of the document:
-# "Schema.property.property" for nested objects, "[]" for the items of an array.
-PENDING_FIELDS: dict[str, set[str]] = {
-    "ModelStatus.versions[]": {"artifacts"},  # lands with the ONNX artifacts
-}
-
 SCHEMA_MISMATCHES: list[str] = []  # filled by ValidatedFunction, emptied and checked around each test
-
-
-def _pending_tolerant(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` with the :data:`PENDING_FIELDS` made optional (and allowed when present)."""
-    import copy
-
-    doc = copy.deepcopy(doc)
-    for where, names in PENDING_FIELDS.items():
-        schema_name, *steps = where.split(".")
-        schema = doc["components"]["schemas"][schema_name]
-        for step in steps:
-            array = step.endswith("[]")
-            schema = schema["properties"][step.removesuffix("[]")]
-            if array:
-                schema = schema["items"]
-        schema["required"] = [name for name in schema["required"] if name not in names]
-        for name in names:
-            schema["properties"].setdefault(name, {})
-    return doc
 
 
 @functools.lru_cache(maxsize=16)
 def _validation_document(settings: Any) -> dict[str, Any]:
     from shared.openapi import document
 
-    return _pending_tolerant(document(settings))
+    return document(settings)
 
 
 def response_mismatches(doc: dict[str, Any], route: str, method: str, response: Any) -> list[str]:

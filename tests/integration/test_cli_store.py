@@ -34,7 +34,14 @@ def run(env: dict[str, str], *args: str) -> tuple[int, dict[str, object], str]:
 def cli_env(azurite: str, container_name: str) -> dict[str, str]:
     # a canary without an expected answer: the random-weights fixture must give any valid span
     canary = json.dumps({"question": "Who won?", "context": "The Denver Broncos won the game."})
-    return {"MODEL_STORAGE": azurite, "MODEL_CONTAINER": container_name, "MODEL_ID": "tests/cli-bert", "MODEL_CANARY": canary}
+    # MODEL_ARTIFACTS=none: ONNX artifacts have their own tests (test_artifacts.py); exports are slow
+    return {
+        "MODEL_STORAGE": azurite,
+        "MODEL_CONTAINER": container_name,
+        "MODEL_ID": "tests/cli-bert",
+        "MODEL_CANARY": canary,
+        "MODEL_ARTIFACTS": "none",
+    }
 
 
 def test_isolate_status_verify_rollback(cli_env: dict[str, str], tiny_bert_dir: Path, tmp_path: Path) -> None:

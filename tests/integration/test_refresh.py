@@ -56,6 +56,7 @@ def env(azurite: str, container_name: str, hub: FakeHubServer) -> dict[str, str]
         "MODEL_REFRESH_QUEUE": f"refresh-{uuid.uuid4().hex[:12]}",
         "MODEL_REFRESH_SCHEDULE": "0 0 3 * * 0",
         "MODEL_BLOCK_SIZE_MB": "1",
+        "MODEL_ARTIFACTS": "none",  # the refresh's artifact builds: test_artifacts.py
     }
 
 

@@ -1,0 +1,363 @@
+"""ONNX serving artifacts of a stored version: built once its files verify, stored next to them,
+loaded without torch or transformers.
+
+Layout, under a version's prefix (the manifest's ``files`` never list these, so code that
+predates artifacts reads new versions unchanged)::
+
+    onnx/{variant}/model.onnx      the graph; its initializers are external data in weights.bin
+    onnx/{variant}/weights.bin     the weights
+    onnx/{variant}/artifact.json   the record, written last with If-None-Match: no record, no artifact
+
+The record holds the size and sha256 of both blobs, what the artifact was built from (the
+version's files by sha256, the exporter's versions, opset, recipe, CPU flags; see
+:func:`shared.onnx_export.build_onnx`) and whether it is usable. An artifact that does not answer
+the canary, or a model the exporter cannot handle, gets a record with ``usable: false`` and the
+reason, so serving falls back to torch without retrying the build on every load. The record's own
+sha256 is kept in its blob metadata: a changed byte in the record, in the graph or in the weights
+is refused on load (:class:`IntegrityError`), and the holder falls back (current onnx, current
+torch, earlier versions).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+
+from .errors import IntegrityError, NotFoundError, QAError, StorageUnavailableError, UnsafeModelError
+from .model_files import FileEntry, Manifest, utc_now
+from .model_loader import LoadedModel
+from .model_store import ARTIFACT_RECORD, ARTIFACT_VARIANTS, ModelStore
+from .question_answering import Limits, QAEngine
+from .settings import Settings
+from .storage import storage_errors
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FILES = ("model.onnx", "weights.bin")
+RECORD_FORMAT = 1
+# tokenizer files serving reads from the version (tokenizer.json when the model has one)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
+
+CanaryCheck = Callable[[QAEngine, Manifest], None]
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """``artifact.json``: one variant's blobs and provenance."""
+
+    variant: str
+    model_id: str
+    revision: str
+    usable: bool
+    files: tuple[FileEntry, ...]
+    source_files: dict[str, str]  # the version's files, name -> sha256
+    engine: dict[str, Any]  # build_onnx's record: recipe, opset, versions, tokenizer facts
+    built_at: str
+    reason: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> bytes:
+        data = {
+            "format": RECORD_FORMAT,
+            "variant": self.variant,
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "usable": self.usable,
+            "reason": self.reason,
+            "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in self.files],
+            "source_files": self.source_files,
+            "engine": self.engine,
+            "built_at": self.built_at,
+        }
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, where: str) -> ArtifactRecord:
+        try:
+            data = json.loads(raw)
+            if data.get("format") != RECORD_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            files = tuple(FileEntry(name=f["name"], size=int(f["size"]), sha256=str(f["sha256"])) for f in data["files"])
+            record = cls(
+                variant=str(data["variant"]),
+                model_id=str(data["model_id"]),
+                revision=str(data["revision"]),
+                usable=bool(data["usable"]),
+                files=files,
+                source_files={str(k): str(v) for k, v in dict(data["source_files"]).items()},
+                engine=dict(data["engine"]),
+                built_at=str(data["built_at"]),
+                reason=data.get("reason"),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise IntegrityError(f"{where} is not a valid artifact record ({err})") from None
+        if record.usable and sorted(f.name for f in files) != sorted(ARTIFACT_FILES):
+            raise IntegrityError(f"{where} lists {[f.name for f in files]}, not {list(ARTIFACT_FILES)}")
+        return record
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_record(store: ModelStore, manifest: Manifest, variant: str) -> tuple[ArtifactRecord, str] | None:
+    """The record of ``variant`` for ``manifest``'s version and its sha256, checked; ``None`` if absent.
+
+    Raises:
+        IntegrityError: the record's bytes differ from the sha256 written with it, it does not
+            parse, or it belongs to other files than the version's.
+    """
+    blob = store.artifact_blob(manifest.revision, variant, ARTIFACT_RECORD)
+    where = f"The {variant} artifact record of version {manifest.revision}"
+    with storage_errors(f"reading the {variant} artifact record"):
+        try:
+            downloader = blob.download_blob()
+        except ResourceNotFoundError:
+            return None
+        raw = downloader.readall()
+        expected = (downloader.properties.metadata or {}).get("sha256")
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected != digest:
+        raise IntegrityError(f"{where} does not match its sha256 (changed after it was written)")
+    record = ArtifactRecord.from_json(raw, where=where)
+    source = {f.name: f.sha256 for f in manifest.files}
+    if (record.variant, record.revision, record.model_id, record.source_files) != (variant, manifest.revision, manifest.model_id, source):
+        raise IntegrityError(f"{where} was built from other files than this version's")
+    return record, digest
+
+
+def list_artifacts(store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """Each recorded variant's total size, record sha256 and usability (``/api/model``, ``status``).
+
+    A record that fails its checks is listed as unusable with the reason; nothing is raised for it.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for variant in variants if variants is not None else ARTIFACT_VARIANTS:
+        try:
+            read = read_record(store, manifest, variant)
+        except IntegrityError as err:
+            found[variant] = {"size": 0, "sha256": "", "usable": False, "reason": err.message}
+            continue
+        if read is not None:
+            record, digest = read
+            found[variant] = {"size": record.total_bytes, "sha256": digest, "usable": record.usable, "reason": record.reason}
+    return found
+
+
+def load_artifact(store: ModelStore, manifest: Manifest, variant: str, settings: Settings) -> LoadedModel:
+    """Load the ``variant`` artifact of a version into an ONNX Runtime engine (no torch import).
+
+    Every blob is sha256-checked while it streams into memory; the session is built over those
+    buffers (``onnx_engine``), which it then releases.
+
+    Raises:
+        NotFoundError: the version has no such artifact, or its record says it is unusable.
+        IntegrityError: the record or a blob does not verify.
+        StorageUnavailableError: storage could not be read.
+    """
+    began = time.monotonic()
+    read = read_record(store, manifest, variant)
+    if read is None:
+        raise NotFoundError(
+            f"Version {manifest.revision} has no {variant} ONNX artifact (build it: python -m shared build-artifacts, "
+            'or a refresh with {"build_artifacts": true})'
+        )
+    record, _ = read
+    if not record.usable:
+        raise NotFoundError(f"The {variant} ONNX artifact of version {manifest.revision} is unusable: {record.reason}")
+    engine = _engine(store, manifest, record, settings)
+    seconds = time.monotonic() - began
+    log.info(
+        "Loaded the %s ONNX artifact of %s@%s (%d bytes) in %.1fs",
+        variant, manifest.model_id, manifest.revision, record.total_bytes, seconds,
+    )  # fmt: skip
+    return LoadedModel(
+        engine=engine,
+        model_id=manifest.model_id,
+        revision=manifest.revision,
+        mode="memory",
+        bytes=record.total_bytes,
+        load_seconds=seconds,
+        backend="onnx",
+        variant=variant,
+    )
+
+
+def _engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings) -> QAEngine:
+    """An ONNX Runtime engine over the stored, sha256-checked blobs of ``record``."""
+    from .onnx_runner import default_threads, onnx_engine
+
+    files = {
+        entry.name: store.read_file(manifest.revision, entry, blob=store.artifact_blob(manifest.revision, record.variant, entry.name))
+        for entry in record.files
+    }
+    tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
+    return onnx_engine(
+        files,
+        record.engine,
+        tokenizer,
+        limits=Limits.from_settings(settings),
+        batch_windows=settings.batch_windows,
+        threads=default_threads(settings.threads, settings.max_concurrent),
+    )
+
+
+# --- building -------------------------------------------------------------------------------
+
+
+def build_artifacts(
+    store: ModelStore,
+    manifest: Manifest,
+    settings: Settings,
+    *,
+    variants: tuple[str, ...] | None = None,
+    canary: CanaryCheck | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, str]:
+    """Build, check and store the ONNX artifacts a complete (or staged, validated) version lacks.
+
+    Args:
+        store, manifest: the version; its files must already verify.
+        settings: ``MODEL_ARTIFACTS`` gives the variants unless ``variants`` does.
+        canary: answers the canary with an artifact's engine; raises :class:`QAError` when the
+            answer is wrong (the artifact is then recorded unusable). ``None``: no canary.
+        progress: told each step, for a terminal.
+
+    Returns:
+        Per variant: ``built``, ``exists`` (a record was already there), or ``unusable: <reason>``.
+        A failure of one variant never fails the version or the other variant.
+
+    Raises:
+        StorageUnavailableError: storage failed (the refresh's usual retry applies).
+    """
+    wanted = variants if variants is not None else settings.artifacts
+    outcomes: dict[str, str] = {}
+    todo = []
+    for variant in wanted:
+        try:
+            if read_record(store, manifest, variant) is not None:
+                outcomes[variant] = "exists"
+                continue
+        except IntegrityError as err:
+            log.warning("Rebuilding the %s artifact of %s: %s", variant, manifest.revision, err.message)
+        todo.append(variant)
+    if not todo:
+        return outcomes
+    with tempfile.TemporaryDirectory(prefix="qa-export-") as folder:
+        # the exporter reads a model folder; config, weights and tokenizer are verified on the way
+        store.download_version(manifest.revision, folder)
+        for variant in todo:
+            outcomes[variant] = _build_one(store, manifest, variant, Path(folder), settings, canary, progress)
+            gc.collect()
+    return outcomes
+
+
+def _build_one(
+    store: ModelStore,
+    manifest: Manifest,
+    variant: str,
+    folder: Path,
+    settings: Settings,
+    canary: CanaryCheck | None,
+    progress: Callable[[str], None] | None,
+) -> str:
+    from .onnx_export import build_onnx
+
+    began = time.monotonic()
+    say = progress or (lambda _: None)
+    say(f"exporting {variant}")
+    try:
+        artifact = build_onnx(folder, variant, progress=progress)
+    except MemoryError:
+        raise
+    except UnsafeModelError as err:  # the model itself: the same every time, so record it
+        return _write_unusable(store, manifest, variant, f"the exporter cannot handle this model: {err.message}")
+    except Exception as err:
+        log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
+        return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
+    engine_record = artifact.record
+    entries = []
+    for name in ARTIFACT_FILES:
+        data = artifact.files.pop(name)
+        entry = FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        say(f"uploading {variant}/{name} ({entry.size} bytes)")
+        store.upload_artifact_file(manifest.revision, variant, entry, data)
+        entries.append(entry)
+        del data
+    del artifact
+    gc.collect()
+    record = ArtifactRecord(
+        variant=variant,
+        model_id=manifest.model_id,
+        revision=manifest.revision,
+        usable=True,
+        files=tuple(entries),
+        source_files={f.name: f.sha256 for f in manifest.files},
+        engine=engine_record,
+        built_at=utc_now(),
+    )
+    if canary is not None:
+        # the canary reads back what was stored, through the serving loader's own path
+        say(f"answering the canary with {variant}")
+        try:
+            canary(_engine(store, manifest, record, settings), manifest)
+        except StorageUnavailableError:
+            raise
+        except QAError as err:
+            return _write_unusable(store, manifest, variant, f"the canary failed: {err.message}", files=record.files)
+        except Exception as err:
+            log.exception("The %s artifact of %s failed to load or answer", variant, manifest.revision)
+            return _write_unusable(store, manifest, variant, f"it failed to load or answer ({type(err).__name__})", files=record.files)
+        finally:
+            gc.collect()
+    outcome = _write_record(store, manifest, record)
+    log.info(
+        "Built the %s artifact of %s@%s (%d bytes) in %.1fs",
+        variant, manifest.model_id, manifest.revision, record.total_bytes, time.monotonic() - began,
+    )  # fmt: skip
+    return outcome
+
+
+def _write_unusable(
+    store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()
+) -> str:
+    log.warning("The %s artifact of %s is unusable: %s", variant, manifest.revision, reason)
+    record = ArtifactRecord(
+        variant=variant,
+        model_id=manifest.model_id,
+        revision=manifest.revision,
+        usable=False,
+        files=files,
+        source_files={f.name: f.sha256 for f in manifest.files},
+        engine={},
+        built_at=utc_now(),
+        reason=reason,
+    )
+    outcome = _write_record(store, manifest, record)
+    return outcome if outcome == "exists" else f"unusable: {reason}"
+
+
+def _write_record(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> str:
+    """Write ``artifact.json`` last, If-None-Match: a concurrent builder's record wins (``exists``)."""
+    raw = record.to_json()
+    blob = store.artifact_blob(manifest.revision, record.variant, ARTIFACT_RECORD)
+    try:
+        with storage_errors(f"writing the {record.variant} artifact record"):
+            blob.upload_blob(raw, overwrite=False, metadata={"sha256": hashlib.sha256(raw).hexdigest()})
+    except StorageUnavailableError as err:
+        if isinstance(err.__cause__, ResourceExistsError):
+            return "exists"
+        raise
+    return "built"
