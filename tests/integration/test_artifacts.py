@@ -1,0 +1,269 @@
+"""ONNX serving artifacts in the store: built by the refresh before the pointer moves, loaded first
+by the holder, refused when a byte of them changes (with the fallback taken), listed in status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import api
+from shared.artifacts import ArtifactRecord, build_artifacts, list_artifacts, load_artifact, read_record
+from shared.errors import IntegrityError, NotFoundError, ValidationFailedError
+from shared.isolation import LocalDirSource, isolate
+from shared.model_holder import ModelHolder
+from shared.model_store import ARTIFACT_RECORD, ModelStore
+from shared.question_answering import QAEngine, QAItem
+from shared.refresh import artifact_builder
+from shared.settings import Settings
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game against Carolina."
+QUESTIONS = [QAItem("Who won the game?", CONTEXT), QAItem("Where was it played?", CONTEXT, top_k=3), QAItem("When?", CONTEXT * 20)]
+CANARY = {"question": "Who won the game?", "context": CONTEXT}
+
+
+@pytest.fixture
+def env(azurite: str, container_name: str) -> dict[str, str]:
+    return {
+        "MODEL_STORAGE": azurite,
+        "MODEL_CONTAINER": container_name,
+        "MODEL_ID": "tests/tiny-bert",
+        "MODEL_CANARY": json.dumps(CANARY),
+        "MODEL_BLOCK_SIZE_MB": "1",
+        "QA_DEADLINE_SECONDS": "30",
+    }
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[ModelStore]:
+    model_store = ModelStore.from_settings(settings)
+    model_store.ensure_container()
+    yield model_store
+    model_store.container.delete_container()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, azurite: str) -> Iterator[tuple[ModelStore, str, dict[str, str]]]:
+    """One tiny BERT isolated with both artifacts, shared by the read-only tests of this module."""
+    from tests.fixtures.tiny_models import build_bert
+
+    folder = build_bert(tmp_path_factory.mktemp("artifact-bert"))
+    env = {
+        "MODEL_STORAGE": azurite,
+        "MODEL_CONTAINER": f"artifacts-{uuid.uuid4().hex[:12]}",
+        "MODEL_ID": "tests/tiny-bert",
+        "MODEL_CANARY": json.dumps(CANARY),
+    }
+    settings = Settings.from_env(env)
+    store = ModelStore.from_settings(settings)
+    store.ensure_container()
+    result = isolate(store, LocalDirSource(folder), explicit=True, keep_versions=3, build=artifact_builder(settings))
+    assert result.revision is not None
+    yield store, result.revision, {**result.artifacts, "folder": str(folder)}
+    store.container.delete_container()
+
+
+def spans(answers: list[list[Any]]) -> list[list[tuple[str, int, int]]]:
+    return [[(a.answer, a.start, a.end) for a in item] for item in answers]
+
+
+def test_the_refresh_builds_both_artifacts_apart_from_the_files(built: tuple[ModelStore, str, dict[str, str]]) -> None:
+    store, revision, outcomes = built
+    assert (outcomes["fp32"], outcomes["int8"]) == ("built", "built")
+    manifest = store.require_manifest(revision)
+    [version] = store.list_versions()
+    assert version.files == len(manifest.files) and version.bytes == manifest.total_bytes  # artifacts not counted as files
+    assert version.artifacts == ("fp32", "int8")
+    listed = list_artifacts(store, manifest)
+    assert set(listed) == {"fp32", "int8"} and all(a["usable"] and a["size"] > 0 for a in listed.values())
+    assert listed["int8"]["size"] < listed["fp32"]["size"]
+    status = store.status()
+    assert status["versions"][0]["artifacts"] == listed
+    record, _ = read_record(store, manifest, "int8") or (None, None)
+    assert record is not None and record.source_files == {f.name: f.sha256 for f in manifest.files}
+    assert record.engine["variant"] == "int8" and record.engine["max_seq_len"] == 384
+    # building again is a no-op per variant
+    assert build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32,int8"})) == {"fp32": "exists", "int8": "exists"}
+
+
+def test_fp32_artifact_answers_as_the_torch_engine(built: tuple[ModelStore, str, dict[str, str]]) -> None:
+    store, revision, outcomes = built
+    manifest = store.require_manifest(revision)
+    loaded = load_artifact(store, manifest, "fp32", Settings.from_env({}))
+    assert (loaded.backend, loaded.variant, loaded.revision) == ("onnx", "fp32", revision)
+    reference = QAEngine.from_dir(outcomes["folder"])
+    got, want = loaded.engine.answer(QUESTIONS), reference.answer(QUESTIONS)
+    assert spans(got) == spans(want)
+    for g, w in zip(got, want, strict=True):
+        assert [a.score for a in g] == pytest.approx([a.score for a in w], abs=1e-5)
+    int8 = load_artifact(store, manifest, "int8", Settings.from_env({}))
+    assert int8.variant == "int8" and all(a for a in int8.engine.answer(QUESTIONS))
+
+
+def test_serving_loads_onnx_first_and_torch_on_request(built: tuple[ModelStore, str, dict[str, str]], azurite: str) -> None:
+    store, revision, _ = built
+    base = {"MODEL_STORAGE": azurite, "MODEL_CONTAINER": store.container.container_name, "MODEL_ID": "tests/tiny-bert"}
+    for extra, expected in [
+        ({}, ("onnx", "fp32")),
+        ({"QA_QUANTIZE": "int8"}, ("onnx", "int8")),
+        ({"QA_BACKEND": "torch"}, ("torch", "fp32")),
+    ]:
+        holder = ModelHolder(lambda extra=extra: Settings.from_env({**base, **extra}), artifact_loader=load_artifact)
+        try:
+            response = api.ask(holder, json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode())
+            assert response.status == 200
+            assert (response.body["backend"], response.body["variant"], response.body["revision"]) == (*expected, revision)
+            described = holder.describe()
+            assert described["fallbacks"] == [] and described["degraded"] is False
+            assert holder.health()["backend"] == expected[0]
+        finally:
+            holder.close()
+
+
+def flip_byte(store: ModelStore, revision: str, variant: str, name: str, at: int) -> None:
+    """Change one byte of an artifact blob, keeping its metadata (the sha256 written with it)."""
+    blob = store.artifact_blob(revision, variant, name)
+    props = blob.get_blob_properties()
+    data = bytearray(blob.download_blob().readall())
+    data[at % len(data)] ^= 0x01
+    blob.upload_blob(bytes(data), overwrite=True, metadata=props.metadata)
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "model.onnx", ARTIFACT_RECORD])
+def test_a_flipped_byte_is_refused_and_serving_falls_back(store: ModelStore, settings: Settings, tiny_bert_dir: Path, name: str) -> None:
+    only_fp32 = Settings.from_env({"MODEL_ARTIFACTS": "fp32", "MODEL_CANARY": json.dumps(CANARY)})
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(only_fp32))
+    assert result.artifacts == {"fp32": "built"} and result.revision is not None
+    revision = result.revision
+    flip_byte(store, revision, "fp32", name, at=-20 if name != ARTIFACT_RECORD else 40)
+    with pytest.raises(IntegrityError):
+        load_artifact(store, store.require_manifest(revision), "fp32", settings)
+    assert list_artifacts(store, store.require_manifest(revision))["fp32"]["usable"] is False or name != ARTIFACT_RECORD
+    holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
+    try:
+        response = api.ask(holder, json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode())
+        assert response.status == 200 and (response.body["backend"], response.body["revision"]) == ("torch", revision)
+        described = holder.describe()
+        [fallback] = described["fallbacks"]
+        assert (fallback["backend"], fallback["revision"], fallback["code"]) == ("onnx", revision, "integrity_error")
+        assert described["degraded"] is True and holder.health()["degraded"] is True
+    finally:
+        holder.close()
+
+
+def test_a_version_without_artifacts_is_served_by_torch_not_degraded(store: ModelStore, settings: Settings, tiny_bert_dir: Path) -> None:
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3)  # no builder: an older version
+    assert result.artifacts == {}
+    holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
+    try:
+        response = api.ask(holder, json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode())
+        assert response.status == 200 and response.body["backend"] == "torch"
+        [fallback] = holder.describe()["fallbacks"]
+        assert fallback["code"] == "not_found" and "build-artifacts" in fallback["message"]
+        assert holder.health()["degraded"] is False
+    finally:
+        holder.close()
+
+
+def test_artifacts_exist_before_the_pointer_moves(store: ModelStore, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    only_int8 = Settings.from_env({"MODEL_ARTIFACTS": "int8", "MODEL_CANARY": json.dumps(CANARY)})
+    seen: list[dict[str, Any]] = []
+    publish = ModelStore.publish
+
+    def checking_publish(self: ModelStore, manifest: Any, *, pinned: bool) -> Any:
+        seen.append(list_artifacts(self, manifest))
+        return publish(self, manifest, pinned=pinned)
+
+    monkeypatch.setattr(ModelStore, "publish", checking_publish)
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(only_int8))
+    assert result.outcome == "published" and result.artifacts == {"int8": "built"}
+    assert [set(s) for s in seen] == [{"int8"}] and seen[0]["int8"]["usable"]
+
+
+def test_a_failed_canary_marks_the_artifact_unusable_not_the_version(store: ModelStore, tiny_bert_dir: Path) -> None:
+    calls: list[str] = []
+
+    def refuse(engine: QAEngine, manifest: Any) -> None:
+        calls.append(engine.answer([QAItem(CANARY["question"], CANARY["context"])])[0][0].answer)
+        raise ValidationFailedError("answered the canary with nonsense")
+
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3)
+    assert result.revision is not None
+    manifest = store.require_manifest(result.revision)
+    outcomes = build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32"}), canary=refuse)
+    assert outcomes["fp32"].startswith("unusable: the canary failed") and len(calls) == 1
+    assert list_artifacts(store, manifest)["fp32"]["usable"] is False
+    with pytest.raises(NotFoundError, match="unusable"):
+        load_artifact(store, manifest, "fp32", Settings.from_env({}))
+    # recorded: the next build does not retry it (a new model version is the fix)
+    assert build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32"}), canary=refuse) == {"fp32": "exists"}
+    assert len(calls) == 1
+
+
+def test_a_record_for_other_files_is_refused(store: ModelStore, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from tests.fixtures.tiny_models import build_bert
+
+    first = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(
+        Settings.from_env({"MODEL_ARTIFACTS": "fp32", "MODEL_CANARY": json.dumps(CANARY)})))  # fmt: skip
+    second = isolate(store, LocalDirSource(build_bert(tmp_path / "other", seed=7)), explicit=True, keep_versions=3)
+    assert first.revision and second.revision
+    for name in ("model.onnx", "weights.bin", ARTIFACT_RECORD):  # copy the first version's artifact under the second
+        source = store.artifact_blob(first.revision, "fp32", name)
+        props = source.get_blob_properties()
+        store.artifact_blob(second.revision, "fp32", name).upload_blob(source.download_blob().readall(), metadata=props.metadata)
+    with pytest.raises(IntegrityError, match="other files"):
+        load_artifact(store, store.require_manifest(second.revision), "fp32", Settings.from_env({}))
+
+
+def test_build_artifacts_command_for_an_existing_version(store: ModelStore, env: dict[str, str], tiny_bert_dir: Path) -> None:
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "shared", *args], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+
+    done = cli("build-artifacts", "--variant", "int8", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"revision": result.revision, "artifacts": {"int8": "built"}}
+    status = cli("status")
+    assert "onnx int8:" in status.stdout and "usable" in status.stdout
+    again = cli("build-artifacts", "--variant", "int8")
+    assert again.returncode == 0 and "int8: exists" in again.stdout
+    wrong = cli("build-artifacts", "--revision", "0" * 40)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr and "not a complete version" in wrong.stderr
+    bad = cli("build-artifacts", "--variant", "fp16")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_record_round_trip_and_refusals() -> None:
+    from shared.model_files import FileEntry
+
+    record = ArtifactRecord(
+        variant="fp32", model_id="m", revision="r", usable=True,
+        files=(FileEntry("model.onnx", 3, "a" * 64), FileEntry("weights.bin", 5, "b" * 64)),
+        source_files={"config.json": "c" * 64}, engine={"opset": 18}, built_at="2026-11-28T00:00:00+00:00",
+    )  # fmt: skip
+    assert ArtifactRecord.from_json(record.to_json(), where="x") == record
+    for broken in (
+        b"{",
+        b"[]",
+        json.dumps({**json.loads(record.to_json()), "format": 2}).encode(),
+        record.to_json().replace(b"weights.bin", b"other.bin"),
+    ):
+        with pytest.raises(IntegrityError):
+            ArtifactRecord.from_json(broken, where="x")
