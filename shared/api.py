@@ -129,11 +129,12 @@ def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
     items, batch = parse_ask(parse_json_object(body, max_bytes=max_body_bytes(holder)), limits=Limits.from_settings(settings))
     with holder.model(deadline) as loaded, holder.inference_slot(deadline):
         inference_started = time.perf_counter()
-        results = loaded.engine.answer(items, deadline=deadline)
+        stats: dict[str, int] = {}
+        results = loaded.engine.answer(items, deadline=deadline, stats=stats)
         inference_ms = (time.perf_counter() - inference_started) * 1000
     model = {"model_id": loaded.model_id, "revision": loaded.revision, "backend": loaded.backend, "variant": loaded.variant}
     log_event(
-        log, "ask", items=len(items), seconds=time.monotonic() - started, model_ms=inference_ms,
+        log, "ask", items=len(items), windows=stats.get("windows", 0), seconds=time.monotonic() - started, model_ms=inference_ms,
         revision=loaded.revision, backend=loaded.backend, variant=loaded.variant, status=200,
     )  # fmt: skip
     # the model's time alone, so a caller can tell it from queueing, loading and the network

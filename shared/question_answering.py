@@ -108,6 +108,7 @@ class QAItem:
                 raise InputError(f"'{where}{name}' must be a string", field=where + name)
             if not value.strip():
                 raise InputError(f"'{where}{name}' must not be empty", field=where + name)
+            _check_unicode(value, where + name)
             fields[name] = value
         top_k = _int_option(data, "top_k", cls.top_k, MIN_TOP_K, MAX_TOP_K, where)
         max_answer_len = _int_option(data, "max_answer_len", cls.max_answer_len, MIN_ANSWER_LEN, MAX_ANSWER_LEN, where)
@@ -121,6 +122,17 @@ class QAItem:
             max_answer_len=max_answer_len,
             handle_impossible_answer=impossible,
         )
+
+
+def _check_unicode(value: str, field: str) -> None:
+    """JSON can carry lone UTF-16 surrogates (``"\\ud800"``); no tokenizer can read them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f"'{field}' is not valid Unicode text: a lone surrogate (U+{ord(value[err.start]):04X}) at character {err.start}",
+            field=field,
+        ) from None
 
 
 def _int_option(data: Mapping[str, Any], name: str, default: int, low: int, high: int, where: str) -> int:
@@ -236,7 +248,11 @@ def decode_spans(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``topk`` best (start, end) pairs with ``start <= end < start + max_answer_len``.
 
-    Same operations as transformers 4.57.6 ``decode_spans`` (so ties resolve the same way).
+    Same operations as transformers 4.57.6 ``decode_spans`` (so ties resolve the same way), with
+    two fixes that change no answer the pipeline gets right: ``topk`` equal to the number of
+    candidates sorts them all (the pipeline's ``argpartition`` raises there), and candidates that
+    are not spans (end before start, too long, or starting on CLS: score exactly 0) are dropped
+    instead of being returned as empty or made-up answers when ``topk`` exceeds the real spans.
     """
     if start.ndim == 1:
         start = start[None]
@@ -247,13 +263,14 @@ def decode_spans(
     scores_flat = candidates.flatten()
     if topk == 1:
         idx_sort = np.array([np.argmax(scores_flat)])
-    elif len(scores_flat) < topk:
+    elif len(scores_flat) <= topk:
         idx_sort = np.argsort(-scores_flat)
     else:
         idx = np.argpartition(-scores_flat, topk)[0:topk]
         idx_sort = idx[np.argsort(-scores_flat[idx])]
     starts, ends = np.unravel_index(idx_sort, candidates.shape)[1:]
     desired_spans = np.isin(starts, undesired_tokens.nonzero()) & np.isin(ends, undesired_tokens.nonzero())
+    desired_spans &= scores_flat[idx_sort] > 0  # 0: masked by triu/tril or the CLS start, not a span
     starts = starts[desired_spans]
     ends = ends[desired_spans]
     scores = candidates[0, starts, ends]
@@ -399,12 +416,15 @@ class QAEngine:
 
     # --- answering --------------------------------------------------------------------------
 
-    def answer(self, items: Sequence[QAItem], *, deadline: float | None = None) -> list[list[Answer]]:
+    def answer(
+        self, items: Sequence[QAItem], *, deadline: float | None = None, stats: dict[str, int] | None = None
+    ) -> list[list[Answer]]:
         """Answer every item; each gets its ``top_k`` answers, best first.
 
         Args:
             items: the questions.
             deadline: a ``time.monotonic()`` value after which work stops.
+            stats: if given, receives ``windows``: the model windows the items took.
 
         Raises:
             InputError, TooLargeError: an item is over a budget; nothing was run.
@@ -412,6 +432,8 @@ class QAEngine:
         """
         self.limits.check_items(items)
         windows = self._windows(items)
+        if stats is not None:
+            stats["windows"] = len(windows)
         logits = self._run(windows, deadline)
         return [self._postprocess(items[i], [(w, logits[k]) for k, w in enumerate(windows) if w.item == i]) for i in range(len(items))]
 
@@ -420,12 +442,16 @@ class QAEngine:
         for index, item in enumerate(items):
             where = f"items[{index}]." if len(items) > 1 else ""
             question_tokens = len(self._safe_encode(self._questions, item.question, None, where, add_special_tokens=False).ids)
+            if question_tokens == 0:
+                raise InputError(f"'{where}question' has no words the model can read", field=where + "question")
             if question_tokens > self.limits.max_question_tokens:
                 raise TooLargeError(
                     f"'{where}question' has {question_tokens} tokens; the limit is {self.limits.max_question_tokens}",
                     field=where + "question",
                 )
             encoding = self._safe_encode(self._windowing, item.question, item.context, where)
+            if 1 not in encoding.sequence_ids:
+                raise InputError(f"'{where}context' has no words the model can read", field=where + "context")
             for enc in [encoding, *encoding.overflowing]:
                 windows.append(_Window(item=index, encoding=enc, p_mask=self._p_mask(enc)))
             if len(windows) > self.limits.max_windows:

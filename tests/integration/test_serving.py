@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -118,8 +119,9 @@ def test_routes_methods_and_auth_levels() -> None:
 
 
 def test_answers_come_from_the_published_model(
-    env: dict[str, str], store: ModelStore, tiny_bert_dir: Path, install: Callable[..., ModelHolder]
+    env: dict[str, str], store: ModelStore, tiny_bert_dir: Path, install: Callable[..., ModelHolder], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="shared")
     revision = publish(store, tiny_bert_dir)
     install(env)
     reference = QAEngine.from_dir(tiny_bert_dir)
@@ -140,6 +142,12 @@ def test_answers_come_from_the_published_model(
     assert status == 200 and len(body["results"]) == 2
     assert "answer" in body["results"][0] and len(body["results"][1]["answers"]) == 2
     assert body["revision"] == revision
+    # one operator line per request, in key=value form for KQL's parse-kv (README, Operations)
+    asks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=ask ")]
+    assert len(asks) == 3
+    fields = dict(pair.split("=", 1) for pair in asks[-1].split(" "))
+    assert (fields["items"], fields["windows"], fields["status"], fields["revision"]) == ("2", "2", "200", revision)
+    assert float(fields["seconds"]) >= 0
 
     status, body, _ = call("health")
     assert status == 200 and body["state"] == "ready" and body["revision"] == revision and body["load_seconds"] >= 0

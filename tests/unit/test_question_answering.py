@@ -6,10 +6,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from shared.errors import DeadlineExceededError, InputError, TooLargeError
-from shared.question_answering import Limits, QAEngine, QAItem, TorchRunner
+from shared.question_answering import Limits, QAEngine, QAItem, TorchRunner, decode_spans
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game."
@@ -83,6 +84,45 @@ def test_multi_item_errors_name_the_item(qa: QAEngine) -> None:
     with pytest.raises(TooLargeError) as info:
         qa.answer([QAItem("who?", CONTEXT), QAItem("q" * 201, CONTEXT)])
     assert info.value.field == "items[1].question"
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4, 7, 12, 13, 20])
+@pytest.mark.parametrize("context", ["a", "a b", "Denver won.", CONTEXT])
+def test_any_top_k_gives_only_real_spans(qa: QAEngine, context: str, top_k: int) -> None:
+    """Found by the fuzz: top_k * 2 + 10 equal to the candidates of a tiny window crashed
+    argpartition (a 500), and top_k beyond the real spans padded the list with "" at score 0."""
+    [answers] = qa.answer([QAItem("who?", context, top_k=top_k)])
+    assert 1 <= len(answers) <= top_k
+    for answer in answers:
+        assert answer.answer and context[answer.start : answer.end] == answer.answer and answer.score > 0
+    assert len({a.answer.lower() for a in answers}) == len(answers)
+
+
+def test_decode_spans_with_top_k_equal_to_the_candidates() -> None:
+    probs = np.array([[0.1, 0.2, 0.3, 0.4]], dtype=np.float32)
+    starts, ends, scores = decode_spans(probs, probs, 16, 15, np.array([0, 1, 1, 1]))
+    assert len(starts) == 6  # the 3 context tokens make 6 spans start <= end; the rest is no span
+    assert (starts <= ends).all() and (scores > 0).all()
+    assert list(scores) == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\x00", "\u0301\u0301"])
+def test_text_without_tokens_is_a_400_naming_the_field(qa: QAEngine, text: str) -> None:
+    with pytest.raises(InputError, match="no words") as info:
+        qa.answer([QAItem("who?", text)])
+    assert info.value.field == "context"
+    with pytest.raises(InputError, match="no words") as info:
+        qa.answer([QAItem("who?", CONTEXT), QAItem(text, CONTEXT)])
+    assert info.value.field == "items[1].question"
+
+
+@pytest.mark.parametrize("field", ["question", "context"])
+def test_lone_surrogate_is_named_as_such(field: str) -> None:
+    data = {"question": "who won?", "context": CONTEXT}
+    data[field] = data[field][:3] + "\ud800" + data[field][3:]
+    with pytest.raises(InputError, match="lone surrogate") as info:
+        QAItem.from_dict(data, where="items[0].")
+    assert info.value.field == f"items[0].{field}" and "character 3" in info.value.message
 
 
 def test_answers_are_spans_of_the_context(qa: QAEngine) -> None:

@@ -29,7 +29,14 @@ def item(record: dict[str, object]) -> QAItem:
     return QAItem(question=record["question"], context=record["context"], **record["options"])  # type: ignore[arg-type]
 
 
+def is_padding(answer: dict[str, object]) -> bool:
+    """The pipeline pads a ``top_k`` larger than the real spans with non-spans at score 0 (end
+    before start); the engine drops them (``decode_spans``). Every other answer must be equal."""
+    return answer["score"] == 0.0 and answer["answer"] == ""
+
+
 def assert_same(got: list[object], expected: list[dict[str, object]], where: str) -> None:
+    expected = [a for a in expected if not is_padding(a)]
     assert len(got) == len(expected), where
     for answer, want in zip(got, expected, strict=True):
         assert (answer.answer, answer.start, answer.end) == (want["answer"], want["start"], want["end"]), where  # type: ignore[attr-defined]
@@ -42,6 +49,9 @@ def test_golden_file_comes_from_the_reference() -> None:
     assert models == {"bert", "distilbert", "roberta", "bert-squad2"}
     assert any(r["answers"][0]["answer"] == "" for r in RECORDS)  # impossible answers do win somewhere
     assert any(len(r["context"]) > 4000 for r in RECORDS)  # multi-window contexts
+    # the only answers the engine leaves out on purpose: 8 paddings, each at the end of its list
+    assert sum(is_padding(a) for r in RECORDS for a in r["answers"]) == 8
+    assert all(not is_padding(a) for r in RECORDS for a in r["answers"][:-1])
 
 
 @pytest.mark.parametrize("model", ["bert", "distilbert", "roberta", "bert-squad2"])
