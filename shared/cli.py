@@ -263,12 +263,16 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     from .question_answering import Limits, QAEngine, QAItem
 
     check_model_dir(args.model_dir)
-    engine = QAEngine.from_dir(
-        args.model_dir,
-        quantize=args.quantize or settings.quantize,
-        limits=Limits.from_settings(settings),
-        batch_windows=settings.batch_windows,
-    )
+    quantize = args.quantize or settings.quantize
+    if args.backend == "onnx":
+        engine = _onnx_engine_from_dir(args.model_dir, quantize, settings)
+    else:
+        engine = QAEngine.from_dir(
+            args.model_dir,
+            quantize=quantize,
+            limits=Limits.from_settings(settings),
+            batch_windows=settings.batch_windows,
+        )
     began = time.monotonic()
     counts = {"answered": 0, "failed": 0}
 
@@ -311,6 +315,31 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     seconds = time.monotonic() - began
     summary = {**counts, "seconds": round(seconds, 3)}
     return 0, summary, f"answered {counts['answered']}, failed {counts['failed']} in {seconds:.1f}s"
+
+
+def _onnx_engine_from_dir(folder: str, quantize: str, settings: Settings) -> Any:
+    """Build the folder's ONNX artifact in memory (no file written), then serve it as the app would."""
+    from pathlib import Path
+
+    from .onnx_export import build_onnx
+    from .onnx_runner import default_threads, onnx_engine
+    from .question_answering import Limits
+
+    variant = "int8" if quantize == "int8" else "fp32"
+    artifact = build_onnx(Path(folder), variant, progress=lambda line: print(line, file=sys.stderr))
+    tokenizer_files = {
+        path.name: bytearray(path.read_bytes())
+        for path in Path(folder).iterdir()
+        if path.is_file() and path.name.startswith(("tokenizer", "special_tokens"))
+    }
+    return onnx_engine(
+        artifact.files,
+        artifact.record,
+        tokenizer_files,
+        limits=Limits.from_settings(settings),
+        batch_windows=settings.batch_windows,
+        threads=default_threads(settings.threads, 1),
+    )
 
 
 def check_model_dir(folder: str) -> None:
@@ -391,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     answer.add_argument("--model-dir", required=True, help="a local model folder (safetensors, config, tokenizer)")
     answer.add_argument("--quantize", choices=("none", "int8"), help="default: QA_QUANTIZE")
+    answer.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="torch (default): the safetensors through torch; onnx: export the folder to the ONNX artifact in memory first "
+        "(int8 with --quantize int8), then answer with ONNX Runtime as the app serves it",
+    )
     answer.add_argument(
         "--batch", type=_count(1, 1024), default=1, help="items per engine call, 1-1024 (windows still batch per QA_BATCH_WINDOWS)"
     )

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -318,21 +318,58 @@ def _char_span(encoding: Any, s: int, e: int) -> tuple[int, int]:
     return encoding.offsets[s][0], encoding.offsets[e][1]
 
 
+@runtime_checkable
+class Runner(Protocol):
+    """The model call of :class:`QAEngine`: one padded batch of windows in, logits out.
+
+    ``input_names`` are the inputs the model takes, among ``input_ids``, ``attention_mask`` and
+    ``token_type_ids``; a call gets int64 arrays of shape (batch, width) for those names and
+    returns float32 ``start_logits`` and ``end_logits`` of the same shape. A runner must be safe
+    to call from several threads at once.
+    """
+
+    input_names: tuple[str, ...]
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class TorchRunner:
+    """An ``AutoModelForQuestionAnswering`` through torch (``quantize="int8"``: dynamic int8)."""
+
+    def __init__(self, model: Any, *, quantize: str = "none") -> None:
+        import inspect
+
+        import torch
+
+        self.model = quantize_model(model.eval(), quantize)
+        accepted = inspect.signature(model.forward).parameters
+        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted)
+        self._torch = torch
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            output = self.model(**{name: torch.from_numpy(array) for name, array in inputs.items()})
+        return output.start_logits.float().numpy(), output.end_logits.float().numpy()
+
+
 class QAEngine:
     """Answers questions with one loaded model; thread safe.
 
     Args:
-        model: an ``AutoModelForQuestionAnswering`` in eval mode.
+        model: a :class:`Runner`, or an ``AutoModelForQuestionAnswering`` (run through a
+            :class:`TorchRunner`).
         tokenizer: its fast tokenizer, as a :class:`TokenizerSpec`.
         limits: request budgets.
         batch_windows: windows per forward pass.
-        quantize: ``int8`` quantizes the model's Linear layers in place at build time.
+        quantize: what the runner computes in (``none`` or ``int8``); for a torch model,
+            ``int8`` quantizes its Linear layers in place at build time.
         max_seq_len, doc_stride: window geometry (pipeline defaults: 384 and 128).
     """
 
     def __init__(
         self,
-        model: Any,
+        model: Runner | Any,
         tokenizer: TokenizerSpec,
         *,
         limits: Limits | None = None,
@@ -341,19 +378,15 @@ class QAEngine:
         max_seq_len: int | None = None,
         doc_stride: int | None = None,
     ) -> None:
-        import inspect
-
-        import torch
         from tokenizers import Tokenizer
 
-        self.model = quantize_model(model.eval(), quantize)
+        self.runner: Runner = model if isinstance(model, Runner) else TorchRunner(model, quantize=quantize)
         self.quantize = quantize
         self.limits = limits or Limits()
         self.batch_windows = batch_windows
         self.max_seq_len = max_seq_len or min(tokenizer.model_max_length, 384)
         self.doc_stride = doc_stride or min(self.max_seq_len // 2, 128)
-        accepted = inspect.signature(model.forward).parameters
-        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.input_names and n in accepted]
+        self.input_names = [n for n in self.runner.input_names if n in tokenizer.input_names]
         self.cls_token_id = tokenizer.cls_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # A private copy of the Rust tokenizer with truncation set once: encode() then never
@@ -365,7 +398,6 @@ class QAEngine:
         self._questions = Tokenizer.from_str(serialized)
         self._questions.no_padding()
         self._questions.no_truncation()
-        self._torch = torch
 
     # --- building ---------------------------------------------------------------------------
 
@@ -452,7 +484,6 @@ class QAEngine:
     def _run(self, windows: list[_Window], deadline: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Logits of every window, in the windows' order. Windows are batched by length so that a
         pass pads as little as possible; each window's logits are cut back to its own length."""
-        torch = self._torch
         results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows)
         order = sorted(range(len(windows)), key=lambda k: len(windows[k].encoding.ids))
         for first in range(0, len(order), self.batch_windows):
@@ -470,11 +501,7 @@ class QAEngine:
                 mask[row, :n] = 1
                 types[row, :n] = encoding.type_ids
             arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-            inputs = {name: torch.from_numpy(arrays[name]) for name in self.input_names}
-            with torch.inference_mode():
-                output = self.model(**inputs)
-            start = output.start_logits.float().numpy()
-            end = output.end_logits.float().numpy()
+            start, end = self.runner({name: arrays[name] for name in self.input_names})
             for row, k in enumerate(batch):
                 n = len(windows[k].encoding.ids)
                 results[k] = (start[row : row + 1, :n], end[row : row + 1, :n])

@@ -43,3 +43,47 @@ def test_answer_lines_keep_order_and_report_errors(batch: str) -> None:
     assert out[4]["error"]["code"] == "too_large"
     assert "answers" in out[5]
     assert "answered 3, failed 3" in proc.stderr
+
+
+@pytest.mark.slow
+def test_answer_through_onnx_matches_torch() -> None:
+    lines = "\n".join(
+        json.dumps({"question": q, "context": CONTEXT, "top_k": 2}) for q in ("who won?", "when?", "which bowl?")
+    ) + "\n"
+
+    def run(*flags: str) -> list[dict[str, object]]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared", "answer", "--model-dir", str(MODEL), "--batch", "2", *flags],
+            input=lines,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+            check=True,
+        )
+        assert "Traceback" not in proc.stderr
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+    torch_fp32, onnx_fp32, onnx_int8 = run(), run("--backend", "onnx"), run("--backend", "onnx", "--quantize", "int8")
+    for got, want in zip(onnx_fp32, torch_fp32, strict=True):
+        assert [(a["answer"], a["start"]) for a in got["answers"]] == [(a["answer"], a["start"]) for a in want["answers"]]  # type: ignore[index]
+        assert [a["score"] for a in got["answers"]] == pytest.approx([a["score"] for a in want["answers"]], abs=1e-5)  # type: ignore[index]
+    for line in onnx_int8:
+        for a in line["answers"]:  # type: ignore[attr-defined]
+            assert CONTEXT[a["start"] : a["end"]] == a["answer"]
+
+
+def test_answer_onnx_on_a_folder_without_tokenizer_json_is_one_line(tmp_path: Path) -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((MODEL / name).read_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared", "answer", "--model-dir", str(tmp_path), "--backend", "onnx"],
+        input="",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "tokenizer.json" in proc.stderr

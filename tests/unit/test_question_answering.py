@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shared.errors import DeadlineExceededError, InputError, TooLargeError
-from shared.question_answering import Limits, QAEngine, QAItem, decode_spans
+from shared.question_answering import Limits, QAEngine, QAItem, TorchRunner, decode_spans
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game."
@@ -172,8 +172,10 @@ def test_int8_quantization_gives_valid_spans() -> None:
     int8 = QAEngine.from_dir(MODELS / "bert", quantize="int8")
     import torch
 
-    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in int8.model.modules())
-    assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in int8.model.modules())
+    assert isinstance(int8.runner, TorchRunner)
+    modules = list(int8.runner.model.modules())
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in modules)
+    assert not any(isinstance(m, torch.nn.Linear) and type(m) is torch.nn.Linear for m in modules)
     item = QAItem("who won the game?", CONTEXT, top_k=3)
     for answer in int8.answer([item])[0]:
         assert CONTEXT[answer.start : answer.end] == answer.answer

@@ -1,0 +1,272 @@
+"""The ONNX engine: export of the tiny BERT, DistilBERT and RoBERTa fixtures, golden parity of fp32,
+batch independence of int8, serving without torch, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from shared import onnx_runner
+from shared.errors import IntegrityError, UnsafeModelError
+from shared.onnx_export import EXTERNAL_MIN_BYTES, MODEL_FILE, RECIPES, WEIGHTS_FILE, OnnxArtifact, build_onnx, initializer_views
+from shared.onnx_runner import default_threads, onnx_engine
+from shared.question_answering import Answer, QAEngine, QAItem
+
+from .test_question_answering_golden import RECORDS, ROOMY, assert_same, item
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "tests" / "fixtures" / "models"
+GOLDEN_MODELS = ["bert", "distilbert", "roberta", "bert-squad2"]
+CONTEXT = "The Denver Broncos won Super Bowl 50 in 2016 against the Carolina Panthers in san francisco."
+
+pytestmark = pytest.mark.slow
+
+
+@cache
+def artifact(model: str, variant: str, recipe: str | None = None) -> OnnxArtifact:
+    return build_onnx(MODELS / model, variant, **({"recipe": recipe} if recipe else {}))
+
+
+def tokenizer_files(model: str) -> dict[str, bytearray]:
+    return {p.name: bytearray(p.read_bytes()) for p in (MODELS / model).iterdir() if p.name.startswith(("tokenizer", "special_tokens"))}
+
+
+def engine(model: str, variant: str, *, batch_windows: int = 8, recipe: str | None = None) -> QAEngine:
+    built = artifact(model, variant, recipe)
+    files = {name: bytearray(data) for name, data in built.files.items()}  # onnx_engine empties what it is given
+    return onnx_engine(files, built.record, tokenizer_files(model), limits=ROOMY, batch_windows=batch_windows, threads=1)
+
+
+def records(model: str) -> list[dict[str, object]]:
+    return [r for r in RECORDS if r["model"] == model]
+
+
+# --- the artifact -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_artifact_is_a_graph_over_one_weights_file(variant: str) -> None:
+    built = artifact("bert", variant)
+    assert set(built.files) == {MODEL_FILE, WEIGHTS_FILE}
+    graph = onnx.load_from_string(bytes(built.files[MODEL_FILE]))
+    weights = built.files[WEIGHTS_FILE]
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [t for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert external and all(len(t.raw_data) < EXTERNAL_MIN_BYTES for t in inline)
+    end = 0
+    for tensor in external:
+        entries = {e.key: e.value for e in tensor.external_data}
+        assert entries["location"] == WEIGHTS_FILE
+        offset, length = int(entries["offset"]), int(entries["length"])
+        assert offset % 64 == 0 and offset + length <= len(weights)
+        end = max(end, offset + length)
+    assert len(weights) - end < 64
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in graph.graph.output] == ["start_logits", "end_logits"]
+    json.dumps(built.record)  # JSON-able as stored
+    assert built.record["variant"] == variant
+    assert (built.record["max_seq_len"], built.record["doc_stride"]) == (384, 128)
+    assert built.record["cls_token_id"] == 2 and built.record["pad_token_id"] == 0
+    assert {"torch", "onnx", "onnxruntime"} <= set(built.record["versions"])
+    assert built.record["cpu"]["model"] and isinstance(built.record["cpu"]["flags"], list)
+
+
+def test_int8_artifact_quantizes_the_attention_and_ffn_input_weights_only() -> None:
+    graph = onnx.load_from_string(bytes(artifact("bert", "int8").files[MODEL_FILE]))
+    ops = [n.op_type for n in graph.graph.node]
+    # 2 layers x (query, key, value, attention output, FFN input); FFN output and span head stay fp32
+    assert ops.count("MatMulIntegerToFloat") == 10
+    assert ops.count("QuantizeLinear") == 2 * 3  # one per distinct activation: Q/K/V share theirs
+    assert ops.count("MatMul") >= 2 * 1 + 1
+    assert not any(op.startswith("DynamicQuantize") for op in ops)  # static scales only
+    record = artifact("bert", "int8").record
+    assert record["recipe"] == "per-channel, FFN output fp32, static"
+    assert record["calibration"]["windows"] > 36
+
+
+def test_distilbert_and_roberta_take_no_token_type_ids() -> None:
+    for model in ("distilbert", "roberta"):
+        assert artifact(model, "fp32").record["input_names"] == ["input_ids", "attention_mask"]
+
+
+# --- fp32: the pipeline's answers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", GOLDEN_MODELS)
+def test_fp32_one_at_a_time_matches_the_pipeline(model: str) -> None:
+    qa = engine(model, "fp32", batch_windows=1)
+    for index, record in enumerate(records(model)):
+        assert_same(qa.answer([item(record)])[0], record["answers"], f"{model} #{index}: {record['options']}")
+
+
+@pytest.mark.parametrize("model", GOLDEN_MODELS)
+def test_fp32_batched_matches_the_pipeline(model: str) -> None:
+    qa = engine(model, "fp32", batch_windows=8)
+    chosen = records(model)
+    for first in range(0, len(chosen), 16):
+        chunk = chosen[first : first + 16]
+        for offset, (got, record) in enumerate(zip(qa.answer([item(r) for r in chunk]), chunk, strict=True)):
+            assert_same(got, record["answers"], f"{model} #{first + offset}")
+
+
+# --- int8 ---------------------------------------------------------------------------------------
+
+
+def _key(answers: list[Answer]) -> list[tuple[str, int, int]]:
+    return [(a.answer, a.start, a.end) for a in answers]
+
+
+@pytest.mark.parametrize("model", ["bert", "roberta"])
+def test_int8_answers_do_not_depend_on_the_batch(model: str) -> None:
+    alone_engine = engine(model, "int8", batch_windows=1)
+    batched_engine = engine(model, "int8", batch_windows=8)
+    items = [item(r) for r in records(model)]
+    alone = [alone_engine.answer([one])[0] for one in items]
+    for size in (3, 16):
+        for first in range(0, len(items), size):
+            batched = batched_engine.answer(items[first : first + size])
+            for offset, got in enumerate(batched):
+                want = alone[first + offset]
+                assert _key(got) == _key(want), f"{model} #{first + offset} in a batch of {size}"
+                for a, b in zip(got, want, strict=True):
+                    assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+@pytest.mark.parametrize("model", ["bert", "distilbert", "roberta"])
+def test_int8_stays_close_to_fp32(model: str) -> None:
+    fp32, int8 = engine(model, "fp32"), engine(model, "int8")
+    items = [item(r) for r in records(model)]
+    got, want = int8.answer(items), fp32.answer(items)
+    same = sum(_key(g[:1]) == _key(w[:1]) for g, w in zip(got, want, strict=True))
+    assert same >= 0.9 * len(items), f"{same} of {len(items)} top answers unchanged"
+    drift = max(abs(g[0].score - w[0].score) for g, w in zip(got, want, strict=True) if g and w)
+    assert drift < 0.02
+    assert int8.quantize == "int8" and fp32.quantize == "none"
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_builds_and_answers(recipe: str) -> None:
+    qa = engine("bert", "int8", recipe=recipe)
+    (best,) = qa.answer([QAItem("who won?", CONTEXT)])[0]
+    assert CONTEXT[best.start : best.end] == best.answer
+
+
+# --- serving without torch ----------------------------------------------------------------------
+
+_NO_TORCH_CHILD = """
+import json, sys
+from pathlib import Path
+folder = Path(sys.argv[1])
+from shared.onnx_runner import onnx_engine
+from shared.question_answering import QAItem
+files = {name: bytearray((folder / name).read_bytes()) for name in ("model.onnx", "weights.bin")}
+tokenizer = {"tokenizer.json": (folder / "tokenizer.json").read_bytes()}
+record = json.loads((folder / "artifact.json").read_text())
+engine = onnx_engine(files, record, tokenizer, threads=1)
+answers = engine.answer([QAItem(sys.argv[2], sys.argv[3], top_k=2)])[0]
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"))
+print(json.dumps({"answers": [a.to_dict() for a in answers], "heavy": heavy, "cleared": [len(v) for v in files.values()]}))
+"""
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_serving_imports_neither_torch_nor_transformers(variant: str, tmp_path: Path) -> None:
+    built = artifact("roberta", variant)
+    for name, data in built.files.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "artifact.json").write_text(json.dumps(built.record))
+    (tmp_path / "tokenizer.json").write_bytes((MODELS / "roberta" / "tokenizer.json").read_bytes())
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_CHILD, str(tmp_path), "who won?", CONTEXT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
+    child = json.loads(proc.stdout.splitlines()[-1])
+    assert child["heavy"] == []
+    assert child["cleared"] == [0, 0]  # the download buffers were released after the load
+    here = engine("roberta", variant).answer([QAItem("who won?", CONTEXT, top_k=2)])[0]
+    assert [(a["answer"], a["start"]) for a in child["answers"]] == [(a.answer, a.start) for a in here]
+    assert [a["score"] for a in child["answers"]] == pytest.approx([a.score for a in here], abs=1e-6)
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def test_a_folder_without_safetensors_or_tokenizer_json_is_refused(tmp_path: Path) -> None:
+    source = MODELS / "bert"
+    for name in ("config.json", "tokenizer_config.json", "vocab.txt"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UnsafeModelError, match="safetensors"):
+        build_onnx(tmp_path, "fp32")
+    (tmp_path / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    with pytest.raises(UnsafeModelError, match=r"tokenizer\.json"):
+        build_onnx(tmp_path, "fp32")
+
+
+def test_damaged_graph_or_record_is_refused() -> None:
+    built = artifact("bert", "fp32")
+    tokenizer = tokenizer_files("bert")
+    damaged = bytearray(built.files[MODEL_FILE])
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = b"\xff" * 64
+    with pytest.raises(IntegrityError):
+        onnx_engine({MODEL_FILE: damaged, WEIGHTS_FILE: bytearray(built.files[WEIGHTS_FILE])}, built.record, tokenizer)
+    with pytest.raises(IntegrityError, match="lacks weights.bin"):
+        onnx_engine({MODEL_FILE: bytearray(built.files[MODEL_FILE])}, built.record, tokenizer)
+    with pytest.raises(IntegrityError):
+        onnx_engine({MODEL_FILE: bytearray(built.files[MODEL_FILE]), WEIGHTS_FILE: bytearray(16)}, built.record, tokenizer)
+    wrong_inputs = {**built.record, "input_names": ["input_ids", "attention_mask"]}
+    with pytest.raises(IntegrityError, match="inputs"):
+        onnx_engine({k: bytearray(v) for k, v in built.files.items()}, wrong_inputs, tokenizer)
+    incomplete = {k: v for k, v in built.record.items() if k != "max_seq_len"}
+    with pytest.raises(IntegrityError, match="record"):
+        onnx_engine({k: bytearray(v) for k, v in built.files.items()}, incomplete, tokenizer)
+    with pytest.raises(UnsafeModelError, match="format"):
+        onnx_engine({k: bytearray(v) for k, v in built.files.items()}, {**built.record, "format": 99}, tokenizer)
+    with pytest.raises(UnsafeModelError, match=r"tokenizer\.json"):
+        onnx_engine({k: bytearray(v) for k, v in built.files.items()}, built.record, {"vocab.txt": bytearray(b"x")})
+
+
+def test_the_engine_reads_its_weights_from_weights_bin() -> None:
+    """Scaled weights give other scores: the weights come from weights.bin, not from the graph (the
+    store's sha256 check, not the engine, is what refuses damaged bytes)."""
+    built = artifact("bert", "fp32")
+    weights = bytearray(built.files[WEIGHTS_FILE])
+    graph = onnx.load_from_string(bytes(built.files[MODEL_FILE]))
+    external = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    for name, view in initializer_views(graph, weights).items():
+        if name in external and view.dtype == np.float32:
+            view *= -3.0
+    del view
+    flipped = onnx_engine({MODEL_FILE: bytearray(built.files[MODEL_FILE]), WEIGHTS_FILE: weights}, built.record, tokenizer_files("bert"))
+    item_ = QAItem("who won?", CONTEXT, top_k=3)
+    assert [a.score for a in flipped.answer([item_])[0]] != [a.score for a in engine("bert", "fp32").answer([item_])[0]]
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+
+def test_threads_come_from_the_setting_or_the_cpu_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(onnx_runner, "_CGROUP_CPU_MAX", cpu_max)
+    assert default_threads(3, 2) == 3
+    cpu_max.write_text("400000 100000\n")
+    assert default_threads(None, 2) == 2
+    assert default_threads(None, 1) == 4
+    assert default_threads(None, 8) == 1
+    cpu_max.write_text("150000 100000\n")
+    assert onnx_runner.cpu_quota() == 1
+    cpu_max.write_text("max 100000\n")
+    assert onnx_runner.cpu_quota() == len(__import__("os").sched_getaffinity(0))
+    cpu_max.unlink()
+    assert onnx_runner.cpu_quota() >= 1
