@@ -257,7 +257,8 @@ def build_artifacts(
         return outcomes
     with tempfile.TemporaryDirectory(prefix="qa-export-") as folder:
         # the exporter reads a model folder; config, weights and tokenizer are verified on the way
-        store.download_version(manifest.revision, folder)
+        for entry in manifest.files:  # a staged version has no manifest blob yet: go by ``manifest``
+            store.download_file(manifest.revision, entry, Path(folder))
         for variant in todo:
             outcomes[variant] = _build_one(store, manifest, variant, Path(folder), settings, canary, progress)
             gc.collect()
