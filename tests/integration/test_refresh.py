@@ -342,6 +342,8 @@ def test_http_and_timer_queue_base64_messages_the_worker_runs(
     [
         ("model_refresh", b"{", 400),
         ("model_refresh", b"[1]", 400),
+        ("model_refresh", b"[" * 4000, 400),
+        ("model_rollback", b'{"to":' + b"[" * 4000, 400),
         ("model_refresh", json.dumps({"revision": 3}).encode(), 400),
         ("model_refresh", json.dumps({"revision": "../../etc"}).encode(), 400),
         ("model_refresh", json.dumps({"unpin": "yes"}).encode(), 400),

@@ -114,6 +114,8 @@ def test_answers_come_from_the_published_model(
         (b"", 400, "body"),
         (b"{", 400, "body"),
         (b"\xff\xfe", 400, "body"),
+        (b"[" * 4000, 400, "body"),  # json.loads raised RecursionError: a 500
+        (b'{"items":' * 3000 + b"1" + b"}" * 3000, 400, "body"),
         (b"[]", 400, "body"),
         (b'"text"', 400, "body"),
         (b"{}", 400, "question"),
