@@ -116,7 +116,7 @@ def test_a_fault_at_every_step_leaves_no_half_version_and_the_next_refresh_compl
     weights_blocks = -(-(v1.folder / WEIGHTS).stat().st_size // (64 * 1024))
 
     def store_of(case: Case) -> ModelStore:
-        return writer_store(azurite, case.container, model_id=MODEL_ID, lease_seconds=LEASE_SECONDS)  # type: ignore[no-any-return]
+        return writer_store(azurite, case.container, model_id=MODEL_ID, lease_seconds=LEASE_SECONDS)
 
     # the cases, each in a container of its own: a first refresh (v1), or an update (v1, v2 -> v3)
     cases = []
