@@ -358,7 +358,8 @@ class ModelHolder:
                 except (StorageUnavailableError, SettingsError):
                     raise
                 except QAError as err:
-                    first_error = first_error or err
+                    if first_error is None or (backend == "torch" and revision == pointer.revision):
+                        first_error = err  # the current version's own (torch) error names the real problem
                     tried.append({"revision": revision, "backend": backend, "variant": variant, "code": err.code, "message": err.message})
                     log_event(
                         log, "model_load", level=logging.WARNING, model_id=store.model_id, revision=revision, backend=backend,

@@ -224,7 +224,12 @@ def test_a_damaged_current_version_serves_the_previous_one_until_repaired(
     instance = call("model")[1]["instance"]
     assert instance["degraded"] is True and instance["damaged"]["revision"] == second
     assert "model.safetensors" in instance["damaged"]["message"]
-    assert [(f["revision"], f["code"]) for f in instance["fallbacks"]] == [(second, "integrity_error")]
+    # the stated order: current onnx (no artifact here), current torch (damaged), then the earlier version
+    assert [(f["revision"], f["backend"], f["code"]) for f in instance["fallbacks"]] == [
+        (second, "onnx", "not_found"),
+        (second, "torch", "integrity_error"),
+        (first, "onnx", "not_found"),
+    ]
 
     publish(store, second_dir, repair=True)  # the background re-hash then passes: the current version loads
     wait_for(lambda: holder.health().get("revision") == second, what="the repaired version to load")
