@@ -179,6 +179,12 @@ def _numel(shape: list[int]) -> int:
 
 def engine_from_files(files: Mapping[str, bytearray], *, quantize: str = "none", **options: Any) -> QAEngine:
     """Build the engine from file contents in memory (config, safetensors, tokenizer)."""
+    return QAEngine(model_from_files(files), _tokenizer_spec(files), quantize=quantize, **options)
+
+
+def model_from_files(files: Mapping[str, bytearray]) -> Any:
+    """The fp32 ``AutoModelForQuestionAnswering`` of in-memory files; its tensors share the
+    safetensors buffers (no copy), so those buffers live as long as the model."""
     import torch
     from transformers import CONFIG_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
     from transformers.utils import logging as hf_logging
@@ -201,7 +207,7 @@ def engine_from_files(files: Mapping[str, bytearray], *, quantize: str = "none",
         raise UnsafeModelError("the version has no safetensors weights")
     model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
     del state_dict
-    return QAEngine(model, _tokenizer_spec(files), quantize=quantize, **options)
+    return model.eval()
 
 
 def _tokenizer_spec(files: Mapping[str, bytearray]) -> TokenizerSpec:
