@@ -129,14 +129,20 @@ def build_onnx(
     say = progress or (lambda line: log.info("%s", line))
     model_dir = Path(model_dir)
     say(f"loading {model_dir.name} for export")
-    model, spec, tokenizer_json = _load(model_dir)
+    model, spec, _ = _load(model_dir)
     facts = _serving_facts(model, spec)
     owners = _rehome(model)
+    linear_ranges: dict[str, tuple[float, float]] = {}
+    windows = 0
+    if variant == "int8":
+        say(f"calibrating activation scales on {CALIBRATION_FILE.name}")
+        linear_ranges, windows = calibrate(model, spec, facts)
     say(f"exporting {model.config.model_type} to ONNX ({', '.join(facts['input_names'])})")
     ir_model = _export(model, facts["input_names"], max_seq_len=facts["max_seq_len"])
     model_type = model.config.model_type
     del model
     gc.collect()
+    linear_inputs = _linear_inputs(ir_model)
     say("packing the weights into weights.bin")
     graph, weights, opset = _pack_ir(ir_model, owners)
     del owners
@@ -155,8 +161,7 @@ def build_onnx(
     }
     if variant == "int8":
         chosen = RECIPES[recipe]
-        say(f"calibrating activation scales on {CALIBRATION_FILE.name}")
-        ranges, windows = calibrate(graph, weights, record, tokenizer_json)
+        ranges = {name: linear_ranges[module] for name, module in linear_inputs.items() if module in linear_ranges}
         say(f"quantizing ({chosen.name})")
         graph, weights, quantized = quantize(graph, weights, ranges, chosen)
         record.update(
@@ -481,63 +486,70 @@ def calibration_items() -> list[Any]:
     return items
 
 
-def calibrate(
-    graph: bytes, weights: bytearray, record: Mapping[str, Any], tokenizer_json: bytes
-) -> tuple[dict[str, tuple[float, float]], int]:
-    """Min/max of every quantizable MatMul's activation input over the calibration windows.
+def calibrate(model: Any, spec: Any, facts: Mapping[str, Any]) -> tuple[dict[str, tuple[float, float]], int]:
+    """Min/max of the input of every ``nn.Linear`` over the calibration windows, in fp32 torch.
 
-    Windows run one at a time (no padding enters the ranges) through the fp32 graph with those
-    activations added as outputs, in the same engine that serves, so windows are the served ones.
+    The windows are those the serving engine makes (same tokenizer, geometry and code), run
+    one at a time so that no padding enters the ranges. The exported MatMuls compute the same
+    fp32 values, so these ranges are theirs (:func:`_linear_inputs` maps one to the other);
+    calibrating before the export needs no second copy of the weights in an ONNX session.
 
     Returns:
-        ({activation name: (min, max)}, number of windows seen)
+        ({Linear module path: (min, max)}, number of windows seen)
     """
-    import onnx
+    import torch
 
-    from .onnx_runner import OnnxRunner, session_options, tokenizer_spec
-    from .question_answering import Limits, QAEngine
+    from .question_answering import Limits, QAEngine, TorchRunner
 
-    proto = onnx.load_from_string(graph)
-    activations = sorted({node.input[0] for node in _quantizable(proto, None).values()})
-    existing = {o.name for o in proto.graph.output}
-    for name in activations:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    import onnxruntime as ort
-
-    options = session_options(threads=None)
-    options.add_session_config_entry("session.disable_prepacking", "1")  # a short-lived session: no packed copies
-    external = {t.name for t in proto.graph.initializer if t.data_location == t.EXTERNAL}
-    views = {name: view for name, view in initializer_views(proto, weights).items() if name in external}
-    # OrtValues over views of the buffer: the session reads the weights in place, no copy
-    options.add_external_initializers(list(views), [ort.OrtValue.ortvalue_from_numpy(v) for v in views.values()])
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ranges: dict[str, tuple[float, float]] = {}
     seen = {"windows": 0}
 
-    class Observer(OnnxRunner):
-        def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-            outputs = self.session.run([*OUTPUT_NAMES, *activations], dict(inputs))
-            for name, value in zip(activations, outputs[2:], strict=True):
-                low, high = float(value.min()), float(value.max())
-                old = ranges.get(name, (low, high))
-                ranges[name] = (min(old[0], low), max(old[1], high))
-            seen["windows"] += len(outputs[0])
-            return outputs[0], outputs[1]
+    def observe(path: str) -> Callable[..., None]:
+        def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
+            low, high = float(inputs[0].min()), float(inputs[0].max())
+            old = ranges.get(path, (low, high))
+            ranges[path] = (min(old[0], low), max(old[1], high))
 
-    engine = QAEngine(
-        Observer(session, tuple(record["input_names"])),
-        tokenizer_spec(record, tokenizer_json),
-        limits=Limits(max_windows=1000, max_items=1000),
-        batch_windows=1,
-        max_seq_len=record["max_seq_len"],
-        doc_stride=record["doc_stride"],
-    )
-    for item in calibration_items():
-        engine.answer([item])
-    del engine, session, views, options
-    gc.collect()
+        return hook
+
+    def count(_module: Any, inputs: tuple[Any, ...]) -> None:
+        seen["windows"] += 1
+
+    handles = [m.register_forward_pre_hook(observe(path)) for path, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    handles.append(model.register_forward_pre_hook(count))
+    try:
+        engine = QAEngine(
+            TorchRunner(model),
+            spec,
+            limits=Limits(max_windows=1000, max_items=1000),
+            batch_windows=1,
+            max_seq_len=facts["max_seq_len"],
+            doc_stride=facts["doc_stride"],
+        )
+        for item in calibration_items():
+            engine.answer([item])
+    finally:
+        for handle in handles:
+            handle.remove()
     return ranges, seen["windows"]
+
+
+def _linear_inputs(ir_model: Any) -> dict[str, str]:
+    """{input name of a MatMul over a weight: the ``nn.Linear`` it was exported from}, from the
+    exporter's provenance metadata (read before :func:`_pack_ir` drops it)."""
+    import ast
+
+    found = {}
+    for node in ir_model.graph:
+        if node.op_type != "MatMul" or not node.inputs[1] or not node.inputs[1].is_initializer():
+            continue
+        try:
+            scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        if len(scopes) >= 2 and node.inputs[0] is not None:
+            found[node.inputs[0].name] = scopes[-2]
+    return found
 
 
 def _calibration_facts(windows: int) -> dict[str, Any]:
