@@ -16,12 +16,16 @@ and what the artifact was built from. Building needs torch and transformers; ser
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import gc
 import hashlib
 import json
 import logging
+import mmap
 import platform
+import struct
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -125,14 +129,23 @@ def build_onnx(
     say = progress or (lambda line: log.info("%s", line))
     model_dir = Path(model_dir)
     say(f"loading {model_dir.name} for export")
-    model, spec, tokenizer_json = _load(model_dir)
+    model, spec, _ = _load(model_dir)
     facts = _serving_facts(model, spec)
+    owners = _rehome(model)
+    linear_ranges: dict[str, tuple[float, float]] = {}
+    windows = 0
+    if variant == "int8":
+        say(f"calibrating activation scales on {CALIBRATION_FILE.name}")
+        linear_ranges, windows = calibrate(model, spec, facts)
     say(f"exporting {model.config.model_type} to ONNX ({', '.join(facts['input_names'])})")
     ir_model = _export(model, facts["input_names"], max_seq_len=facts["max_seq_len"])
     model_type = model.config.model_type
     del model
     gc.collect()
-    graph, weights, opset = _pack_ir(ir_model)
+    linear_inputs = _linear_inputs(ir_model)
+    say("packing the weights into weights.bin")
+    graph, weights, opset = _pack_ir(ir_model, owners)
+    del owners
     del ir_model
     gc.collect()
     record: dict[str, Any] = {
@@ -148,8 +161,7 @@ def build_onnx(
     }
     if variant == "int8":
         chosen = RECIPES[recipe]
-        say(f"calibrating activation scales on {CALIBRATION_FILE.name}")
-        ranges, windows = calibrate(graph, weights, record, tokenizer_json)
+        ranges = {name: linear_ranges[module] for name, module in linear_inputs.items() if module in linear_ranges}
         say(f"quantizing ({chosen.name})")
         graph, weights, quantized = quantize(graph, weights, ranges, chosen)
         record.update(
@@ -166,14 +178,19 @@ def build_onnx(
 
 
 def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
-    """The fp32 torch model, its tokenizer spec and ``tokenizer.json`` of a local folder."""
+    """The fp32 torch model, its tokenizer spec and ``tokenizer.json`` of a local folder.
+
+    Each weight is read into memory of its own (plain reads, no memory map), so that the
+    export can free them one by one as they move into ``weights.bin``.
+    """
     import torch
-    from transformers import AutoModelForQuestionAnswering
+    from transformers import CONFIG_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
     from transformers.utils import logging as hf_logging
 
     from .model_loader import _tokenizer_spec
 
-    if not any(model_dir.glob("*.safetensors")):
+    weight_files = sorted(model_dir.glob("*.safetensors"))
+    if not weight_files:
         raise UnsafeModelError(f"{model_dir} has no safetensors weights to export")
     if not (model_dir / "tokenizer.json").is_file():
         raise UnsafeModelError(f"{model_dir} has no tokenizer.json; the ONNX path reads the tokenizer from it alone")
@@ -182,14 +199,90 @@ def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
         for path in model_dir.iterdir()
         if path.is_file() and path.suffix in (".json", ".txt") and path.stat().st_size < 64 << 20
     }
-    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForQuestionAnswering.from_pretrained(
-            str(model_dir), use_safetensors=True, trust_remote_code=False, dtype=torch.float32
-        )
-    except (ValueError, KeyError, OSError) as err:
-        raise UnsafeModelError(f"transformers cannot load {model_dir.name} as a question-answering model: {err}") from err
+        config_dict = json.loads(bytes(small["config.json"]))
+        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+    except (KeyError, ValueError) as err:
+        raise UnsafeModelError("config.json has no known model_type for transformers") from err
+    model_class: Any = MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise UnsafeModelError(f"transformers has no question-answering head for model type {config.model_type!r}")
+    state_dict: dict[str, Any] = {}
+    for path in weight_files:
+        state_dict.update(_read_safetensors(path))
+    hf_logging.disable_progress_bar()
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
+    del state_dict
     return model.eval(), _tokenizer_spec(small), bytes(small["tokenizer.json"])
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a ``.safetensors`` file, each in a torch storage of its own (which
+    :func:`_pack_ir` can free as soon as the tensor is in ``weights.bin``).
+
+    Raises:
+        UnsafeModelError: the header is malformed or names an unsupported dtype.
+    """
+    import torch
+
+    from .model_loader import _SAFETENSORS_DTYPES
+
+    tensors = {}
+    with path.open("rb") as file:
+        (header_len,) = struct.unpack("<Q", file.read(8))
+        try:
+            header = json.loads(file.read(min(header_len, 100 << 20)))
+            base = 8 + header_len
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = getattr(torch, _SAFETENSORS_DTYPES[meta["dtype"]])
+                begin, end = (int(x) for x in meta["data_offsets"])
+                tensor = torch.empty([int(x) for x in meta["shape"]], dtype=dtype)
+                if tensor.nbytes != end - begin:
+                    raise ValueError(f"{name}: its shape does not match its byte range")
+                file.seek(base + begin)
+                target = memoryview(tensor.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+                if tensor.nbytes and file.readinto(target) != tensor.nbytes:
+                    raise ValueError(f"{name} runs past the end of the file")
+                tensors[name] = tensor
+        except (KeyError, TypeError, ValueError) as err:
+            raise UnsafeModelError(f"{path.name} is not a readable safetensors file ({err})") from err
+    return tensors
+
+
+def _rehome(model: Any) -> list[tuple[int, int, mmap.mmap]]:
+    """Move every parameter and buffer of ``model`` into an anonymous memory map of its own.
+
+    The exporter's initializers are these tensors or numpy views of them (a transposed weight
+    is a view), referenced from places the export leaves behind; a memory map's pages can be
+    handed back to the system with ``madvise`` whoever still refers to them, so
+    :func:`_pack_ir` frees each weight as soon as it is in ``weights.bin``.
+
+    Returns:
+        (first address, end address, map) of every tensor moved.
+    """
+    import torch
+
+    moved: dict[int, Any] = {}
+    owners = []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or tensor.nbytes < EXTERNAL_MIN_BYTES or not tensor.is_contiguous():
+                    continue
+                if tensor.data_ptr() not in moved:
+                    memory = mmap.mmap(-1, tensor.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                    home = torch.frombuffer(memory, dtype=tensor.dtype, count=tensor.numel()).reshape(tensor.shape)
+                    home.copy_(tensor.detach())
+                    moved[tensor.data_ptr()] = home
+                    owners.append((home.data_ptr(), home.data_ptr() + home.nbytes, memory))
+                home = moved[tensor.data_ptr()]
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = home
+                else:
+                    table[name] = home
+    return owners
 
 
 def _serving_facts(model: Any, spec: Any) -> dict[str, Any]:
@@ -236,7 +329,26 @@ def _export(model: Any, input_names: Sequence[str], *, max_seq_len: int) -> Any:
         raise UnsafeModelError(f"the model cannot be exported to ONNX ({type(err).__name__})") from err
     if program is None:
         raise UnsafeModelError("the ONNX exporter returned no program")
+    _release_rewriter_state()
     return program.model
+
+
+def _release_rewriter_state() -> None:
+    """Forget the graph onnxscript's pattern matchers saw last.
+
+    The exporter's rewrite rules are module-level objects whose matchers keep the last graph
+    they matched, and through it every exported weight (1.3 GB for bert-large) for the life of
+    the process. Their state is per match, so clearing it after the export is safe.
+    """
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # a future onnxscript: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, PatternMatcher):
+            for attribute in ("_graph", "_match", "_current_node", "_tracer"):
+                if attribute in vars(obj):
+                    setattr(obj, attribute, None)
 
 
 @contextlib.contextmanager
@@ -258,20 +370,21 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 class _WeightsWriter:
-    """Lays tensors out in one ``weights.bin`` buffer, allocated once at its final size."""
+    """Lays tensors out in one ``weights.bin`` buffer, each on a 64-byte boundary.
 
-    def __init__(self, sizes: Sequence[int]) -> None:
-        self.offsets: list[int] = []
-        end = 0
-        for size in sizes:
-            self.offsets.append(end)
-            end = _aligned(end + size)
-        self.buffer = bytearray(end)
+    The buffer grows by appending: a large ``bytearray`` grows in place (``mremap``), while
+    ``bytearray(size)`` would write zeros over the whole final size up front, committing it
+    all before the source weights are released.
+    """
 
-    def put(self, index: int, data: np.ndarray) -> tuple[int, int]:
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def put(self, data: np.ndarray) -> tuple[int, int]:
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        offset = self.offsets[index]
-        self.buffer[offset : offset + raw.nbytes] = memoryview(raw)  # type: ignore[arg-type]  # numpy arrays are buffers
+        self.buffer += bytes(_aligned(len(self.buffer)) - len(self.buffer))
+        offset = len(self.buffer)
+        self.buffer += memoryview(raw)  # type: ignore[arg-type]  # numpy arrays are buffers
         return offset, raw.nbytes
 
 
@@ -279,24 +392,46 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _pack_ir(ir_model: Any) -> tuple[bytes, bytearray, int]:
+def _pack_ir(ir_model: Any, owners: Sequence[tuple[int, int, mmap.mmap]] = ()) -> tuple[bytes, bytearray, int]:
     """Serialize an ``onnx_ir.Model``: initializers move one at a time into ``weights.bin``.
 
-    Each initializer's tensor is released once copied, so the peak is the weights once in
-    the exporter's tensors (falling) plus once in the buffer (rising).
+    ``owners`` are the memory maps holding the model's tensors (:func:`_rehome`): once every
+    initializer over one of them is copied, its pages are released, so the peak stays near one
+    copy of the weights instead of two.
     """
     import onnx_ir as ir
 
     graph = ir_model.graph
     values = [v for v in graph.initializers.values() if v.const_value.nbytes >= EXTERNAL_MIN_BYTES]
-    writer = _WeightsWriter([v.const_value.nbytes for v in values])
+    spans = sorted((start, end, index) for index, (start, end, _) in enumerate(owners))
+    starts = [span[0] for span in spans]
+
+    def owner_of(tensor: Any) -> int | None:
+        raw: Any = getattr(tensor, "raw", None)
+        if hasattr(raw, "data_ptr"):
+            address = raw.data_ptr()
+        elif isinstance(raw, np.ndarray):
+            address = raw.__array_interface__["data"][0]
+        else:
+            return None
+        at = bisect.bisect_right(starts, address) - 1
+        return spans[at][2] if at >= 0 and address < spans[at][1] else None
+
+    uses = [owner_of(v.const_value) for v in values]
+    remaining = collections.Counter(u for u in uses if u is not None)
+    writer = _WeightsWriter()
     for index, value in enumerate(values):
         tensor = value.const_value
-        offset, length = writer.put(index, tensor.numpy())
+        offset, length = writer.put(tensor.numpy())
         value.const_value = ir.ExternalTensor(
             WEIGHTS_FILE, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=""
         )
         del tensor
+        owner = uses[index]
+        if owner is not None:
+            remaining[owner] -= 1
+            if remaining[owner] == 0:
+                owners[owner][2].madvise(mmap.MADV_DONTNEED)  # nothing reads the torch model again
     for node in graph:
         node.metadata_props.clear()  # the exporter's FX provenance: megabytes nobody reads at serving
     proto = ir.serde.serialize_model(ir_model)
@@ -351,63 +486,70 @@ def calibration_items() -> list[Any]:
     return items
 
 
-def calibrate(
-    graph: bytes, weights: bytearray, record: Mapping[str, Any], tokenizer_json: bytes
-) -> tuple[dict[str, tuple[float, float]], int]:
-    """Min/max of every quantizable MatMul's activation input over the calibration windows.
+def calibrate(model: Any, spec: Any, facts: Mapping[str, Any]) -> tuple[dict[str, tuple[float, float]], int]:
+    """Min/max of the input of every ``nn.Linear`` over the calibration windows, in fp32 torch.
 
-    Windows run one at a time (no padding enters the ranges) through the fp32 graph with those
-    activations added as outputs, in the same engine that serves, so windows are the served ones.
+    The windows are those the serving engine makes (same tokenizer, geometry and code), run
+    one at a time so that no padding enters the ranges. The exported MatMuls compute the same
+    fp32 values, so these ranges are theirs (:func:`_linear_inputs` maps one to the other);
+    calibrating before the export needs no second copy of the weights in an ONNX session.
 
     Returns:
-        ({activation name: (min, max)}, number of windows seen)
+        ({Linear module path: (min, max)}, number of windows seen)
     """
-    import onnx
+    import torch
 
-    from .onnx_runner import OnnxRunner, session_options, tokenizer_spec
-    from .question_answering import Limits, QAEngine
+    from .question_answering import Limits, QAEngine, TorchRunner
 
-    proto = onnx.load_from_string(graph)
-    activations = sorted({node.input[0] for node in _quantizable(proto, None).values()})
-    existing = {o.name for o in proto.graph.output}
-    for name in activations:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    import onnxruntime as ort
-
-    options = session_options(threads=None)
-    options.add_session_config_entry("session.disable_prepacking", "1")  # a short-lived session: no packed copies
-    external = {t.name for t in proto.graph.initializer if t.data_location == t.EXTERNAL}
-    views = {name: view for name, view in initializer_views(proto, weights).items() if name in external}
-    # OrtValues over views of the buffer: the session reads the weights in place, no copy
-    options.add_external_initializers(list(views), [ort.OrtValue.ortvalue_from_numpy(v) for v in views.values()])
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ranges: dict[str, tuple[float, float]] = {}
     seen = {"windows": 0}
 
-    class Observer(OnnxRunner):
-        def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-            outputs = self.session.run([*OUTPUT_NAMES, *activations], dict(inputs))
-            for name, value in zip(activations, outputs[2:], strict=True):
-                low, high = float(value.min()), float(value.max())
-                old = ranges.get(name, (low, high))
-                ranges[name] = (min(old[0], low), max(old[1], high))
-            seen["windows"] += len(outputs[0])
-            return outputs[0], outputs[1]
+    def observe(path: str) -> Callable[..., None]:
+        def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
+            low, high = float(inputs[0].min()), float(inputs[0].max())
+            old = ranges.get(path, (low, high))
+            ranges[path] = (min(old[0], low), max(old[1], high))
 
-    engine = QAEngine(
-        Observer(session, tuple(record["input_names"])),
-        tokenizer_spec(record, tokenizer_json),
-        limits=Limits(max_windows=1000, max_items=1000),
-        batch_windows=1,
-        max_seq_len=record["max_seq_len"],
-        doc_stride=record["doc_stride"],
-    )
-    for item in calibration_items():
-        engine.answer([item])
-    del engine, session, views, options
-    gc.collect()
+        return hook
+
+    def count(_module: Any, inputs: tuple[Any, ...]) -> None:
+        seen["windows"] += 1
+
+    handles = [m.register_forward_pre_hook(observe(path)) for path, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    handles.append(model.register_forward_pre_hook(count))
+    try:
+        engine = QAEngine(
+            TorchRunner(model),
+            spec,
+            limits=Limits(max_windows=1000, max_items=1000),
+            batch_windows=1,
+            max_seq_len=facts["max_seq_len"],
+            doc_stride=facts["doc_stride"],
+        )
+        for item in calibration_items():
+            engine.answer([item])
+    finally:
+        for handle in handles:
+            handle.remove()
     return ranges, seen["windows"]
+
+
+def _linear_inputs(ir_model: Any) -> dict[str, str]:
+    """{input name of a MatMul over a weight: the ``nn.Linear`` it was exported from}, from the
+    exporter's provenance metadata (read before :func:`_pack_ir` drops it)."""
+    import ast
+
+    found = {}
+    for node in ir_model.graph:
+        if node.op_type != "MatMul" or not node.inputs[1] or not node.inputs[1].is_initializer():
+            continue
+        try:
+            scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        if len(scopes) >= 2 and node.inputs[0] is not None:
+            found[node.inputs[0].name] = scopes[-2]
+    return found
 
 
 def _calibration_facts(windows: int) -> dict[str, Any]:
@@ -492,17 +634,14 @@ def quantize(
         if t.name in used
     ]
     entries += new_tensors
-    sizes = [int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape, _ in entries]
-    external = [index for index, size in enumerate(sizes) if size >= EXTERNAL_MIN_BYTES]
-    writer = _WeightsWriter([sizes[index] for index in external])
-    slots = {index: slot for slot, index in enumerate(external)}
+    writer = _WeightsWriter()
     initializers = []
-    for index, (name, dtype, shape, make) in enumerate(entries):
+    for name, dtype, shape, make in entries:
         array = make()
-        if index not in slots:
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize < EXTERNAL_MIN_BYTES:
             initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype).reshape(shape), name))
             continue
-        offset, length = writer.put(slots[index], array)
+        offset, length = writer.put(array)
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=list(shape))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):

@@ -137,7 +137,8 @@ def tokenizer_spec(record: Mapping[str, Any], tokenizer_json: bytes | bytearray 
 
 
 def session_options(*, threads: int | None) -> Any:
-    """Session options for serving: ``threads`` intra-op threads, sequential, full graph optimization.
+    """Session options for serving: ``threads`` intra-op threads, sequential, full graph optimization,
+    weights prepacked for the CPU's kernels (1.8x faster than without for bert-large fp32).
 
     ONNX Runtime's own fusions at this level are exact (LayerNorm, SkipLayerNorm, BiasGelu with
     ``erf``, MatMul + Add); none approximates (no FastGelu, no fp16).
@@ -148,6 +149,10 @@ def session_options(*, threads: int | None) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
+    # Memory patterns pre-plan one block per input shape; with the engine's varying (batch,
+    # width) they only add to the arena (bert-large int8, 4x384 tokens: 1.38 GB RSS with them,
+    # 1.08 GB without, same speed).
+    options.enable_mem_pattern = False
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # warnings about unused initializers are noise in function logs
