@@ -24,11 +24,9 @@ import gc
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -253,15 +251,9 @@ def build_artifacts(
         except IntegrityError as err:
             log.warning("Rebuilding the %s artifact of %s: %s", variant, manifest.revision, err.message)
         todo.append(variant)
-    if not todo:
-        return outcomes
-    with tempfile.TemporaryDirectory(prefix="qa-export-") as folder:
-        # the exporter reads a model folder; config, weights and tokenizer are verified on the way
-        for entry in manifest.files:  # a staged version has no manifest blob yet: go by ``manifest``
-            store.download_file(manifest.revision, entry, Path(folder))
-        for variant in todo:
-            outcomes[variant] = _build_one(store, manifest, variant, Path(folder), settings, canary, progress)
-            gc.collect()
+    for variant in todo:
+        outcomes[variant] = _build_one(store, manifest, variant, settings, canary, progress)
+        gc.collect()
     return outcomes
 
 
@@ -269,7 +261,6 @@ def _build_one(
     store: ModelStore,
     manifest: Manifest,
     variant: str,
-    folder: Path,
     settings: Settings,
     canary: CanaryCheck | None,
     progress: Callable[[str], None] | None,
@@ -279,8 +270,11 @@ def _build_one(
     began = time.monotonic()
     say = progress or (lambda _: None)
     say(f"exporting {variant}")
+    # the version's files, sha256-checked, straight into memory: no temporary copy on disk (Flex
+    # has 0.8 GB of it); a staged version has no manifest blob yet, so go by ``manifest``
+    files = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files}
     try:
-        artifact = build_onnx(folder, variant, progress=progress)
+        artifact = build_onnx(files, variant, progress=progress)
     except MemoryError:
         raise
     except UnsafeModelError as err:  # the model itself: the same every time, so record it
@@ -288,6 +282,8 @@ def _build_one(
     except Exception as err:
         log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
         return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
+    finally:
+        del files
     engine_record = artifact.record
     entries = []
     for name in ARTIFACT_FILES:

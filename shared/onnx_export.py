@@ -103,7 +103,7 @@ class OnnxArtifact:
 
 
 def build_onnx(
-    model_dir: Path | str,
+    model_dir: Path | str | dict[str, bytearray],
     variant: str,
     *,
     progress: Callable[[str], None] | None = None,
@@ -112,7 +112,10 @@ def build_onnx(
     """Export ``model_dir`` (safetensors, config, ``tokenizer.json``) to the ``variant`` artifact.
 
     Args:
-        model_dir: a verified local model folder.
+        model_dir: a verified local model folder, or a verified version's files in memory by
+            name (the refresh's way: no temporary copy on disk). The ``.safetensors`` buffers of
+            that mapping are taken out of it, so that they are freed once the export moved the
+            weights elsewhere.
         variant: ``fp32`` or ``int8``.
         progress: called with a short line at each step (export, calibration, quantization).
         recipe: the int8 recipe, a key of :data:`RECIPES` (benchmarks compare them).
@@ -127,9 +130,13 @@ def build_onnx(
     if recipe not in RECIPES:
         raise ValueError(f"unknown int8 recipe {recipe!r}")
     say = progress or (lambda line: log.info("%s", line))
-    model_dir = Path(model_dir)
-    say(f"loading {model_dir.name} for export")
-    model, spec, _ = _load(model_dir)
+    if isinstance(model_dir, dict):
+        say("loading the model from memory for export")
+        model, spec = _load_files(model_dir)
+    else:
+        model_dir = Path(model_dir)
+        say(f"loading {model_dir.name} for export")
+        model, spec, _ = _load(model_dir)
     facts = _serving_facts(model, spec)
     owners = _rehome(model)
     linear_ranges: dict[str, tuple[float, float]] = {}
@@ -214,6 +221,22 @@ def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
     model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
     del state_dict
     return model.eval(), _tokenizer_spec(small), bytes(small["tokenizer.json"])
+
+
+def _load_files(files: dict[str, bytearray]) -> tuple[Any, Any]:
+    """The fp32 torch model and tokenizer spec of a version's files in memory; the weights'
+    buffers move out of ``files`` into the model (which :func:`_rehome` then copies away)."""
+    from .model_loader import _tokenizer_spec, model_from_files
+
+    if "tokenizer.json" not in files:
+        raise UnsafeModelError("the version has no tokenizer.json; the ONNX path reads the tokenizer from it alone")
+    weights = {name: files.pop(name) for name in [n for n in files if n.endswith(".safetensors")]}
+    spec = _tokenizer_spec(files)
+    try:
+        model = model_from_files({**files, **weights})
+    finally:
+        del weights
+    return model, spec
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
