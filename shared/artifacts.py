@@ -193,8 +193,9 @@ def load_artifact(store: ModelStore, manifest: Manifest, variant: str, settings:
     )
 
 
-def _engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings) -> QAEngine:
-    """An ONNX Runtime engine over the stored, sha256-checked blobs of ``record``."""
+def _engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings, *, prepack: bool = True) -> QAEngine:
+    """An ONNX Runtime engine over the stored, sha256-checked blobs of ``record`` (``prepack``:
+    see :func:`~shared.onnx_runner.onnx_engine`)."""
     from .onnx_runner import default_threads, onnx_engine
 
     files = {
@@ -209,6 +210,7 @@ def _engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, setti
         limits=Limits.from_settings(settings),
         batch_windows=settings.batch_windows,
         threads=default_threads(settings.threads, settings.max_concurrent),
+        prepack=prepack,
     )
 
 
@@ -265,16 +267,26 @@ def _build_one(
     canary: CanaryCheck | None,
     progress: Callable[[str], None] | None,
 ) -> str:
-    from .onnx_export import build_onnx
+    from .model_loader import SafetensorsStream
+    from .onnx_export import InMemoryModel, build_onnx
 
     began = time.monotonic()
     say = progress or (lambda _: None)
     say(f"exporting {variant}")
-    # the version's files, sha256-checked, straight into memory: no temporary copy on disk (Flex
-    # has 0.8 GB of it); a staged version has no manifest blob yet, so go by ``manifest``
-    files = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files}
+    # The version's files, sha256-checked, straight into memory: no temporary copy on disk (Flex
+    # has 0.8 GB of it); each weight in memory of its own, so the export can free them one by one.
+    # A staged version has no manifest blob yet, so go by ``manifest``.
+    model = InMemoryModel(files={}, state_dict={})
+    for entry in manifest.files:
+        if entry.name.endswith(".safetensors"):
+            stream = SafetensorsStream(entry.name)
+            store.stream_file(manifest.revision, entry, stream, restart=stream.restart)
+            model.state_dict.update(stream.tensors)
+            del stream
+        else:
+            model.files[entry.name] = store.read_file(manifest.revision, entry)
     try:
-        artifact = build_onnx(files, variant, progress=progress)
+        artifact = build_onnx(model, variant, progress=progress)
     except MemoryError:
         raise
     except UnsafeModelError as err:  # the model itself: the same every time, so record it
@@ -283,7 +295,7 @@ def _build_one(
         log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
         return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
     finally:
-        del files
+        del model
     engine_record = artifact.record
     entries = []
     for name in ARTIFACT_FILES:
@@ -309,7 +321,8 @@ def _build_one(
         # the canary reads back what was stored, through the serving loader's own path
         say(f"answering the canary with {variant}")
         try:
-            canary(_engine(store, manifest, record, settings), manifest)
+            # without prepacking: its extra copy of the weights would set the refresh's peak
+            canary(_engine(store, manifest, record, settings, prepack=False), manifest)
         except StorageUnavailableError:
             raise
         except QAError as err:

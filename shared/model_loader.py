@@ -170,6 +170,87 @@ def safetensors_in_place(buffer: bytearray, *, name: str) -> dict[str, Any]:
     return tensors
 
 
+class SafetensorsStream:
+    """A sink that parses a ``.safetensors`` file as its bytes flow in order and puts each tensor
+    in memory of its own (no whole-file buffer), so that whoever takes a tensor over can free it
+    on its own. Use with :meth:`ModelStore.stream_file`; read :attr:`tensors` after it returns.
+
+    Raises (from the sink):
+        IntegrityError: the header is malformed, names an unknown dtype, or a range is out of bounds.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.restart()
+
+    def restart(self) -> None:
+        self.tensors: dict[str, Any] = {}
+        self._head = bytearray()
+        self._header_len: int | None = None
+        self._slots: list[tuple[int, int, memoryview]] = []  # (begin, end, bytes of a tensor), by offset
+        self._offset = 0  # bytes of the data section seen so far
+        self._next = 0  # first slot that may still take bytes
+
+    def __call__(self, chunk: memoryview) -> None:
+        data = memoryview(chunk).cast("B")
+        if self._header_len is None or len(self._head) < 8 + self._header_len:
+            data = self._take_header(data)
+        if data.nbytes:
+            self._take_data(data)
+
+    def _take_header(self, data: memoryview) -> memoryview:
+        if self._header_len is None:
+            need = 8 - len(self._head)
+            self._head += data[:need]
+            data = data[need:]
+            if len(self._head) < 8:
+                return data
+            (self._header_len,) = struct.unpack("<Q", bytes(self._head[:8]))
+            if self._header_len > 100 << 20:
+                raise IntegrityError(f"{self.name}: safetensors header of {self._header_len} bytes")
+        need = 8 + self._header_len - len(self._head)
+        self._head += data[:need]
+        data = data[need:]
+        if len(self._head) == 8 + self._header_len:
+            self._plan(bytes(self._head[8:]))
+        return data
+
+    def _plan(self, header_bytes: bytes) -> None:
+        import numpy as np
+        import torch
+
+        try:
+            header = json.loads(header_bytes)
+            for tensor_name, meta in header.items():
+                if tensor_name == "__metadata__":
+                    continue
+                dtype = getattr(torch, _SAFETENSORS_DTYPES[meta["dtype"]])
+                begin, end = (int(x) for x in meta["data_offsets"])
+                tensor = torch.empty([int(x) for x in meta["shape"]], dtype=dtype)
+                if tensor.nbytes != end - begin or begin < 0:
+                    raise ValueError(f"{tensor_name}: its shape does not match its byte range")
+                self.tensors[tensor_name] = tensor
+                view = memoryview(tensor.view(torch.uint8).reshape(-1).numpy() if tensor.nbytes else np.empty(0, np.uint8))  # type: ignore[arg-type]
+                self._slots.append((begin, end, view))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise IntegrityError(f"{self.name} is not a readable safetensors file ({err})") from None
+        self._slots.sort(key=lambda slot: slot[0])
+        self._next = 0
+
+    def _take_data(self, data: memoryview) -> None:
+        start, stop = self._offset, self._offset + data.nbytes
+        while self._next < len(self._slots) and self._slots[self._next][1] <= start:
+            self._next += 1
+        index = self._next
+        while index < len(self._slots) and self._slots[index][0] < stop:
+            begin, end, view = self._slots[index]
+            lo, hi = max(begin, start), min(end, stop)
+            if lo < hi:
+                view[lo - begin : hi - begin] = data[lo - start : hi - start]
+            index += 1
+        self._offset = stop
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for dim in shape:
@@ -182,9 +263,11 @@ def engine_from_files(files: Mapping[str, bytearray], *, quantize: str = "none",
     return QAEngine(model_from_files(files), _tokenizer_spec(files), quantize=quantize, **options)
 
 
-def model_from_files(files: Mapping[str, bytearray]) -> Any:
+def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, Any] | None = None) -> Any:
     """The fp32 ``AutoModelForQuestionAnswering`` of in-memory files; its tensors share the
-    safetensors buffers (no copy), so those buffers live as long as the model."""
+    safetensors buffers (no copy), so those buffers live as long as the model. With
+    ``state_dict`` (tensors already read, e.g. by :class:`SafetensorsStream`), ``files`` needs
+    only ``config.json``; the dictionary is emptied as the model takes the tensors over."""
     import torch
     from transformers import CONFIG_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
     from transformers.utils import logging as hf_logging
@@ -199,14 +282,15 @@ def model_from_files(files: Mapping[str, bytearray]) -> Any:
     model_class: Any = MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None)
     if model_class is None:
         raise UnsafeModelError(f"transformers has no question-answering head for model type {model_type!r}")
-    state_dict: dict[str, Any] = {}
-    for name in sorted(files):
-        if name.endswith(".safetensors"):
-            state_dict.update(safetensors_in_place(files[name], name=name))
+    if state_dict is None:
+        state_dict = {}
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                state_dict.update(safetensors_in_place(files[name], name=name))
     if not state_dict:
         raise UnsafeModelError("the version has no safetensors weights")
     model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.float32)
-    del state_dict
+    state_dict.clear()
     return model.eval()
 
 

@@ -102,8 +102,17 @@ class OnnxArtifact:
         return sum(len(data) for data in self.files.values())
 
 
+@dataclass
+class InMemoryModel:
+    """A verified version held in memory: its small files by name (config, tokenizer) and its
+    weights as a state dict whose tensors each own their memory (``SafetensorsStream``)."""
+
+    files: dict[str, bytearray]
+    state_dict: dict[str, Any]
+
+
 def build_onnx(
-    model_dir: Path | str | dict[str, bytearray],
+    model_dir: Path | str | InMemoryModel,
     variant: str,
     *,
     progress: Callable[[str], None] | None = None,
@@ -112,10 +121,9 @@ def build_onnx(
     """Export ``model_dir`` (safetensors, config, ``tokenizer.json``) to the ``variant`` artifact.
 
     Args:
-        model_dir: a verified local model folder, or a verified version's files in memory by
-            name (the refresh's way: no temporary copy on disk). The ``.safetensors`` buffers of
-            that mapping are taken out of it, so that they are freed once the export moved the
-            weights elsewhere.
+        model_dir: a verified local model folder, or a verified version in memory (the
+            refresh's way: no temporary copy on disk); its state dict is emptied into the model,
+            so that each weight is freed once the export moved it elsewhere.
         variant: ``fp32`` or ``int8``.
         progress: called with a short line at each step (export, calibration, quantization).
         recipe: the int8 recipe, a key of :data:`RECIPES` (benchmarks compare them).
@@ -130,7 +138,7 @@ def build_onnx(
     if recipe not in RECIPES:
         raise ValueError(f"unknown int8 recipe {recipe!r}")
     say = progress or (lambda line: log.info("%s", line))
-    if isinstance(model_dir, dict):
+    if isinstance(model_dir, InMemoryModel):
         say("loading the model from memory for export")
         model, spec = _load_files(model_dir)
     else:
@@ -223,20 +231,13 @@ def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
     return model.eval(), _tokenizer_spec(small), bytes(small["tokenizer.json"])
 
 
-def _load_files(files: dict[str, bytearray]) -> tuple[Any, Any]:
-    """The fp32 torch model and tokenizer spec of a version's files in memory; the weights'
-    buffers move out of ``files`` into the model (which :func:`_rehome` then copies away)."""
+def _load_files(source: InMemoryModel) -> tuple[Any, Any]:
+    """The fp32 torch model and tokenizer spec of a version in memory."""
     from .model_loader import _tokenizer_spec, model_from_files
 
-    if "tokenizer.json" not in files:
+    if "tokenizer.json" not in source.files:
         raise UnsafeModelError("the version has no tokenizer.json; the ONNX path reads the tokenizer from it alone")
-    weights = {name: files.pop(name) for name in [n for n in files if n.endswith(".safetensors")]}
-    spec = _tokenizer_spec(files)
-    try:
-        model = model_from_files({**files, **weights})
-    finally:
-        del weights
-    return model, spec
+    return model_from_files(source.files, state_dict=source.state_dict), _tokenizer_spec(source.files)
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:

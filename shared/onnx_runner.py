@@ -50,6 +50,7 @@ def onnx_engine(
     limits: Limits | None = None,
     batch_windows: int = 8,
     threads: int | None = None,
+    prepack: bool = True,
 ) -> QAEngine:
     """A :class:`QAEngine` over an ONNX artifact held in memory.
 
@@ -61,6 +62,9 @@ def onnx_engine(
         limits, batch_windows: as for :class:`QAEngine`.
         threads: intra-op threads of the session (default: :func:`default_threads` with 1
             inference at a time).
+        prepack: let ONNX Runtime repack the weights for its kernels (faster serving); ``False``
+            for a one-off check where the extra copy made while packing would set the peak
+            (the refresh's canary of an artifact).
 
     Raises:
         IntegrityError: a file is missing, or the record does not match the graph.
@@ -82,6 +86,8 @@ def onnx_engine(
     spec = tokenizer_spec(record, tokenizer_files.get("tokenizer.json"))
 
     options = session_options(threads=threads or default_threads(None, 1))
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     weights = files[WEIGHTS_FILE]
     options.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [weights], [len(weights)])
     try:

@@ -89,3 +89,42 @@ def test_a_model_without_a_qa_head_is_refused() -> None:
     files["config.json"] = bytearray(b'{"model_type": "no-such-type"}')
     with pytest.raises(UnsafeModelError):
         engine_from_files(files)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 100, 4096, 1 << 30])
+def test_safetensors_stream_reads_any_chunking_into_tensors_of_their_own(tmp_path: Path, chunk: int) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from shared.model_loader import SafetensorsStream
+
+    tensors = {
+        "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "b": torch.tensor([1, -2], dtype=torch.int64),
+        "empty": torch.zeros(0),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    data = memoryview(path.read_bytes())
+    stream = SafetensorsStream("m.safetensors")
+    stream(data[:3])  # a partial first chunk, then a restart as after a changed blob
+    stream.restart()
+    for start in range(0, len(data), chunk):
+        stream(data[start : start + chunk])
+    expected = load_file(str(path))
+    assert set(stream.tensors) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(stream.tensors[name], tensor)
+    storages = {t.untyped_storage().data_ptr() for t in stream.tensors.values() if t.numel()}
+    assert len(storages) == 2  # each tensor in memory of its own
+
+
+def test_safetensors_stream_refuses_a_bad_header() -> None:
+    import struct
+
+    from shared.errors import IntegrityError
+    from shared.model_loader import SafetensorsStream
+
+    header = b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}'
+    with pytest.raises(IntegrityError, match="not a readable safetensors"):
+        SafetensorsStream("x")(memoryview(struct.pack("<Q", len(header)) + header))
