@@ -72,7 +72,7 @@ def parse_json_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
 
     Raises:
         TooLargeError: over ``max_bytes``.
-        InputError: empty, not UTF-8, not JSON, or not an object.
+        InputError: empty, not UTF-8, not JSON, nested too deeply for the decoder, or not an object.
     """
     if len(body) > max_bytes:
         raise TooLargeError(f"the request body has {len(body)} bytes; the limit is {max_bytes}", field="body")
@@ -82,6 +82,8 @@ def parse_json_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise InputError("the request body is not valid JSON", field="body") from None
+    except RecursionError:  # the decoder recurses once per level: thousands of '[' exhaust the stack
+        raise InputError("the request body is nested too deeply to be read", field="body") from None
     if not isinstance(data, dict):
         raise InputError("the request body must be a JSON object", field="body")
     return data

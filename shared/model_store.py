@@ -47,6 +47,7 @@ LOCK = "refresh.lock"
 LAST_REFRESH = "last-refresh.json"
 INCOMPLETE_GRACE = dt.timedelta(days=1)
 CHANGED_RETRIES = 2
+MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 15, 60  # what Blob Storage accepts for a fixed-duration lease
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,21 @@ class ModelStore:
         model_id: the Hub id; it is the prefix of every blob.
         block_size: bytes per staged block or downloaded range.
         concurrency: blocks or ranges in flight at once.
+        lease_seconds: duration of the writers' lease on ``refresh.lock`` (Azure allows 15 to 60),
+            renewed every quarter of it: how long a writer that died (process killed, storage gone
+            before it could release) keeps the next refresh out.
     """
 
-    def __init__(self, container: ContainerClient, model_id: str, *, block_size: int = 8 << 20, concurrency: int = 4) -> None:
+    def __init__(
+        self, container: ContainerClient, model_id: str, *, block_size: int = 8 << 20, concurrency: int = 4, lease_seconds: int = 60
+    ) -> None:
+        if not MIN_LEASE_SECONDS <= lease_seconds <= MAX_LEASE_SECONDS:
+            raise ValueError(f"lease_seconds must be {MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS} (a Blob lease), got {lease_seconds}")
         self.container = container
         self.model_id = model_id
         self.block_size = block_size
         self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
 
     @classmethod
     def from_settings(cls, settings: Settings, *, serving: bool = False, model_id: str | None = None) -> ModelStore:
@@ -430,8 +439,10 @@ class ModelStore:
     # --- writers ---------------------------------------------------------------------------
 
     def lock(self) -> RefreshLock:
-        """The writers' lock (a context manager)."""
-        return RefreshLock(self.container.get_blob_client(self._path(LOCK)))
+        """The writers' lock (a context manager), leased for :attr:`lease_seconds`."""
+        return RefreshLock(
+            self.container.get_blob_client(self._path(LOCK)), duration=self.lease_seconds, renew_every=self.lease_seconds / 4
+        )
 
     def publish(self, manifest: Manifest, *, pinned: bool) -> Pointer:
         """Write the manifest (if absent) and move the pointer to the version. Call under :meth:`lock`."""

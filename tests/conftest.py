@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -61,6 +61,21 @@ def container_name() -> str:
 
 
 @pytest.fixture
+def env(azurite: str, container_name: str) -> dict[str, str]:
+    """The app's settings for one test: models in the test's container, a refresh queue of its own,
+    a pointer polled every 0.2 s."""
+    return {
+        "MODEL_STORAGE": azurite,
+        "AzureWebJobsStorage": azurite,
+        "MODEL_CONTAINER": container_name,
+        "MODEL_ID": "tests/tiny-bert",
+        "MODEL_POLL_SECONDS": "0.2",
+        "QA_DEADLINE_SECONDS": "20",
+        "MODEL_REFRESH_QUEUE": f"refresh-{uuid.uuid4().hex[:12]}",
+    }
+
+
+@pytest.fixture
 def store(azurite: str, container_name: str) -> Iterator[object]:
     """A :class:`ModelStore` on a fresh container, deleted afterwards."""
     from shared.model_store import ModelStore
@@ -72,6 +87,28 @@ def store(azurite: str, container_name: str) -> Iterator[object]:
     model_store.ensure_container()
     yield model_store
     model_store.container.delete_container()
+
+
+@pytest.fixture
+def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """Put a fresh :class:`~shared.model_holder.ModelHolder` built from an environment in
+    ``function_app.engine`` for one test: ``install(env, **holder_options)`` returns it; every
+    holder made is closed afterwards."""
+    import function_app
+    from shared.model_holder import ModelHolder
+    from shared.settings import Settings
+
+    holders: list[ModelHolder] = []
+
+    def make(env: dict[str, str], **options: Any) -> ModelHolder:
+        holder = ModelHolder(lambda: Settings.from_env(env), backoff_seconds=0.2, **options)
+        holders.append(holder)
+        monkeypatch.setattr(function_app, "engine", holder)
+        return holder
+
+    yield make
+    for holder in holders:
+        holder.close()
 
 
 @pytest.fixture(scope="session")

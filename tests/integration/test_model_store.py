@@ -315,3 +315,13 @@ def test_lock_is_renewed_while_work_goes_on(store: ModelStore) -> None:
         assert not lock.lost.is_set()
         with pytest.raises(RefreshAlreadyRunningError):
             store.lock().__enter__()
+
+
+def test_the_lease_duration_is_one_blob_storage_accepts(store: ModelStore) -> None:
+    for seconds in (14, 61, 0):
+        with pytest.raises(ValueError, match="15 to 60"):
+            ModelStore(store.container, store.model_id, lease_seconds=seconds)
+    short = ModelStore(store.container, store.model_id, lease_seconds=15)
+    with short.lock():  # the expiry itself is proven by tests/integration/test_refresh_faults.py
+        with pytest.raises(RefreshAlreadyRunningError):
+            store.lock().__enter__()

@@ -9,7 +9,6 @@ import copy
 import json
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,16 @@ from openapi_spec_validator import validate
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-import function_app
 from shared import errors
-from shared.isolation import LocalDirSource, isolate
 from shared.model_holder import ModelHolder
 from shared.model_store import ModelStore
 from shared.openapi import CONTENT_SECURITY_POLICY, OPERATIONS, PLAYGROUND_FILES, document, error_codes
 from shared.question_answering import Limits, QAEngine, QAItem
 from shared.settings import Settings
 from tests.conftest import registered_functions, response_mismatches
+from tests.fixtures.function_calls import respond
 from tests.fixtures.functions_host import serve
+from tests.fixtures.tiny_models import publish
 
 pytestmark = pytest.mark.integration
 FUNCTIONS = registered_functions()
@@ -62,71 +61,8 @@ LIMIT_ENV = {
 }
 
 
-def call(
-    name: str,
-    *,
-    body: object = None,
-    raw: bytes | None = None,
-    params: dict[str, str] | None = None,
-    route_params: dict[str, str] | None = None,
-) -> func.HttpResponse:
-    function = FUNCTIONS[name]
-    trigger = json.loads(function.get_raw_bindings()[0])
-    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-    request = func.HttpRequest(
-        method=trigger["methods"][0],
-        url=f"https://example.azurewebsites.net/api/{trigger['route']}",
-        body=data,
-        params=params or {},
-        route_params=route_params or {},
-    )
-    response: func.HttpResponse = function.get_user_function()(request)
-    return response
-
-
 def status_and_json(response: func.HttpResponse) -> tuple[int, Any]:
     return response.status_code, json.loads(response.get_body())
-
-
-@pytest.fixture
-def env(azurite: str, container_name: str) -> dict[str, str]:
-    return {
-        "MODEL_STORAGE": azurite,
-        "AzureWebJobsStorage": azurite,
-        "MODEL_CONTAINER": container_name,
-        "MODEL_ID": "tests/tiny-bert",
-        "MODEL_REFRESH_QUEUE": f"refresh-{uuid.uuid4().hex[:12]}",
-        "QA_DEADLINE_SECONDS": "20",
-    }
-
-
-@pytest.fixture
-def store(env: dict[str, str]) -> Iterator[ModelStore]:
-    model_store = ModelStore.from_settings(Settings.from_env(env))
-    model_store.ensure_container()
-    yield model_store
-    model_store.container.delete_container()
-
-
-@pytest.fixture
-def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[dict[str, str]], ModelHolder]]:
-    holders: list[ModelHolder] = []
-
-    def make(env: dict[str, str]) -> ModelHolder:
-        holder = ModelHolder(lambda: Settings.from_env(env), backoff_seconds=0.2)
-        holders.append(holder)
-        monkeypatch.setattr(function_app, "engine", holder)
-        return holder
-
-    yield make
-    for holder in holders:
-        holder.close()
-
-
-def publish(store: ModelStore, folder: Path) -> str:
-    result = isolate(store, LocalDirSource(folder, block_size=store.block_size), explicit=True, keep_versions=5)
-    assert result.revision is not None
-    return result.revision
 
 
 # --- the documents ----------------------------------------------------------------------------
@@ -237,7 +173,7 @@ def test_examples_match_their_schemas() -> None:
 
 def test_limits_in_the_document_follow_the_settings(env: dict[str, str], install: Callable[[dict[str, str]], ModelHolder]) -> None:
     install({**env, **LIMIT_ENV})
-    status, doc = status_and_json(call("openapi"))
+    status, doc = status_and_json(respond("openapi"))
     assert status == 200 and doc["openapi"] == "3.1.0"
     assert doc["servers"] == [{"url": "https://example.azurewebsites.net"}]
     limits = doc["info"]["x-limits"]
@@ -249,9 +185,9 @@ def test_limits_in_the_document_follow_the_settings(env: dict[str, str], install
     assert item["top_k"]["maximum"] == limits["max_top_k"] and item["max_answer_len"]["maximum"] == limits["max_answer_len"]
     assert schemas["AskBatch"]["properties"]["items"]["maxItems"] == limits["max_items"]
     assert schemas["AskResults"]["properties"]["results"]["maxItems"] == limits["max_items"]
-    status, older = status_and_json(call("openapi", params={"version": "3.0"}))
+    status, older = status_and_json(respond("openapi", params={"version": "3.0"}))
     assert status == 200 and older["openapi"] == "3.0.3" and older["info"]["x-limits"] == limits
-    status, body = status_and_json(call("openapi", params={"version": "2.0"}))
+    status, body = status_and_json(respond("openapi", params={"version": "2.0"}))
     assert status == 400 and body["error"]["code"] == "bad_request"
 
 
@@ -259,7 +195,7 @@ def test_limits_in_the_document_follow_the_settings(env: dict[str, str], install
 
 
 def ask(body: object = None, raw: bytes | None = None) -> tuple[int, Any]:
-    return status_and_json(call("ask", body=body, raw=raw))
+    return status_and_json(respond("ask", body=body, raw=raw))
 
 
 def test_each_documented_limit_at_and_one_past(
@@ -267,7 +203,7 @@ def test_each_documented_limit_at_and_one_past(
 ) -> None:
     publish(store, tiny_bert_dir)
     install({**env, **LIMIT_ENV})
-    limits = status_and_json(call("openapi"))[1]["info"]["x-limits"]
+    limits = status_and_json(respond("openapi"))[1]["info"]["x-limits"]
     assert {k: limits[k] for k in ("max_context_chars", "max_question_chars", "max_question_tokens", "max_items")} == {
         "max_context_chars": 300,
         "max_question_chars": 40,
@@ -317,9 +253,9 @@ def test_each_documented_limit_at_and_one_past(
     n = limits["max_operator_body_bytes"]
     for name, payload, accepted in (("model_refresh", {"revision": "main"}, 202), ("model_rollback", {}, 404)):
         raw = json.dumps(payload).encode()
-        status, body = status_and_json(call(name, raw=raw + b" " * (n - len(raw))))
+        status, body = status_and_json(respond(name, raw=raw + b" " * (n - len(raw))))
         assert status == accepted, (name, body)
-        status, body = status_and_json(call(name, raw=raw + b" " * (n + 1 - len(raw))))
+        status, body = status_and_json(respond(name, raw=raw + b" " * (n + 1 - len(raw))))
         assert (status, body["error"]["code"]) == (413, "too_large"), name
 
 
@@ -329,7 +265,7 @@ def test_window_limit_at_and_one_past(
     publish(store, tiny_bert_dir)
     windows_env = {**env, "QA_MAX_WINDOWS": "2"}
     install(windows_env)
-    limit = status_and_json(call("openapi"))[1]["info"]["x-limits"]["max_windows"]
+    limit = status_and_json(respond("openapi"))[1]["info"]["x-limits"]["max_windows"]
     assert limit == 2
     # the fewest words that need one window more than the limit, found with the same engine code
     engine = QAEngine.from_dir(tiny_bert_dir, limits=Limits(max_windows=limit))
@@ -375,19 +311,19 @@ def test_missing_key_is_the_hosts_empty_401_and_documented_so(
 
 
 def test_playground_is_served_from_the_allow_list_with_a_strict_csp() -> None:
-    page = call("playground")
+    page = respond("playground")
     assert page.status_code == 200 and page.mimetype == "text/html"
     assert page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
     html = page.get_body().decode()
     assert "http://" not in html and "https://" not in html  # nothing from another host
     for name, media_type in PLAYGROUND_FILES.items():
-        asset = call("playground_file", route_params={"file": name})
+        asset = respond("playground_file", route_params={"file": name})
         assert asset.status_code == 200 and asset.mimetype == media_type, name
         assert asset.headers["X-Content-Type-Options"] == "nosniff"
         text = asset.get_body().decode()
         assert "://" not in text.replace("http://www.w3.org/2000/svg", ""), name
     for name in ("index.html", "../function_app.py", "..%2Ffunction_app.py", "playground.js.map", ""):
-        status, body = status_and_json(call("playground_file", route_params={"file": name}))
+        status, body = status_and_json(respond("playground_file", route_params={"file": name}))
         assert (status, body["error"]["code"]) == (404, "not_found"), name
 
 

@@ -30,6 +30,7 @@ from shared.refresh import RefreshRequest, handle_message, run_refresh
 from shared.settings import Settings
 from tests.conftest import registered_functions
 from tests.fixtures.fake_hub import FakeHubServer
+from tests.fixtures.function_calls import call
 from tests.fixtures.tiny_models import build_bert
 
 pytestmark = pytest.mark.integration
@@ -284,10 +285,7 @@ def holder(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Mod
 
 
 def http(name: str, body: bytes = b"") -> tuple[int, dict[str, Any], dict[str, str]]:
-    trigger = json.loads(FUNCTIONS[name].get_raw_bindings()[0])
-    request = func.HttpRequest(method="POST", url=f"http://localhost/api/{trigger['route']}", body=body)
-    response = FUNCTIONS[name].get_user_function()(request)
-    return response.status_code, json.loads(response.get_body()), dict(response.headers)
+    return call(name, raw=body)
 
 
 def test_bindings_of_the_refresh_functions() -> None:
@@ -328,11 +326,7 @@ def test_http_and_timer_queue_base64_messages_the_worker_runs(
     pointer = store.read_pointer()
     assert pointer is not None and pointer.revision == first
 
-    trigger = json.loads(FUNCTIONS["model"].get_raw_bindings()[0])
-    response = FUNCTIONS["model"].get_user_function()(
-        func.HttpRequest(method="GET", url=f"http://localhost/api/{trigger['route']}", body=b"")
-    )
-    last = json.loads(response.get_body())["last_refresh"]
+    last = call("model")[1]["last_refresh"]
     assert last["outcome"] == "up_to_date" and last["revision"] == first and "seconds" in last
 
     second = hub.hub.publish(REPO, build_bert(tmp_path / "v2", seed=8))
@@ -348,6 +342,8 @@ def test_http_and_timer_queue_base64_messages_the_worker_runs(
     [
         ("model_refresh", b"{", 400),
         ("model_refresh", b"[1]", 400),
+        ("model_refresh", b"[" * 4000, 400),
+        ("model_rollback", b'{"to":' + b"[" * 4000, 400),
         ("model_refresh", json.dumps({"revision": 3}).encode(), 400),
         ("model_refresh", json.dumps({"revision": "../../etc"}).encode(), 400),
         ("model_refresh", json.dumps({"unpin": "yes"}).encode(), 400),

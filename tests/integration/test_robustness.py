@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-import function_app
 from shared.errors import NotFoundError, SourceUnavailableError
 from shared.isolation import LocalDirSource, isolate
 from shared.model_holder import ModelHolder
@@ -25,45 +24,12 @@ from shared.refresh import RefreshRequest, handle_message
 from shared.settings import Settings
 from shared.storage import serving_budget_seconds
 from tests.conftest import ROOT, PrivateAzurite
-from tests.fixtures.tiny_models import build_bert
-from tests.integration.test_serving import CONTEXT, call, corrupt, wait_for
+from tests.fixtures.function_calls import call
+from tests.fixtures.tiny_models import build_bert, publish
+from tests.integration.test_serving import CONTEXT, corrupt, wait_for
 
 pytestmark = pytest.mark.integration
 QUESTION = {"question": "Who won the game?", "context": CONTEXT}
-
-
-def publish(store: ModelStore, folder: Path, **kwargs: Any) -> str:
-    result = isolate(store, LocalDirSource(folder, block_size=store.block_size), explicit=True, keep_versions=5, **kwargs)
-    assert result.revision is not None
-    return result.revision
-
-
-@pytest.fixture
-def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ModelHolder]]:
-    holders: list[ModelHolder] = []
-
-    def make(env: dict[str, str], **kwargs: Any) -> ModelHolder:
-        holder = ModelHolder(lambda: Settings.from_env(env), backoff_seconds=0.2, **kwargs)
-        holders.append(holder)
-        monkeypatch.setattr(function_app, "engine", holder)
-        return holder
-
-    yield make
-    for holder in holders:
-        holder.close()
-
-
-@pytest.fixture
-def env(azurite: str, container_name: str) -> dict[str, str]:
-    return {
-        "MODEL_STORAGE": azurite,
-        "AzureWebJobsStorage": azurite,
-        "MODEL_CONTAINER": container_name,
-        "MODEL_ID": "tests/tiny-bert",
-        "MODEL_POLL_SECONDS": "0.2",
-        "QA_DEADLINE_SECONDS": "20",
-        "MODEL_REFRESH_QUEUE": "robustness-refresh",
-    }
 
 
 @pytest.fixture

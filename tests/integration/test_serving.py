@@ -9,42 +9,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import azure.functions as func
 import pytest
 
-import function_app
-from shared.isolation import LocalDirSource, isolate
+from shared.isolation import LocalDirSource
 from shared.model_holder import ModelHolder
 from shared.model_loader import LoadedModel, load_version
 from shared.model_store import ModelStore
 from shared.question_answering import QAEngine, QAItem
 from shared.settings import Settings
 from tests.conftest import ROOT, PrivateAzurite, registered_functions
+from tests.fixtures.function_calls import call
+from tests.fixtures.tiny_models import publish
 
 pytestmark = pytest.mark.integration
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game against Carolina."
 FUNCTIONS = registered_functions()
-
-
-def call(
-    name: str, *, body: object = None, raw: bytes | None = None, params: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    function = FUNCTIONS[name]
-    trigger = json.loads(function.get_raw_bindings()[0])
-    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-    request = func.HttpRequest(method=trigger["methods"][0], url=f"http://localhost/api/{trigger['route']}", body=data, params=params or {})
-    response = function.get_user_function()(request)
-    return response.status_code, json.loads(response.get_body()), dict(response.headers)
-
-
-def publish(store: ModelStore, folder: Path) -> str:
-    result = isolate(store, LocalDirSource(folder, block_size=store.block_size), explicit=True, keep_versions=5)
-    assert result.revision is not None
-    return result.revision
 
 
 def variant(base: Path, dest: Path, seed: int) -> Path:
@@ -60,41 +43,6 @@ def corrupt(store: ModelStore, revision: str, name: str = "model.safetensors") -
     data = bytearray(blob.download_blob().readall())
     data[len(data) - 10] ^= 0x01
     blob.upload_blob(bytes(data), overwrite=True, metadata=props.metadata)
-
-
-@pytest.fixture
-def env(azurite: str, container_name: str) -> dict[str, str]:
-    return {
-        "MODEL_STORAGE": azurite,
-        "MODEL_CONTAINER": container_name,
-        "MODEL_ID": "tests/tiny-bert",
-        "MODEL_POLL_SECONDS": "0.2",
-        "QA_DEADLINE_SECONDS": "20",
-    }
-
-
-@pytest.fixture
-def store(env: dict[str, str]) -> Iterator[ModelStore]:
-    model_store = ModelStore.from_settings(Settings.from_env(env))
-    model_store.ensure_container()
-    yield model_store
-    model_store.container.delete_container()
-
-
-@pytest.fixture
-def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., ModelHolder]]:
-    """Put a fresh holder in ``function_app.engine`` for one test."""
-    holders: list[ModelHolder] = []
-
-    def make(env: dict[str, str], **kwargs: Any) -> ModelHolder:
-        holder = ModelHolder(lambda: Settings.from_env(env), backoff_seconds=0.2, **kwargs)
-        holders.append(holder)
-        monkeypatch.setattr(function_app, "engine", holder)
-        return holder
-
-    yield make
-    for holder in holders:
-        holder.close()
 
 
 def wait_for(condition: Callable[[], bool], *, what: str, tries: int = 900) -> None:
@@ -166,6 +114,8 @@ def test_answers_come_from_the_published_model(
         (b"", 400, "body"),
         (b"{", 400, "body"),
         (b"\xff\xfe", 400, "body"),
+        (b"[" * 4000, 400, "body"),  # json.loads raised RecursionError: a 500
+        (b'{"items":' * 3000 + b"1" + b"}" * 3000, 400, "body"),
         (b"[]", 400, "body"),
         (b'"text"', 400, "body"),
         (b"{}", 400, "question"),
