@@ -1,6 +1,6 @@
 """Building and loading the ONNX artifacts of a bert-large-shaped model: time, memory, temp disk.
 
-    .venv/bin/python bench/artifacts.py [--variants fp32,int8]
+    .venv/bin/python bench/artifacts.py [--variants fp32,int8] [--load-only]
 
 Each step runs in a fresh process. ``build``: ``build_onnx`` from the model folder (whole
 process peak RSS, bytes written to disk during the build, which must stay under Flex
@@ -70,7 +70,7 @@ def load(model_dir: str, variant: str) -> dict[str, Any]:
         files[name] = bytearray(path.stat().st_size)
         with path.open("rb") as handle:
             handle.readinto(files[name])
-    artifact_mb = sum(len(v) for v in files.values()) / 1e6
+    artifact_mb = sum(len(v) for v in files.values()) / 2**20  # MiB, as RSS is counted
     before = rss_mb()
     began = time.monotonic()
     engine = onnx_engine(files, record, tokenizer, limits=Limits(max_windows=64), threads=default_threads(None, 1))
@@ -87,7 +87,7 @@ def load(model_dir: str, variant: str) -> dict[str, Any]:
         "seconds": load_seconds,
         "artifact_mb": artifact_mb,
         "rss_before_mb": before,
-        "load_peak_mb": load_peak,
+        "load_peak_mb": load_peak,  # MiB
         "steady_after_load_mb": after_load,
         "after_first_answer_mb": after_answer,
         "after_4_windows_mb": after_batch,
@@ -110,14 +110,17 @@ def ensure_artifacts(variants: tuple[str, ...] = ("fp32", "int8")) -> dict[str, 
 def main() -> None:
     variants = tuple(sys.argv[sys.argv.index("--variants") + 1].split(",")) if "--variants" in sys.argv else ("fp32", "int8")
     model_dir = str(bert_large())
-    builds = {v: measure(__file__, "build", model_dir=model_dir, variant=v) for v in variants}
+    if "--load-only" in sys.argv:
+        builds = ensure_artifacts(variants)
+    else:
+        builds = {v: measure(__file__, "build", model_dir=model_dir, variant=v) for v in variants}
     loads = {v: measure(__file__, "load", model_dir=model_dir, variant=v) for v in variants}
     print(cpu_line())
     safetensors_mb = (Path(model_dir) / "model.safetensors").stat().st_size / 1e6
-    print(f"bert-large-shaped model: model.safetensors {safetensors_mb:.0f} MB")
+    print(f"bert-large-shaped model: model.safetensors {safetensors_mb:.0f} MB; RSS columns in MiB")
     print(
         table(
-            [(f"build {v}", row) for v, row in builds.items()],
+            [(f"build {v}", row) for v, row in builds.items()] or [("(builds: bench/out/onnx-bert-large/ kept)", {})],
             [("seconds", "seconds", ".1f"), ("build_peak_rss_mb", "peak RSS MB", ".0f"),
              ("temp_written_mb", "written MB", ".1f"), ("artifact_mb", "artifact MB", ".0f")],
         )
