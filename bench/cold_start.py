@@ -1,6 +1,13 @@
 """Cold start of a serving instance: from "no model in this process" to the first answer.
 
-    .venv/bin/python bench/cold_start.py       # needs Azurite on 127.0.0.1:10000
+    .venv/bin/python bench/cold_start.py           # needs Azurite on 127.0.0.1:10000
+    .venv/bin/python bench/cold_start.py --local   # from local files: torch fp32 vs the ONNX artifacts
+
+``--local`` times each backend from PROCESS START (interpreter and imports included) to the first
+answer, the files read from local disk into buffers as a memory-mode download leaves them (no
+storage in the way): the torch fp32 path (``engine_from_files``) against the ONNX fp32 and int8
+artifacts (``onnx_engine``, built by ``bench/artifacts.py`` on first use), and whether torch was
+imported.
 
 A bert-large-shaped model (random fp32 weights, 1.34 GB) is published to Azurite once; then each
 variant runs in a fresh process: the seed's way (every blob ``readall()`` into a temp folder,
@@ -82,7 +89,71 @@ def publish(folder: str, container: str) -> dict[str, Any]:
     return {"revision": result.revision}
 
 
-VARIANTS = {"simple": simple, "project": project, "publish": publish}
+def _since_process_start() -> float:
+    """Seconds since this process started (``/proc/self/stat`` field 22, in clock ticks since boot)."""
+    import os
+
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _read_into_memory(path: Path) -> bytearray:
+    buffer = bytearray(path.stat().st_size)
+    with path.open("rb") as handle:
+        handle.readinto(buffer)
+    return buffer
+
+
+def local_torch(model_dir: str) -> dict[str, Any]:
+    from shared.model_loader import engine_from_files
+    from shared.question_answering import QAItem
+
+    files = {p.name: _read_into_memory(p) for p in Path(model_dir).iterdir() if p.is_file()}
+    engine = engine_from_files(files)
+    del files
+    answer = engine.answer([QAItem(QUESTION, CONTEXT)])[0][0]
+    return {"seconds": _since_process_start(), "answer": answer.answer, "torch_imported": "torch" in sys.modules}
+
+
+def local_onnx(model_dir: str, variant: str) -> dict[str, Any]:
+    from bench.artifacts import ARTIFACTS
+    from shared.onnx_runner import default_threads, onnx_engine
+    from shared.question_answering import QAItem
+
+    folder = ARTIFACTS / variant
+    files = {name: _read_into_memory(folder / name) for name in ("model.onnx", "weights.bin")}
+    record = json.loads((folder / "artifact.json").read_text())
+    tokenizer = {"tokenizer.json": _read_into_memory(Path(model_dir) / "tokenizer.json")}
+    engine = onnx_engine(files, record, tokenizer, threads=default_threads(None, 1))
+    answer = engine.answer([QAItem(QUESTION, CONTEXT)])[0][0]
+    return {"seconds": _since_process_start(), "answer": answer.answer, "torch_imported": "torch" in sys.modules}
+
+
+VARIANTS = {"simple": simple, "project": project, "publish": publish, "local_torch": local_torch, "local_onnx": local_onnx}
+
+
+def main_local() -> None:
+    from bench.artifacts import ensure_artifacts
+    from bench.harness import cpu_line
+
+    folder = str(bert_large())
+    ensure_artifacts()
+    rows = {}
+    for repeat in (1, 2):
+        rows[f"torch fp32 (safetensors), run {repeat}"] = measure(__file__, "local_torch", model_dir=folder)
+        rows[f"onnx fp32 artifact, run {repeat}"] = measure(__file__, "local_onnx", model_dir=folder, variant="fp32")
+        rows[f"onnx int8 artifact, run {repeat}"] = measure(__file__, "local_onnx", model_dir=folder, variant="int8")
+    print(cpu_line())
+    print("from process start (interpreter, imports, read into memory, load, first answer); files in the page cache")
+    print(table(list(rows.items()), [("seconds", "1st answer s", ".2f"), ("peak_rss_mb", "peak RSS MB", ".0f")]))
+    for name, row in rows.items():
+        print(f"{name}: torch imported: {row['torch_imported']}")
+    for repeat in (1, 2):
+        base = rows[f"torch fp32 (safetensors), run {repeat}"]["seconds"]
+        for variant in ("fp32", "int8"):
+            row = rows[f"onnx {variant} artifact, run {repeat}"]
+            print(f"run {repeat}: onnx {variant} is {base / row['seconds']:.2f}x faster to the first answer than torch fp32")
 
 
 def main() -> None:
@@ -122,5 +193,7 @@ def main() -> None:
 if __name__ == "__main__":
     if "--variant" in sys.argv:
         run_variant(VARIANTS)
+    elif "--local" in sys.argv:
+        main_local()
     else:
         main()

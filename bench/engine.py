@@ -1,6 +1,11 @@
-"""The QA engine (fp32 and int8) against the transformers 4.57.6 pipeline, on a bert-large-shaped model.
+"""The QA engine (torch fp32 and int8, ONNX fp32 and int8) against the transformers 4.57.6 pipeline,
+on a bert-large-shaped model.
 
-    .venv/bin/python bench/engine.py [--repeats-long 3]
+    .venv/bin/python bench/engine.py [--repeats-long 3] [--no-reference]
+
+``--no-reference`` leaves the pipeline out (it needs ``.golden-venv``); ratios are then to the torch
+fp32 engine. The ONNX artifacts come from ``bench/out/onnx-bert-large/`` (built by
+``bench/artifacts.py`` on first use).
 
 Scenarios: (a) one short question and context, (b) a 2,000-word context, (c) 16 questions over
 one context. Each variant runs in its own process (the reference in ``.golden-venv`` with
@@ -63,6 +68,21 @@ def engine(model_dir: str, quantize: str, repeats: dict[str, int]) -> dict[str, 
     return _time(lambda items: qa.answer([QAItem(q, c) for q, c in items]), repeats)
 
 
+def onnx(model_dir: str, variant: str, repeats: dict[str, int]) -> dict[str, Any]:
+    import json
+
+    from bench.artifacts import ARTIFACTS
+    from shared.onnx_runner import default_threads, onnx_engine
+    from shared.question_answering import Limits, QAItem
+
+    folder = ARTIFACTS / variant
+    files = {name: bytearray((folder / name).read_bytes()) for name in ("model.onnx", "weights.bin")}
+    tokenizer = {"tokenizer.json": (Path(model_dir) / "tokenizer.json").read_bytes()}
+    record = json.loads((folder / "artifact.json").read_text())
+    qa = onnx_engine(files, record, tokenizer, limits=Limits(max_windows=64), batch_windows=8, threads=default_threads(None, 1))
+    return _time(lambda items: qa.answer([QAItem(q, c) for q, c in items]), repeats)
+
+
 def reference(model_dir: str, repeats: dict[str, int]) -> dict[str, Any]:
     import transformers
     from transformers import pipeline
@@ -78,29 +98,41 @@ def reference(model_dir: str, repeats: dict[str, int]) -> dict[str, Any]:
     return _time(run, repeats)
 
 
-VARIANTS = {"engine": engine, "reference": reference}
+VARIANTS = {"engine": engine, "onnx": onnx, "reference": reference}
 
 
 def main() -> None:
+    from bench.artifacts import ensure_artifacts
     from bench.fixtures import bert_large
-    from tests.fixtures.make_golden import reference_python
+    from bench.harness import cpu_line
 
     long_repeats = int(sys.argv[sys.argv.index("--repeats-long") + 1]) if "--repeats-long" in sys.argv else 3
     repeats = {"a_short": 10, "b_2000_words": long_repeats, "c_16_questions": long_repeats}
     model_dir = str(bert_large())
-    results = {
-        "reference 4.57.6 pipeline": measure(__file__, "reference", python=str(reference_python()), model_dir=model_dir, repeats=repeats),
-        "engine fp32": measure(__file__, "engine", model_dir=model_dir, quantize="none", repeats=repeats),
-        "engine int8": measure(__file__, "engine", model_dir=model_dir, quantize="int8", repeats=repeats),
-    }
-    ref = results["reference 4.57.6 pipeline"]
-    print(f"{'scenario':<16}{'variant':<28}{'p50 s':>9}{'p90 s':>9}{'speed vs ref':>14}{'peak RSS MB':>13}")
+    ensure_artifacts()
+    results = {}
+    if "--no-reference" not in sys.argv:
+        from tests.fixtures.make_golden import reference_python
+
+        python = str(reference_python())
+        results["reference 4.57.6 pipeline"] = measure(__file__, "reference", python=python, model_dir=model_dir, repeats=repeats)
+    results["engine fp32 (torch)"] = measure(__file__, "engine", model_dir=model_dir, quantize="none", repeats=repeats)
+    results["engine int8 (torch dynamic)"] = measure(__file__, "engine", model_dir=model_dir, quantize="int8", repeats=repeats)
+    results["onnx fp32"] = measure(__file__, "onnx", model_dir=model_dir, variant="fp32", repeats=repeats)
+    results["onnx int8"] = measure(__file__, "onnx", model_dir=model_dir, variant="int8", repeats=repeats)
+    ref_name = next(iter(results))
+    ref = results[ref_name]
+    print(cpu_line())
+    print(f"speed = p50 of {ref_name} / p50 of the variant (same run)")
+    print(f"{'scenario':<16}{'variant':<30}{'p50 s':>9}{'p90 s':>9}{'speed':>9}{'peak RSS MB':>13}")
     for scenario in repeats:
         for name, row in results.items():
             p50, p90 = row[scenario]["p50"], row[scenario]["p90"]
-            print(f"{scenario:<16}{name:<28}{p50:>9.3f}{p90:>9.3f}{ref[scenario]['p50'] / p50:>13.2f}x{row['peak_rss_mb']:>13.0f}")
-    fp32, int8 = results["engine fp32"], results["engine int8"]
-    print(f"int8 vs fp32 on b_2000_words: {fp32['b_2000_words']['p50'] / int8['b_2000_words']['p50']:.2f}x")
+            print(f"{scenario:<16}{name:<30}{p50:>9.3f}{p90:>9.3f}{ref[scenario]['p50'] / p50:>8.2f}x{row['peak_rss_mb']:>13.0f}")
+    torch_fp32 = results["engine fp32 (torch)"]
+    for name in ("engine int8 (torch dynamic)", "onnx fp32", "onnx int8"):
+        ratios = ", ".join(f"{s} {torch_fp32[s]['p50'] / results[name][s]['p50']:.2f}x" for s in repeats)
+        print(f"{name} vs torch fp32: {ratios}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
-"""Answer quality on real SQuAD v1.1 questions: the engine (fp32, int8) against the 4.57.6 pipeline.
+"""Answer quality on real SQuAD v1.1 questions: the engine (torch fp32, int8; ONNX fp32 and int8
+recipes) against the 4.57.6 pipeline.
 
-    .venv/bin/python bench/quality.py [--limit 500] [--shared ../shared]
+    .venv/bin/python bench/quality.py [--limit 500] [--shared ../shared] [--no-reference] [--recipes]
+
+``--no-reference`` compares with the torch fp32 engine instead of the pipeline (the golden tests
+hold the two equal; the pipeline needs ``.golden-venv``); ``--recipes`` adds every int8 recipe of
+``shared.onnx_export.RECIPES``, each against ONNX fp32 (F1 and EM loss with a paired-bootstrap 95%
+interval, share of answers identical).
 
 Uses ``../shared/squad/squad-v1.1-dev-part-B.json`` (CC BY-SA 4.0) and the small real model
 ``../shared/models/minilm-squad`` (fine-tuned on part A, so part B is unseen). Prints EM and F1
@@ -19,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import ROOT, measure, run_variant
+from bench.harness import ROOT, cpu_line, measure, run_variant
 
 
 def load_questions(shared: Path, limit: int) -> list[dict[str, Any]]:
@@ -63,9 +69,35 @@ def engine(model_dir: str, questions_file: str, quantize: str) -> dict[str, Any]
     predictions = []
     for first in range(0, len(questions), 16):
         chunk = questions[first : first + 16]
-        for answers in qa.answer([QAItem(q["question"], q["context"]) for q in chunk]):
-            predictions.append({"answer": answers[0].answer, "start": answers[0].start})
+        for answers in qa.answer([QAItem(q["question"], q["context"], top_k=2) for q in chunk]):
+            predictions.append({"answer": answers[0].answer, "start": answers[0].start, "gap": _gap(answers)})
     return {"seconds": time.monotonic() - began, "predictions": predictions}
+
+
+def onnx(model_dir: str, questions_file: str, variant: str, recipe: str | None = None) -> dict[str, Any]:
+    from shared.onnx_export import DEFAULT_RECIPE, build_onnx
+    from shared.onnx_runner import default_threads, onnx_engine
+    from shared.question_answering import Limits, QAItem
+
+    questions = json.loads(Path(questions_file).read_text())
+    artifact = build_onnx(Path(model_dir), variant, recipe=recipe or DEFAULT_RECIPE)
+    tokenizer = {p.name: p.read_bytes() for p in Path(model_dir).iterdir() if p.name.startswith("tokenizer")}
+    qa = onnx_engine(
+        artifact.files, artifact.record, tokenizer, limits=Limits(max_items=64, max_windows=256), batch_windows=16,
+        threads=default_threads(None, 1),
+    )
+    began = time.monotonic()
+    predictions = []
+    for first in range(0, len(questions), 16):
+        chunk = questions[first : first + 16]
+        for answers in qa.answer([QAItem(q["question"], q["context"], top_k=2) for q in chunk]):
+            predictions.append({"answer": answers[0].answer, "start": answers[0].start, "gap": _gap(answers)})
+    return {"seconds": time.monotonic() - began, "predictions": predictions}
+
+
+def _gap(answers: list[Any]) -> float | None:
+    """Score gap between the two best answers (a near-tie flips on rounding noise)."""
+    return answers[0].score - answers[1].score if len(answers) > 1 else None
 
 
 def reference(model_dir: str, questions_file: str) -> dict[str, Any]:
@@ -83,7 +115,28 @@ def reference(model_dir: str, questions_file: str) -> dict[str, Any]:
     return {"seconds": time.monotonic() - began, "predictions": predictions}
 
 
-VARIANTS = {"engine": engine, "reference": reference}
+VARIANTS = {"engine": engine, "onnx": onnx, "reference": reference}
+
+
+def per_question_f1(predictions: list[dict[str, Any]], questions: list[dict[str, Any]]) -> list[float]:
+    return [max(f1(p["answer"], g) for g in q["answers"]) for p, q in zip(predictions, questions, strict=True)]
+
+
+def per_question_em(predictions: list[dict[str, Any]], questions: list[dict[str, Any]]) -> list[float]:
+    from shared.refresh import normalize_answer as normalize
+
+    return [max(float(normalize(p["answer"]) == normalize(g)) for g in q["answers"]) for p, q in zip(predictions, questions, strict=True)]
+
+
+def bootstrap_loss(base: list[float], other: list[float], *, rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``base - other`` (in points) and its paired-bootstrap 95% interval."""
+    import numpy as np
+
+    diff = 100 * (np.asarray(base) - np.asarray(other))
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(rounds, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
 
 
 def main() -> int:
@@ -93,27 +146,59 @@ def main() -> int:
     if not (shared / "squad").is_dir() or not model_dir.is_dir():
         print(f"skipped: {shared} has no squad/ data or models/minilm-squad (they ship only with the team's workspace)")
         return 0
-    from tests.fixtures.make_golden import reference_python
+    from shared.onnx_export import DEFAULT_RECIPE, RECIPES
 
     questions = load_questions(shared, limit)
     questions_file = ROOT / "bench" / "out" / "quality-questions.json"
     questions_file.parent.mkdir(parents=True, exist_ok=True)
     questions_file.write_text(json.dumps(questions))
     args = {"model_dir": str(model_dir), "questions_file": str(questions_file)}
-    rows = {
-        "reference 4.57.6 pipeline": measure(__file__, "reference", python=str(reference_python()), **args),
-        "engine fp32": measure(__file__, "engine", quantize="none", **args),
-        "engine int8": measure(__file__, "engine", quantize="int8", **args),
-    }
-    ref = rows["reference 4.57.6 pipeline"]["predictions"]
-    print(f"{len(questions)} questions of SQuAD v1.1 dev part B, model minilm-squad")
-    print(f"{'variant':<28}{'EM':>7}{'F1':>7}{'same as ref':>13}{'questions/s':>13}{'speed vs ref':>14}")
+    rows: dict[str, dict[str, Any]] = {}
+    if "--no-reference" not in sys.argv:
+        from tests.fixtures.make_golden import reference_python
+
+        rows["reference 4.57.6 pipeline"] = measure(__file__, "reference", python=str(reference_python()), **args)
+    rows["engine fp32 (torch)"] = measure(__file__, "engine", quantize="none", **args)
+    rows["engine int8 (torch dynamic)"] = measure(__file__, "engine", quantize="int8", **args)
+    rows["onnx fp32"] = measure(__file__, "onnx", variant="fp32", **args)
+    recipes = sorted(RECIPES, key=lambda r: r != DEFAULT_RECIPE) if "--recipes" in sys.argv else [DEFAULT_RECIPE]
+    for recipe in recipes:
+        rows[f"onnx int8: {recipe}"] = measure(__file__, "onnx", variant="int8", recipe=recipe, **args)
+    ref_name = "reference 4.57.6 pipeline" if "reference 4.57.6 pipeline" in rows else "engine fp32 (torch)"
+    ref = rows[ref_name]["predictions"]
+    print(cpu_line())
+    print(f"{len(questions)} questions of SQuAD v1.1 dev part B, model minilm-squad; 'same' = same text and start as {ref_name}")
+    print(f"{'variant':<58}{'EM':>7}{'F1':>7}{'same':>9}{'q/s':>8}{'speed':>8}{'peak MB':>9}")
     for name, row in rows.items():
         em, f = scores(row["predictions"], questions)
-        same = sum(p == r for p, r in zip(row["predictions"], ref, strict=True)) / len(ref)
+        same = sum((p["answer"], p["start"]) == (r["answer"], r["start"]) for p, r in zip(row["predictions"], ref, strict=True)) / len(ref)
         rate = len(questions) / row["seconds"]
-        speed = rows["reference 4.57.6 pipeline"]["seconds"] / row["seconds"]
-        print(f"{name:<28}{em:>7.1f}{f:>7.1f}{100 * same:>12.1f}%{rate:>13.1f}{speed:>13.2f}x")
+        speed = rows[ref_name]["seconds"] / row["seconds"]
+        print(f"{name:<58}{em:>7.2f}{f:>7.2f}{100 * same:>8.1f}%{rate:>8.1f}{speed:>7.2f}x{row['peak_rss_mb']:>9.0f}")
+
+    # onnx fp32 against the torch engine: identical spans, except near-ties of the torch engine
+    torch_fp32, onnx_fp32 = rows["engine fp32 (torch)"]["predictions"], rows["onnx fp32"]["predictions"]
+    differ = [
+        i for i, (a, b) in enumerate(zip(onnx_fp32, torch_fp32, strict=True)) if (a["answer"], a["start"]) != (b["answer"], b["start"])
+    ]
+    ties = [i for i in differ if torch_fp32[i]["gap"] is not None and torch_fp32[i]["gap"] <= 1e-5]
+    near = sum(1 for p in torch_fp32 if p["gap"] is not None and p["gap"] <= 1e-5)
+    print(
+        f"onnx fp32 vs torch fp32: {len(differ)} of {len(questions)} spans differ, {len(ties)} of them near-ties "
+        f"(best two scores within 1e-5; {near} near-ties in all)"
+    )
+    base_f1, base_em = per_question_f1(onnx_fp32, questions), per_question_em(onnx_fp32, questions)
+    print(f"{'int8 vs onnx fp32':<58}{'F1 loss [95% CI]':>26}{'EM loss [95% CI]':>26}{'identical':>11}")
+    for name, row in rows.items():
+        if "int8" not in name:
+            continue
+        f_loss = bootstrap_loss(base_f1, per_question_f1(row["predictions"], questions))
+        e_loss = bootstrap_loss(base_em, per_question_em(row["predictions"], questions))
+        same = sum((p["answer"], p["start"]) == (r["answer"], r["start"]) for p, r in zip(row["predictions"], onnx_fp32, strict=True))
+        print(
+            f"{name:<58}{f_loss[0]:>8.2f} [{f_loss[1]:>6.2f}, {f_loss[2]:>5.2f}]{e_loss[0]:>9.2f} [{e_loss[1]:>6.2f}, {e_loss[2]:>5.2f}]"
+            f"{100 * same / len(questions):>10.1f}%"
+        )
     return 0
 
 

@@ -31,14 +31,23 @@ _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
 
 class OnnxRunner:
-    """The model call of the engine on an ``onnxruntime.InferenceSession`` (thread safe)."""
+    """The model call of the engine on an ``onnxruntime.InferenceSession`` (thread safe).
+
+    Each run hands its activation memory back to the system when it ends (arena shrinkage):
+    otherwise the arena keeps the largest batch's activations for good, about 500 MB more RSS
+    for bert-large after one batch of 4 or more 384-token windows.
+    """
 
     def __init__(self, session: Any, input_names: tuple[str, ...]) -> None:
+        import onnxruntime as ort
+
         self.session = session
         self.input_names = input_names
+        self._run_options = ort.RunOptions()
+        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        start, end = self.session.run(["start_logits", "end_logits"], dict(inputs))
+        start, end = self.session.run(["start_logits", "end_logits"], dict(inputs), self._run_options)
         return start, end
 
 
