@@ -123,20 +123,12 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
     import dataclasses
 
     from .artifacts import build_artifacts
-    from .errors import NotFoundError
-    from .model_store import check_revision_arg
     from .refresh import check_canary
 
     if args.skip_canary:
         settings = dataclasses.replace(settings, canary=None)
     store = _store(settings, args)
-    if args.revision:
-        revision = check_revision_arg(args.revision)
-    else:
-        pointer = store.read_pointer()
-        if pointer is None:
-            raise NotFoundError("No model has been published yet: nothing to build artifacts for")
-        revision = pointer.revision
+    revision = _revision_or_current(store, args.revision, "build artifacts for")
     manifest = store.require_manifest(revision)
     canary = settings.canary
     variants = tuple(args.variant) if args.variant else settings.artifacts or ("fp32", "int8")
@@ -201,18 +193,23 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     return 0, data, "\n".join(lines)
 
 
-def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+def _revision_or_current(store: Any, revision: str | None, what: str) -> str:
+    """``--revision`` checked, or the pointer's revision; NotFoundError on an empty store."""
     from .errors import NotFoundError
     from .model_store import check_revision_arg
 
+    if revision:
+        return check_revision_arg(revision)
+    pointer = store.read_pointer()
+    if pointer is None:
+        raise NotFoundError(f"No model has been published yet: nothing to {what}")
+    return str(pointer.revision)
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+
     store = _store(settings, args)
-    if args.revision:
-        revision = check_revision_arg(args.revision)
-    else:
-        pointer = store.read_pointer()
-        if pointer is None:
-            raise NotFoundError("No model has been published yet: nothing to verify")
-        revision = pointer.revision
+    revision = _revision_or_current(store, args.revision, "verify")
     bar = BarProgress("verify")
     manifest = store.require_manifest(revision)
     bar.plan(manifest.total_bytes)

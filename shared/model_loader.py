@@ -237,6 +237,13 @@ class SafetensorsStream:
         self._slots.sort(key=lambda slot: slot[0])
         self._next = 0
 
+    def check_complete(self) -> None:
+        """Raise :class:`IntegrityError` if the bytes seen so far end before the last tensor."""
+        if self._header_len is None or len(self._head) < 8 + self._header_len:
+            raise IntegrityError(f"{self.name} ends inside its safetensors header")
+        if self._slots and self._offset < max(end for _, end, _ in self._slots):
+            raise IntegrityError(f"{self.name} ends before its last tensor")
+
     def _take_data(self, data: memoryview) -> None:
         start, stop = self._offset, self._offset + data.nbytes
         while self._next < len(self._slots) and self._slots[self._next][1] <= start:

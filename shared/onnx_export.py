@@ -25,7 +25,6 @@ import json
 import logging
 import mmap
 import platform
-import struct
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -245,34 +244,20 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     :func:`_pack_ir` can free as soon as the tensor is in ``weights.bin``).
 
     Raises:
-        UnsafeModelError: the header is malformed or names an unsupported dtype.
+        UnsafeModelError: the header is malformed, names an unsupported dtype, or the file ends early.
     """
-    import torch
+    from .errors import IntegrityError
+    from .model_loader import SafetensorsStream
 
-    from .model_loader import _SAFETENSORS_DTYPES
-
-    tensors = {}
-    with path.open("rb") as file:
-        (header_len,) = struct.unpack("<Q", file.read(8))
-        try:
-            header = json.loads(file.read(min(header_len, 100 << 20)))
-            base = 8 + header_len
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = getattr(torch, _SAFETENSORS_DTYPES[meta["dtype"]])
-                begin, end = (int(x) for x in meta["data_offsets"])
-                tensor = torch.empty([int(x) for x in meta["shape"]], dtype=dtype)
-                if tensor.nbytes != end - begin:
-                    raise ValueError(f"{name}: its shape does not match its byte range")
-                file.seek(base + begin)
-                target = memoryview(tensor.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
-                if tensor.nbytes and file.readinto(target) != tensor.nbytes:
-                    raise ValueError(f"{name} runs past the end of the file")
-                tensors[name] = tensor
-        except (KeyError, TypeError, ValueError) as err:
-            raise UnsafeModelError(f"{path.name} is not a readable safetensors file ({err})") from err
-    return tensors
+    stream = SafetensorsStream(path.name)
+    try:
+        with path.open("rb") as file:
+            while block := file.read(8 << 20):
+                stream(memoryview(block))
+        stream.check_complete()
+    except IntegrityError as err:
+        raise UnsafeModelError(err.message) from err
+    return stream.tensors
 
 
 def _rehome(model: Any) -> list[tuple[int, int, mmap.mmap]]:

@@ -128,3 +128,22 @@ def test_safetensors_stream_refuses_a_bad_header() -> None:
     header = b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}'
     with pytest.raises(IntegrityError, match="not a readable safetensors"):
         SafetensorsStream("x")(memoryview(struct.pack("<Q", len(header)) + header))
+
+
+def test_safetensors_stream_notices_a_file_that_ends_early(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from shared.model_loader import SafetensorsStream
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(16)}, str(path))
+    data = memoryview(path.read_bytes())
+    for cut in (4, 20, len(data) - 1):
+        stream = SafetensorsStream("m.safetensors")
+        stream(data[:cut])
+        with pytest.raises(IntegrityError, match="ends"):
+            stream.check_complete()
+    stream = SafetensorsStream("m.safetensors")
+    stream(data)
+    stream.check_complete()
