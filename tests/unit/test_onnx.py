@@ -78,17 +78,27 @@ def test_artifact_is_a_graph_over_one_weights_file(variant: str) -> None:
     assert built.record["cpu"]["model"] and isinstance(built.record["cpu"]["flags"], list)
 
 
-def test_int8_artifact_quantizes_the_attention_and_ffn_input_weights_only() -> None:
-    graph = onnx.load_from_string(bytes(artifact("bert", "int8").files[MODEL_FILE]))
+@pytest.mark.parametrize(
+    ("recipe", "int8_matmuls", "quantized_activations", "fp32_matmuls"),
+    [
+        # the default: 2 layers x (query, key, value, attention output, FFN input, FFN output); the span head stays fp32
+        (None, 2 * 6, 2 * 4, 1),
+        # FFN output projections kept in fp32 as well
+        ("per-channel, FFN output fp32, static", 2 * 5, 2 * 3, 2 * 1 + 1),
+    ],
+)
+def test_int8_artifact_quantizes_the_weights_its_recipe_names(
+    recipe: str | None, int8_matmuls: int, quantized_activations: int, fp32_matmuls: int
+) -> None:
+    built = artifact("bert", "int8", recipe)
+    graph = onnx.load_from_string(bytes(built.files[MODEL_FILE]))
     ops = [n.op_type for n in graph.graph.node]
-    # 2 layers x (query, key, value, attention output, FFN input); FFN output and span head stay fp32
-    assert ops.count("MatMulIntegerToFloat") == 10
-    assert ops.count("QuantizeLinear") == 2 * 3  # one per distinct activation: Q/K/V share theirs
-    assert ops.count("MatMul") >= 2 * 1 + 1
+    assert ops.count("MatMulIntegerToFloat") == int8_matmuls
+    assert ops.count("QuantizeLinear") == quantized_activations  # one per distinct activation: Q/K/V share theirs
+    assert ops.count("MatMul") >= fp32_matmuls
     assert not any(op.startswith("DynamicQuantize") for op in ops)  # static scales only
-    record = artifact("bert", "int8").record
-    assert record["recipe"] == "per-channel, FFN output fp32, static"
-    assert record["calibration"]["windows"] > 36
+    assert built.record["recipe"] == (recipe or "per-channel, all int8, static")
+    assert built.record["calibration"]["windows"] > 36
 
 
 def test_distilbert_and_roberta_take_no_token_type_ids() -> None:
