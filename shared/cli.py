@@ -123,14 +123,13 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
     import dataclasses
 
     from .artifacts import build_artifacts
-    from .refresh import check_canary
+    from .refresh import artifact_canary
 
     if args.skip_canary:
         settings = dataclasses.replace(settings, canary=None)
     store = _store(settings, args)
     revision = _revision_or_current(store, args.revision, "build artifacts for")
     manifest = store.require_manifest(revision)
-    canary = settings.canary
     variants = tuple(args.variant) if args.variant else settings.artifacts or ("fp32", "int8")
     with store.lock():  # one writer at a time, as for a refresh
         outcomes = build_artifacts(
@@ -138,7 +137,7 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
             manifest,
             settings,
             variants=variants,
-            canary=None if canary is None else (lambda engine, m: check_canary(engine, m, canary, what=" (ONNX artifact)")),
+            canary=artifact_canary(settings),
             progress=lambda step: log.info("%s", step),
         )
     failed = any(outcome.startswith("unusable") for outcome in outcomes.values())

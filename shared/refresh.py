@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import string
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +191,19 @@ def check_canary(engine: QAEngine, manifest: Manifest, canary: Canary, *, what: 
     log.info("Canary passed for %s%s: %r (score %.3f)", manifest.revision, what, got, answers[0].score)
 
 
+def artifact_canary(settings: Settings) -> Callable[[QAEngine, Manifest], None] | None:
+    """The canary an ONNX artifact must answer as its version did; ``None`` when the canary is
+    switched off (then the build does not load the artifact back at all)."""
+    canary = settings.canary
+    if canary is None:
+        return None
+
+    def check(engine: QAEngine, manifest: Manifest) -> None:
+        check_canary(engine, manifest, canary, what=" (ONNX artifact)")
+
+    return check
+
+
 def artifact_builder(settings: Settings) -> ArtifactBuilder | None:
     """Builds the ONNX artifacts of ``MODEL_ARTIFACTS`` (``None`` when it is ``none``); each must
     answer the canary as the version did, else it is recorded unusable (the version still publishes)."""
@@ -197,14 +211,8 @@ def artifact_builder(settings: Settings) -> ArtifactBuilder | None:
         return None
     from .artifacts import build_artifacts
 
-    canary = settings.canary
-
-    def check(engine: QAEngine, manifest: Manifest) -> None:
-        if canary is not None:
-            check_canary(engine, manifest, canary, what=" (ONNX artifact)")
-
     def build(store: ModelStore, manifest: Manifest) -> dict[str, str]:
-        return build_artifacts(store, manifest, settings, canary=check)
+        return build_artifacts(store, manifest, settings, canary=artifact_canary(settings))
 
     return build
 
