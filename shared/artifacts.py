@@ -63,6 +63,30 @@ class ArtifactRecord:
     built_at: str
     reason: str | None = None
 
+    @classmethod
+    def of_version(
+        cls,
+        manifest: Manifest,
+        variant: str,
+        *,
+        usable: bool,
+        files: tuple[FileEntry, ...],
+        engine: dict[str, Any],
+        reason: str | None = None,
+    ) -> ArtifactRecord:
+        """A record of ``manifest``'s version, built now from its files."""
+        return cls(
+            variant=variant,
+            model_id=manifest.model_id,
+            revision=manifest.revision,
+            usable=usable,
+            files=files,
+            source_files={f.name: f.sha256 for f in manifest.files},
+            engine=engine,
+            built_at=utc_now(),
+            reason=reason,
+        )
+
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
@@ -307,16 +331,7 @@ def _build_one(
         del data
     del artifact
     gc.collect()
-    record = ArtifactRecord(
-        variant=variant,
-        model_id=manifest.model_id,
-        revision=manifest.revision,
-        usable=True,
-        files=tuple(entries),
-        source_files={f.name: f.sha256 for f in manifest.files},
-        engine=engine_record,
-        built_at=utc_now(),
-    )
+    record = ArtifactRecord.of_version(manifest, variant, usable=True, files=tuple(entries), engine=engine_record)
     if canary is not None:
         # the canary reads back what was stored, through the serving loader's own path
         say(f"answering the canary with {variant}")
@@ -340,21 +355,9 @@ def _build_one(
     return outcome
 
 
-def _write_unusable(
-    store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()
-) -> str:
+def _write_unusable(store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()) -> str:
     log.warning("The %s artifact of %s is unusable: %s", variant, manifest.revision, reason)
-    record = ArtifactRecord(
-        variant=variant,
-        model_id=manifest.model_id,
-        revision=manifest.revision,
-        usable=False,
-        files=files,
-        source_files={f.name: f.sha256 for f in manifest.files},
-        engine={},
-        built_at=utc_now(),
-        reason=reason,
-    )
+    record = ArtifactRecord.of_version(manifest, variant, usable=False, files=files, engine={}, reason=reason)
     outcome = _write_record(store, manifest, record)
     return outcome if outcome == "exists" else f"unusable: {reason}"
 
