@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsafeModelError
+from .memory import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def build_onnx(
     del owners
     del ir_model
     gc.collect()
+    release_free_heap()
     record: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
         "variant": "fp32",

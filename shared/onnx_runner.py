@@ -2,8 +2,8 @@
 
 The session is built from the verified in-memory download: ``weights.bin`` is handed to ONNX
 Runtime as the contents of the external-data file (ONNX Runtime copies each initializer out of
-it while the session is created), then the download buffer is released, so the steady state
-holds the weights once. The tokenizer comes from ``tokenizer.json`` through ``tokenizers``
+it while the session is created), then the download buffer is released and the C heap's free
+pages returned to the system, so the steady state holds the weights once. The tokenizer comes from ``tokenizer.json`` through ``tokenizers``
 alone, with the special-token ids and input names recorded when the artifact was built.
 Windowing and span decoding are those of :class:`~shared.question_answering.QAEngine`.
 """
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IntegrityError, UnsafeModelError
+from .memory import release_free_heap
 from .question_answering import Limits, QAEngine, TokenizerSpec
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def onnx_engine(
         for data in files.values():
             if isinstance(data, bytearray):
                 data.clear()  # the session holds its own copy now
+        release_free_heap()
     graph_inputs = tuple(i.name for i in session.get_inputs())
     graph_outputs = {o.name for o in session.get_outputs()}
     if set(graph_inputs) != set(input_names) or not {"start_logits", "end_logits"} <= graph_outputs:

@@ -26,6 +26,7 @@ from .errors import (
     ValidationFailedError,
 )
 from .isolation import ArtifactBuilder, IsolationResult, TransferProgress, Validator, isolate
+from .memory import release_free_heap
 from .model_files import Manifest, utc_now
 from .model_store import ModelStore
 from .settings import Canary, Settings
@@ -164,6 +165,7 @@ def canary_validator(settings: Settings) -> Validator | None:
         finally:
             del loaded
             gc.collect()
+            release_free_heap()  # the artifacts' build comes next: hand the model's pages back first
 
     return validate
 
