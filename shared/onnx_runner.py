@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IntegrityError, UnsafeModelError
-from .memory import release_free_heap
+from .memory import large_blocks_mapped, release_free_heap
 from .question_answering import Limits, QAEngine, TokenizerSpec
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ def onnx_engine(
     weights = files[WEIGHTS_FILE]
     options.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [weights], [len(weights)])
     try:
-        session = ort.InferenceSession(bytes(files[MODEL_FILE]), options, providers=["CPUExecutionProvider"])
+        with large_blocks_mapped():  # ONNX Runtime's transient copies leave nothing resident behind
+            session = ort.InferenceSession(bytes(files[MODEL_FILE]), options, providers=["CPUExecutionProvider"])
     except _session_errors() as err:
         raise IntegrityError(f"ONNX Runtime refused the {variant} artifact ({type(err).__name__})") from err
     finally:
