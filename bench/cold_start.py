@@ -9,9 +9,14 @@ storage in the way): the torch fp32 path (``engine_from_files``) against the ONN
 artifacts (``onnx_engine``, built by ``bench/artifacts.py`` on first use), and whether torch was
 imported.
 
-A bert-large-shaped model (random fp32 weights, 1.34 GB) is published to Azurite once; then each
-variant runs in a fresh process: the seed's way (every blob ``readall()`` into a temp folder,
-load from there), the project's memory mode, and disk mode with a cold and a warm cache.
+A bert-large-shaped model (random fp32 weights, 1.34 GB) is published to Azurite once, and its
+fp32 and int8 ONNX artifacts built into the version (``build_artifacts``, as a refresh does); then
+each variant runs in a fresh process: the seed's way (every blob ``readall()`` into a temp folder,
+load from there), the project's memory mode, and disk mode with a cold and a warm cache (these
+four timed after the torch import, as the seed's baseline was). Then the serving path itself
+(``ModelHolder`` with ``load_artifact``, as ``function_app`` makes it) timed from PROCESS START,
+interpreter and imports included: ``QA_BACKEND=torch`` (today's fp32 torch path, memory mode)
+against ``QA_BACKEND=onnx`` with ``QA_QUANTIZE=none`` and ``int8``, with the RSS once answered.
 Bytes written to disk come from ``write_bytes`` in ``/proc/self/io``. Azurite shares the 2 cores.
 """
 
@@ -89,6 +94,52 @@ def publish(folder: str, container: str) -> dict[str, Any]:
     return {"revision": result.revision}
 
 
+def build(container: str, revision: str) -> dict[str, Any]:
+    """The version's ONNX artifacts, as ``python -m shared build-artifacts`` builds them (no canary:
+    random weights have no right answer to check)."""
+    from shared.artifacts import build_artifacts
+    from shared.model_store import ModelStore
+
+    settings = _settings(container, MODEL_ARTIFACTS="fp32,int8")
+    store = ModelStore.from_settings(settings)
+    manifest = store.read_manifest(revision)
+    assert manifest is not None
+    return {"outcomes": build_artifacts(store, manifest, settings)}
+
+
+def serving(container: str, backend: str, quantize: str) -> dict[str, Any]:
+    """The first answer of a serving process, from process start, through the app's own holder."""
+    from shared.artifacts import load_artifact
+    from shared.model_holder import ModelHolder
+    from shared.question_answering import QAItem
+
+    settings = _settings(container, MODEL_LOAD_MODE="memory", QA_BACKEND=backend, QA_QUANTIZE=quantize)
+    holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
+    try:
+        with holder.model(time.monotonic() + 600) as loaded:
+            answer = loaded.engine.answer([QAItem(QUESTION, CONTEXT)])[0][0]
+            seconds = _since_process_start()
+            served_by = f"{loaded.backend} {loaded.variant}"
+        fallbacks = holder.describe()["fallbacks"]
+    finally:
+        holder.close()
+    return {
+        "seconds": seconds,
+        "answer": answer.answer,
+        "served_by": served_by,
+        "fallbacks": fallbacks,
+        "rss_answered_mb": _rss_mb(),
+        "torch_imported": "torch" in sys.modules,
+    }
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _since_process_start() -> float:
     """Seconds since this process started (``/proc/self/stat`` field 22, in clock ticks since boot)."""
     import os
@@ -130,7 +181,15 @@ def local_onnx(model_dir: str, variant: str) -> dict[str, Any]:
     return {"seconds": _since_process_start(), "answer": answer.answer, "torch_imported": "torch" in sys.modules}
 
 
-VARIANTS = {"simple": simple, "project": project, "publish": publish, "local_torch": local_torch, "local_onnx": local_onnx}
+VARIANTS = {
+    "simple": simple,
+    "project": project,
+    "publish": publish,
+    "build": build,
+    "serving": serving,
+    "local_torch": local_torch,
+    "local_onnx": local_onnx,
+}
 
 
 def main_local() -> None:
@@ -163,6 +222,11 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="bench-cache-")
     try:
         revision = measure(__file__, "publish", folder=str(folder), container=container)["revision"]
+        built = measure(__file__, "build", container=container, revision=revision)
+        serve_rows: dict[str, dict[str, Any]] = {}
+        for repeat in (1, 2):
+            for label, backend, quantize in (("torch fp32", "torch", "none"), ("onnx fp32", "onnx", "none"), ("onnx int8", "onnx", "int8")):
+                serve_rows[f"{label}, run {repeat}"] = measure(__file__, "serving", container=container, backend=backend, quantize=quantize)
         rows = {
             "seed's way (readall, temp dir)": measure(__file__, "simple", container=container, revision=revision),
             "memory mode": measure(__file__, "project", container=container, revision=revision, mode="memory"),
@@ -188,6 +252,25 @@ def main() -> None:
             print(f"{name}: {base['seconds'] / row['seconds']:.2f}x faster to first answer than the seed's way")
     memory = rows["memory mode"]
     print(f"memory mode peak RSS over the model size: {memory['peak_rss_mb'] - model_mb:.0f} MB (target: at most 600)")
+    print()
+    from bench.harness import cpu_line
+
+    print(cpu_line())
+    print(f"artifacts built in {built['seconds']:.0f} s (peak RSS {built['peak_rss_mb']:.0f} MiB): {built['outcomes']}")
+    print("serving path (ModelHolder, memory mode) from PROCESS START to the first answer, imports included; RSS in MiB")
+    print(
+        table(
+            list(serve_rows.items()),
+            [("seconds", "1st answer s", ".2f"), ("peak_rss_mb", "peak RSS", ".0f"), ("rss_answered_mb", "RSS answered", ".0f")],
+        )
+    )
+    for name, row in serve_rows.items():
+        print(f"{name}: served by {row['served_by']}, torch imported: {row['torch_imported']}, fallbacks: {row['fallbacks']}")
+    for repeat in (1, 2):
+        base = serve_rows[f"torch fp32, run {repeat}"]["seconds"]
+        for label in ("onnx fp32", "onnx int8"):
+            row = serve_rows[f"{label}, run {repeat}"]
+            print(f"run {repeat}: {label} artifact is {base / row['seconds']:.2f}x faster to the first answer than torch fp32")
 
 
 if __name__ == "__main__":
