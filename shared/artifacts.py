@@ -20,7 +20,6 @@ torch, earlier versions).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from .errors import IntegrityError, NotFoundError, QAError, StorageUnavailableError, UnsafeModelError
-from .memory import release_free_heap
+from .memory import release_memory
 from .model_files import FileEntry, Manifest, utc_now
 from .model_loader import LoadedModel
 from .model_store import ARTIFACT_RECORD, ARTIFACT_VARIANTS, ModelStore
@@ -280,7 +279,7 @@ def build_artifacts(
         todo.append(variant)
     for variant in todo:
         outcomes[variant] = _build_one(store, manifest, variant, settings, canary, progress)
-        _free_memory()
+        release_memory()
     return outcomes
 
 
@@ -331,7 +330,7 @@ def _build_one(
         entries.append(entry)
         del data
     del artifact
-    _free_memory()
+    release_memory()
     record = ArtifactRecord.of_version(manifest, variant, usable=True, files=tuple(entries), engine=engine_record)
     if canary is not None:
         # the canary reads back what was stored, through the serving loader's own path
@@ -347,20 +346,13 @@ def _build_one(
             log.exception("The %s artifact of %s failed to load or answer", variant, manifest.revision)
             return _write_unusable(store, manifest, variant, f"it failed to load or answer ({type(err).__name__})", files=record.files)
         finally:
-            _free_memory()
+            release_memory()
     outcome = _write_record(store, manifest, record)
     log.info(
         "Built the %s artifact of %s@%s (%d bytes) in %.1fs",
         variant, manifest.model_id, manifest.revision, record.total_bytes, time.monotonic() - began,
     )  # fmt: skip
     return outcome
-
-
-def _free_memory() -> None:
-    """Between the build's steps: collect the freed model objects and hand the heap's free pages
-    back, so the next step (a canary load, the next variant) does not stack on top of them."""
-    gc.collect()
-    release_free_heap()
 
 
 def _write_unusable(store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,20 +15,16 @@ MMAP_THRESHOLD_MAX = 32 << 20  # the most glibc's own sliding threshold reaches 
 
 
 @functools.cache
-def _glibc(function: str) -> Any:
+def _glibc(function: str, *argtypes: Any) -> Any:
     """A function of the C library that only glibc has (``None`` on musl, macOS, Windows)."""
     name = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), function) if name else None
+        found = getattr(ctypes.CDLL(name), function) if name else None
     except (OSError, AttributeError):
         return None
-
-
-def _malloc_trim() -> Any:
-    trim = _glibc("malloc_trim")
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-    return trim
+    if found is not None:
+        found.argtypes = list(argtypes)
+    return found
 
 
 def release_free_heap() -> bool:
@@ -37,14 +34,22 @@ def release_free_heap() -> bool:
     glibc keeps freed heap pages in the process. Building an ONNX Runtime session copies every
     initializer out of the weights buffer, packs most of them for its kernels and frees the
     copies: bert-large once loaded was 1,689 MiB resident before the trim and 1,358 after (fp32),
-    700 and 498 (int8). The refresh calls it between its steps (torch canary, export, each
-    artifact's canary) so that each step does not stack on the last one's leftovers.
+    700 and 498 (int8). The refresh calls it, through :func:`release_memory`, between its steps
+    (torch canary, export, each artifact's canary).
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim", ctypes.c_size_t)
     if trim is None:
         return False
     trim(0)
     return True
+
+
+def release_memory() -> None:
+    """Between the steps of a large build or check: collect the Python objects just dropped (a
+    model, an exported graph), then hand the heap's free pages back, so that the next step does
+    not stack on the last one's leftovers."""
+    gc.collect()
+    release_free_heap()
 
 
 @contextlib.contextmanager
@@ -60,11 +65,10 @@ def large_blocks_mapped(threshold: int = 1 << 20) -> Iterator[None]:
     every time. Setting it stops glibc's sliding for the life of the process, so on exit the
     threshold is left at the sliding one's ceiling, where a loaded process usually is.
     """
-    mallopt = _glibc("mallopt")
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
     if mallopt is None:
         yield
         return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt(M_MMAP_THRESHOLD, threshold)
     try:
         yield

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsafeModelError
-from .memory import release_free_heap
+from .memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def build_onnx(
     graph, weights, opset = _pack_ir(ir_model, owners)
     del owners
     del ir_model
-    gc.collect()
-    release_free_heap()
+    release_memory()
     record: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
         "variant": "fp32",

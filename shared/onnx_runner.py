@@ -3,8 +3,8 @@
 The session is built from the verified in-memory download: ``weights.bin`` is handed to ONNX
 Runtime as the contents of the external-data file (ONNX Runtime copies each initializer out of
 it while the session is created), then the download buffer is released and the C heap's free
-pages returned to the system, so the steady state holds the weights once. The tokenizer comes from ``tokenizer.json`` through ``tokenizers``
-alone, with the special-token ids and input names recorded when the artifact was built.
+pages returned to the system, so the steady state holds the weights once. The tokenizer comes
+from ``tokenizer.json`` through ``tokenizers`` alone, with the special-token ids and input names recorded when the artifact was built.
 Windowing and span decoding are those of :class:`~shared.question_answering.QAEngine`.
 """
 

@@ -8,7 +8,6 @@ retry; a permanent failure or "already running" is recorded and the message comp
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ from .errors import (
     ValidationFailedError,
 )
 from .isolation import ArtifactBuilder, IsolationResult, TransferProgress, Validator, isolate
-from .memory import release_free_heap
+from .memory import release_memory
 from .model_files import Manifest, utc_now
 from .model_store import ModelStore
 from .settings import Canary, Settings
@@ -164,8 +163,7 @@ def canary_validator(settings: Settings) -> Validator | None:
             check_canary(loaded.engine, manifest, canary)
         finally:
             del loaded
-            gc.collect()
-            release_free_heap()  # the artifacts' build comes next: hand the model's pages back first
+            release_memory()  # the artifacts' build comes next: hand the model's pages back first
 
     return validate
 
