@@ -23,16 +23,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fixtures import OUT, bert_large
-from bench.harness import cpu_line, io_write_bytes, measure, peak_rss_mb, run_variant, table
+from bench.harness import cpu_line, io_write_bytes, measure, peak_rss_mb, rss_mb, run_variant, table
 
 ARTIFACTS = OUT / "onnx-bert-large"
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def build(model_dir: str, variant: str) -> dict[str, Any]:

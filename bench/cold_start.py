@@ -34,7 +34,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fixtures import bert_large
-from bench.harness import azurite_connection, measure, run_variant, table
+from bench.harness import azurite_connection, measure, rss_mb, run_variant, table
 
 QUESTION = "Which team won Super Bowl 50?"
 CONTEXT = "Super Bowl 50 was played in 2016. The Denver Broncos defeated the Carolina Panthers to win the title."
@@ -128,16 +128,9 @@ def serving(container: str, backend: str, quantize: str) -> dict[str, Any]:
         "answer": answer.answer,
         "served_by": served_by,
         "fallbacks": fallbacks,
-        "rss_answered_mb": _rss_mb(),
+        "rss_answered_mb": rss_mb(),
         "torch_imported": "torch" in sys.modules,
     }
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _since_process_start() -> float:

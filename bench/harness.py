@@ -35,6 +35,14 @@ def io_write_bytes() -> int:
     return 0
 
 
+def rss_mb() -> float:
+    """Resident set of this process now (``VmRSS``), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def peak_rss_mb() -> float:
     """Peak RSS of this process image. ``VmHWM`` rather than ``ru_maxrss``: the latter survives
     ``execve`` and would report the parent's high-water mark for a child that used less."""

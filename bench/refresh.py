@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fixtures import bert_large
-from bench.harness import azurite_connection, measure, run_variant, table
+from bench.harness import azurite_connection, measure, rss_mb, run_variant, table
 
 REPO = "bench/bert-large"
 CANARY = json.dumps({"question": "Which team won?", "context": "The Denver Broncos won Super Bowl 50 in 2016."})
@@ -111,9 +111,7 @@ class _StepWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.1):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    self.samples.append((time.monotonic(), int(line.split()[1]) / 1024))
+            self.samples.append((time.monotonic(), rss_mb()))
 
     def __enter__(self) -> None:
         import logging

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fixtures import bert_large
-from bench.harness import azurite_connection, peak_rss_mb
+from bench.harness import azurite_connection, peak_rss_mb, rss_mb
 
 
 def _env(container: str, mode: str = "replace") -> dict[str, str]:
@@ -36,13 +36,6 @@ def _env(container: str, mode: str = "replace") -> dict[str, str]:
     }
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def child(mode: str, container: str) -> None:
     from shared.model_holder import ModelHolder
     from shared.settings import Settings
@@ -52,13 +45,13 @@ def child(mode: str, container: str) -> None:
     with holder.model(time.monotonic() + 300) as loaded:
         first = loaded.revision
     del loaded  # a finished request holds no reference
-    print(json.dumps({"stage": "loaded", "rss": _rss_mb(), "peak": peak_rss_mb()}), flush=True)
+    print(json.dumps({"stage": "loaded", "rss": rss_mb(), "peak": peak_rss_mb()}), flush=True)
     sys.stdin.readline()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and holder.health().get("revision") in (None, first):
         time.sleep(0.2)
     print(
-        json.dumps({"stage": "reloaded", "rss": _rss_mb(), "peak": peak_rss_mb(), "revision": holder.health().get("revision")}), flush=True
+        json.dumps({"stage": "reloaded", "rss": rss_mb(), "peak": peak_rss_mb(), "revision": holder.health().get("revision")}), flush=True
     )
 
 
