@@ -11,9 +11,12 @@ import json
 
 import azure.functions as func
 
-from shared import api, refresh
-from shared.artifacts import load_artifact
-from shared.model_holder import ModelHolder
+from shared.build import refresh
+from shared.loading.artifacts import load_artifact
+from shared.serving import api
+from shared.serving import playground as playground_files
+from shared.serving.holder import ModelHolder
+from shared.store import refresh_queue
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -22,8 +25,8 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 engine = ModelHolder(artifact_loader=load_artifact)
 
 
-def _http(response: api.ApiResponse | api.FileResponse) -> func.HttpResponse:
-    if isinstance(response, api.FileResponse):
+def _http(response: api.ApiResponse | playground_files.FileResponse) -> func.HttpResponse:
+    if isinstance(response, playground_files.FileResponse):
         return func.HttpResponse(
             response.body, status_code=response.status, headers=response.headers, mimetype=response.media_type, charset="utf-8"
         )
@@ -85,21 +88,21 @@ def openapi(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="playground", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def playground(req: func.HttpRequest) -> func.HttpResponse:
     """A page to try ``/api/ask`` in a browser (it asks for a function key; the page itself is public)."""
-    return _http(api.guarded(api.playground_page))
+    return _http(api.guarded(playground_files.playground_page))
 
 
 @app.function_name("playground_file")
 @app.route(route="playground/{file}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def playground_file(req: func.HttpRequest) -> func.HttpResponse:
     """The playground's allow-listed style sheet, script and icon."""
-    return _http(api.guarded(lambda: api.playground_file(req.route_params.get("file", ""))))
+    return _http(api.guarded(lambda: playground_files.playground_file(req.route_params.get("file", ""))))
 
 
 @app.function_name("refresh_schedule")
 @app.timer_trigger(arg_name="timer", schedule="%MODEL_REFRESH_SCHEDULE%", run_on_startup=False, use_monitor=True)
 def refresh_schedule(timer: func.TimerRequest) -> None:
     """Queue the scheduled refresh; a pinned pointer (after a rollback) is left alone."""
-    refresh.enqueue(engine.settings, refresh.RefreshRequest(reason="schedule"))
+    refresh_queue.enqueue(engine.settings, refresh_queue.RefreshRequest(reason="schedule"))
 
 
 @app.function_name("refresh_worker")

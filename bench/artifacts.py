@@ -29,7 +29,7 @@ ARTIFACTS = OUT / "onnx-bert-large"
 
 
 def build(model_dir: str, variant: str) -> dict[str, Any]:
-    from shared.onnx_export import build_onnx
+    from shared.build.onnx_export import build_onnx
 
     written = io_write_bytes()
     began = time.monotonic()
@@ -53,8 +53,8 @@ def load(model_dir: str, variant: str) -> dict[str, Any]:
     import onnxruntime  # noqa: F401 - part of the runtime: imported before the baseline is read
     import tokenizers  # noqa: F401
 
-    from shared.onnx_runner import default_threads, onnx_engine
-    from shared.question_answering import Limits, QAItem
+    from shared.engine.onnx_runner import default_threads, onnx_engine
+    from shared.engine.question_answering import Limits, QAItem
 
     folder = ARTIFACTS / variant
     record = json.loads((folder / "artifact.json").read_text())

@@ -55,8 +55,8 @@ def _clock_after_imports() -> float:
 
 
 def simple(container: str, revision: str) -> dict[str, Any]:
-    from shared.model_store import ModelStore
-    from shared.question_answering import QAEngine, QAItem
+    from shared.engine.question_answering import QAEngine, QAItem
+    from shared.store.model_store import ModelStore
 
     began = _clock_after_imports()
     store = ModelStore.from_settings(_settings(container))
@@ -73,9 +73,9 @@ def simple(container: str, revision: str) -> dict[str, Any]:
 
 
 def project(container: str, revision: str, mode: str, cache_dir: str = "") -> dict[str, Any]:
-    from shared.model_loader import load_version
-    from shared.model_store import ModelStore
-    from shared.question_answering import QAItem
+    from shared.engine.question_answering import QAItem
+    from shared.loading.versions import load_version
+    from shared.store.model_store import ModelStore
 
     began = _clock_after_imports()
     settings = _settings(container, MODEL_LOAD_MODE=mode, MODEL_CACHE_DIR=cache_dir)
@@ -85,8 +85,8 @@ def project(container: str, revision: str, mode: str, cache_dir: str = "") -> di
 
 
 def publish(folder: str, container: str) -> dict[str, Any]:
-    from shared.isolation import LocalDirSource, isolate
-    from shared.model_store import ModelStore
+    from shared.build.isolation import LocalDirSource, isolate
+    from shared.store.model_store import ModelStore
 
     store = ModelStore.from_settings(_settings(container))
     store.ensure_container()
@@ -97,8 +97,8 @@ def publish(folder: str, container: str) -> dict[str, Any]:
 def build(container: str, revision: str) -> dict[str, Any]:
     """The version's ONNX artifacts, as ``python -m shared build-artifacts`` builds them (no canary:
     random weights have no right answer to check)."""
-    from shared.artifacts import build_artifacts
-    from shared.model_store import ModelStore
+    from shared.build.artifacts import build_artifacts
+    from shared.store.model_store import ModelStore
 
     settings = _settings(container, MODEL_ARTIFACTS="fp32,int8")
     store = ModelStore.from_settings(settings)
@@ -109,9 +109,9 @@ def build(container: str, revision: str) -> dict[str, Any]:
 
 def serving(container: str, backend: str, quantize: str) -> dict[str, Any]:
     """The first answer of a serving process, from process start, through the app's own holder."""
-    from shared.artifacts import load_artifact
-    from shared.model_holder import ModelHolder
-    from shared.question_answering import QAItem
+    from shared.engine.question_answering import QAItem
+    from shared.loading.artifacts import load_artifact
+    from shared.serving.holder import ModelHolder
 
     settings = _settings(container, MODEL_LOAD_MODE="memory", QA_BACKEND=backend, QA_QUANTIZE=quantize)
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
@@ -150,8 +150,8 @@ def _read_into_memory(path: Path) -> bytearray:
 
 
 def local_torch(model_dir: str) -> dict[str, Any]:
-    from shared.model_loader import engine_from_files
-    from shared.question_answering import QAItem
+    from shared.engine.question_answering import QAItem
+    from shared.engine.torch_model import engine_from_files
 
     files = {p.name: _read_into_memory(p) for p in Path(model_dir).iterdir() if p.is_file()}
     engine = engine_from_files(files)
@@ -162,8 +162,8 @@ def local_torch(model_dir: str) -> dict[str, Any]:
 
 def local_onnx(model_dir: str, variant: str) -> dict[str, Any]:
     from bench.artifacts import ARTIFACTS
-    from shared.onnx_runner import default_threads, onnx_engine
-    from shared.question_answering import QAItem
+    from shared.engine.onnx_runner import default_threads, onnx_engine
+    from shared.engine.question_answering import QAItem
 
     folder = ARTIFACTS / variant
     files = {name: _read_into_memory(folder / name) for name in ("model.onnx", "weights.bin")}
@@ -229,7 +229,7 @@ def main() -> None:
                 serve_rows[f"{label}, run {repeat}"] = measure(__file__, "serving", container=container, backend=backend, quantize=quantize)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-        from shared.model_store import ModelStore
+        from shared.store.model_store import ModelStore
 
         ModelStore.from_settings(_settings(container)).container.delete_container()
     answers = {row["answer"] for row in rows.values()}

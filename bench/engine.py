@@ -62,7 +62,7 @@ def _time(run: Any, repeats: dict[str, int]) -> dict[str, Any]:
 
 
 def engine(model_dir: str, quantize: str, repeats: dict[str, int]) -> dict[str, Any]:
-    from shared.question_answering import Limits, QAEngine, QAItem
+    from shared.engine.question_answering import Limits, QAEngine, QAItem
 
     qa = QAEngine.from_dir(model_dir, quantize=quantize, limits=Limits(max_windows=64), batch_windows=8)
     return _time(lambda items: qa.answer([QAItem(q, c) for q, c in items]), repeats)
@@ -72,8 +72,8 @@ def onnx(model_dir: str, variant: str, repeats: dict[str, int]) -> dict[str, Any
     import json
 
     from bench.artifacts import ARTIFACTS
-    from shared.onnx_runner import default_threads, onnx_engine
-    from shared.question_answering import Limits, QAItem
+    from shared.engine.onnx_runner import default_threads, onnx_engine
+    from shared.engine.question_answering import Limits, QAItem
 
     folder = ARTIFACTS / variant
     files = {name: bytearray((folder / name).read_bytes()) for name in ("model.onnx", "weights.bin")}

@@ -94,8 +94,8 @@ def table(rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str, 
 def cpu_line() -> str:
     """The CPU this run measured on: model, vector flags that decide kernel speed, CPUs usable."""
     sys.path.insert(0, str(ROOT))
-    from shared.onnx_export import cpu_facts
-    from shared.onnx_runner import cpu_quota
+    from shared.build.onnx_export import cpu_facts
+    from shared.engine.onnx_runner import cpu_quota
 
     facts = cpu_facts()
     return f"CPU: {facts['model']}; flags: {' '.join(facts['flags']) or 'none of note'}; CPUs usable: {cpu_quota()}"

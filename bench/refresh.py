@@ -49,7 +49,7 @@ def _settings(container: str, endpoint: str, **extra: str) -> Any:
 def seed(container: str, endpoint: str) -> dict[str, Any]:
     from huggingface_hub import snapshot_download
 
-    from shared.model_store import ModelStore
+    from shared.store.model_store import ModelStore
 
     store = ModelStore.from_settings(_settings(container, endpoint))
     folder = Path(tempfile.mkdtemp(prefix="seed-snapshot-"))
@@ -69,7 +69,8 @@ def seed(container: str, endpoint: str) -> dict[str, Any]:
 def project(container: str, endpoint: str, canary: bool, artifacts: str = "none") -> dict[str, Any]:
     import dataclasses
 
-    from shared.refresh import RefreshRequest, run_refresh
+    from shared.build.refresh import run_refresh
+    from shared.store.refresh_queue import RefreshRequest
 
     settings = _settings(container, endpoint, MODEL_ARTIFACTS=artifacts)
     if not canary:
@@ -180,7 +181,7 @@ VARIANTS = {"seed": seed, "project": project}
 
 def main() -> None:
     from bench.harness import cpu_line
-    from shared.model_store import ModelStore
+    from shared.store.model_store import ModelStore
     from tests.fixtures.fake_hub import FakeHubServer
 
     artifacts_only = "--artifacts-only" in sys.argv

@@ -37,7 +37,7 @@ def _env(container: str, mode: str = "replace") -> dict[str, str]:
 
 
 def child(mode: str, container: str) -> None:
-    from shared.model_holder import ModelHolder
+    from shared.serving.holder import ModelHolder
     from shared.settings import Settings
 
     settings = Settings.from_env(_env(container, mode))
@@ -56,9 +56,9 @@ def child(mode: str, container: str) -> None:
 
 
 def main() -> None:
-    from shared.isolation import LocalDirSource, isolate
-    from shared.model_store import ModelStore
+    from shared.build.isolation import LocalDirSource, isolate
     from shared.settings import Settings
+    from shared.store.model_store import ModelStore
 
     source = bert_large()
     model_mb = (source / "model.safetensors").stat().st_size / 1e6

@@ -24,8 +24,8 @@ from bench.harness import azurite_connection, measure, run_variant, table
 
 
 def _store(container: str) -> Any:
-    from shared.model_store import ModelStore
     from shared.settings import Settings
+    from shared.store.model_store import ModelStore
 
     return ModelStore.from_settings(
         Settings.from_env({"MODEL_STORAGE": azurite_connection(), "MODEL_CONTAINER": container, "MODEL_ID": "bench/bert-large"})
@@ -33,7 +33,7 @@ def _store(container: str) -> Any:
 
 
 def project_publish(folder: str, container: str) -> dict[str, Any]:
-    from shared.isolation import LocalDirSource, isolate
+    from shared.build.isolation import LocalDirSource, isolate
 
     store = _store(container)
     result = isolate(store, LocalDirSource(folder), explicit=True, keep_versions=3)

@@ -359,7 +359,7 @@ resource hostBlobOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-// shared/refresh.py enqueue (timer, POST /api/model/refresh), the queue trigger's reads and
+// shared/store/refresh_queue.py enqueue (timer, POST /api/model/refresh), the queue trigger's reads and
 // deletes, queue creation, and the host moving a failed message to model-refresh-poison.
 resource hostQueueContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(hostStorage.id, identity.id, roles.storageQueueDataContributor)
@@ -371,7 +371,7 @@ resource hostQueueContributor 'Microsoft.Authorization/roleAssignments@2022-04-0
   }
 }
 
-// shared/model_store.py: the refresh writes versions, current.json, the refresh.lock lease and
+// shared/store/model_store.py: the refresh writes versions, current.json, the refresh.lock lease and
 // last-refresh.json; serving reads versions and polls current.json. Scoped to the container.
 resource modelContainerContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(modelStorage::blobService::modelContainer.id, identity.id, roles.storageBlobDataContributor)
@@ -394,7 +394,7 @@ resource metricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' =
   }
 }
 
-// The HF_TOKEN Key Vault reference (keyVaultReferenceIdentity), read by shared/hub.py's downloads.
+// The HF_TOKEN Key Vault reference (keyVaultReferenceIdentity), read by shared/build/hub.py's downloads.
 resource keyVaultSecretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(keyVault.id, identity.id, roles.keyVaultSecretsUser)
   scope: keyVault

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .engine.question_answering import MAX_TOP_K
 from .errors import InputError, QAError
-from .question_answering import MAX_TOP_K
 from .settings import Settings, parse_model_id
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class BarProgress:
 
 def _store(settings: Settings, args: argparse.Namespace) -> Any:
     """The store of the settings (patient profile), after a quick probe that storage answers."""
-    from .model_store import ModelStore
-    from .storage import probe
+    from .store.model_store import ModelStore
+    from .store.storage import probe
 
     probe(settings.require_storage(), settings.container)
     return ModelStore.from_settings(settings, model_id=getattr(args, "model_id", None))
@@ -76,10 +76,11 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     """The refresh from a terminal: from the Hub (as the queue worker does) or a local folder."""
     import dataclasses
 
-    from .isolation import LocalDirSource, isolate
-    from .model_store import ModelStore
-    from .refresh import RefreshRequest, artifact_builder, canary_validator, check_hub_revision, run_refresh
-    from .storage import probe
+    from .build.isolation import LocalDirSource, isolate
+    from .build.refresh import artifact_builder, canary_validator, run_refresh
+    from .store.model_store import ModelStore
+    from .store.refresh_queue import RefreshRequest, check_hub_revision
+    from .store.storage import probe
 
     if args.model_id:
         settings = dataclasses.replace(settings, model_id=parse_model_id("--model-id", args.model_id, settings.model_id))
@@ -122,8 +123,8 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
     """Build the ONNX artifacts an existing complete version lacks (new versions get them from the refresh)."""
     import dataclasses
 
-    from .artifacts import build_artifacts
-    from .refresh import artifact_canary
+    from .build.artifacts import build_artifacts
+    from .build.refresh import artifact_canary
 
     if args.skip_canary:
         settings = dataclasses.replace(settings, canary=None)
@@ -148,7 +149,7 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
 def cmd_refresh(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """Queue a refresh for the function app's worker (as ``POST /api/model/refresh`` does), with
     this machine's identity or connection string: no function key needed."""
-    from .refresh import RefreshRequest, check_hub_revision, enqueue
+    from .store.refresh_queue import RefreshRequest, check_hub_revision, enqueue
 
     revision = check_hub_revision(args.revision) if args.revision else None
     request = RefreshRequest(
@@ -168,7 +169,9 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
-    data = _store(settings, args).status()
+    from .loading.artifacts import status
+
+    data = status(_store(settings, args))
     pointer = data["pointer"]
     last = data["last_refresh"] or {}
     lines = [f"model: {data['model_id']} in container {data['container']}"]
@@ -195,7 +198,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
 def _revision_or_current(store: Any, revision: str | None, what: str) -> str:
     """``--revision`` checked, or the pointer's revision; NotFoundError on an empty store."""
     from .errors import NotFoundError
-    from .model_store import check_revision_arg
+    from .store.model_store import check_revision_arg
 
     if revision:
         return check_revision_arg(revision)
@@ -237,9 +240,9 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dic
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """One question through the same holder and loader as the function."""
-    from . import api
-    from .artifacts import load_artifact
-    from .model_holder import ModelHolder
+    from .loading.artifacts import load_artifact
+    from .serving import api
+    from .serving.holder import ModelHolder
 
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
     item: dict[str, Any] = {"question": args.question, "context": args.context, "top_k": args.top_k}
@@ -256,7 +259,7 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     """JSON lines of items on stdin, one JSON line of answers per item on stdout."""
     import time
 
-    from .question_answering import Limits, QAEngine, QAItem
+    from .engine.question_answering import Limits, QAEngine, QAItem
 
     check_model_dir(args.model_dir)
     quantize = args.quantize or settings.quantize
@@ -317,9 +320,9 @@ def _onnx_engine_from_dir(folder: str, quantize: str, settings: Settings) -> Any
     """Build the folder's ONNX artifact in memory (no file written), then serve it as the app would."""
     from pathlib import Path
 
-    from .onnx_export import build_onnx
-    from .onnx_runner import default_threads, onnx_engine
-    from .question_answering import Limits
+    from .build.onnx_export import build_onnx
+    from .engine.onnx_runner import default_threads, onnx_engine
+    from .engine.question_answering import Limits
 
     variant = "int8" if quantize == "int8" else "fp32"
     artifact = build_onnx(Path(folder), variant, progress=lambda line: print(line, file=sys.stderr))
@@ -348,7 +351,7 @@ def check_model_dir(folder: str) -> None:
     from pathlib import Path
 
     from .errors import NotFoundError
-    from .model_files import select_files
+    from .store.model_files import select_files
 
     path = Path(folder)
     if not path.is_dir():
@@ -469,7 +472,7 @@ def _named(err: QAError) -> QAError:
     if not isinstance(err, StorageUnavailableError):
         return err
     try:
-        from .storage import with_endpoint
+        from .store.storage import with_endpoint
 
         conn = Settings.from_env().storage
         return err if conn is None else with_endpoint(err, conn)

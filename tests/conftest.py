@@ -78,8 +78,8 @@ def env(azurite: str, container_name: str) -> dict[str, str]:
 @pytest.fixture
 def store(azurite: str, container_name: str) -> Iterator[object]:
     """A :class:`ModelStore` on a fresh container, deleted afterwards."""
-    from shared.model_store import ModelStore
     from shared.settings import Settings
+    from shared.store.model_store import ModelStore
 
     settings = Settings.from_env({"MODEL_STORAGE": azurite, "MODEL_CONTAINER": container_name, "MODEL_ID": "tests/tiny-bert"})
     model_store = ModelStore.from_settings(settings)
@@ -91,16 +91,16 @@ def store(azurite: str, container_name: str) -> Iterator[object]:
 
 @pytest.fixture
 def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    """Put a fresh :class:`~shared.model_holder.ModelHolder` built from an environment in
+    """Put a fresh :class:`~shared.serving.holder.ModelHolder` built from an environment in
     ``function_app.engine`` for one test: ``install(env, **holder_options)`` returns it; every
     holder made is closed afterwards."""
     import function_app
-    from shared.model_holder import ModelHolder
+    from shared.serving.holder import ModelHolder
     from shared.settings import Settings
 
     holders: list[ModelHolder] = []
 
-    from shared.artifacts import load_artifact
+    from shared.loading.artifacts import load_artifact
 
     def make(env: dict[str, str], **options: Any) -> ModelHolder:
         # as function_app.engine: the ONNX artifact first when QA_BACKEND=onnx, then torch
@@ -235,7 +235,7 @@ SCHEMA_MISMATCHES: list[str] = []  # filled by ValidatedFunction, emptied and ch
 
 @functools.lru_cache(maxsize=16)
 def _validation_document(settings: Any) -> dict[str, Any]:
-    from shared.openapi import document
+    from shared.serving.openapi import document
 
     return document(settings)
 

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 
 import function_app
-from shared.isolation import LocalDirSource, isolate
-from shared.model_holder import ModelHolder
-from shared.model_store import ModelStore
-from shared.openapi import CONTENT_SECURITY_POLICY
-from shared.question_answering import QAEngine, QAItem
+from shared.build.isolation import LocalDirSource, isolate
+from shared.engine.question_answering import QAEngine, QAItem
+from shared.serving.holder import ModelHolder
+from shared.serving.openapi import CONTENT_SECURITY_POLICY
 from shared.settings import Settings
+from shared.store.model_store import ModelStore
 from tests.conftest import ROOT, registered_functions
 from tests.fixtures.functions_host import FunctionsHost, serve
 

@@ -13,15 +13,25 @@ from typing import Any
 
 import pytest
 
-from shared import api
-from shared.artifacts import ArtifactRecord, build_artifacts, list_artifacts, load_artifact, read_record
+from shared.build.artifacts import build_artifacts
+from shared.build.isolation import LocalDirSource, isolate
+from shared.build.refresh import artifact_builder
+from shared.engine.question_answering import QAEngine, QAItem
 from shared.errors import IntegrityError, NotFoundError, ValidationFailedError
-from shared.isolation import LocalDirSource, isolate
-from shared.model_holder import ModelHolder
-from shared.model_store import ARTIFACT_RECORD, ModelStore
-from shared.question_answering import QAEngine, QAItem
-from shared.refresh import artifact_builder
+from shared.loading.artifacts import (
+    ARTIFACT_RECORD,
+    ArtifactRecord,
+    artifact_blob,
+    list_artifacts,
+    load_artifact,
+    read_record,
+    recorded_variants,
+)
+from shared.loading.artifacts import status as artifacts_status
+from shared.serving import api
+from shared.serving.holder import ModelHolder
 from shared.settings import Settings
+from shared.store.model_store import ModelStore
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -86,11 +96,11 @@ def test_the_refresh_builds_both_artifacts_apart_from_the_files(built: tuple[Mod
     manifest = store.require_manifest(revision)
     [version] = store.list_versions()
     assert version.files == len(manifest.files) and version.bytes == manifest.total_bytes  # artifacts not counted as files
-    assert version.artifacts == ("fp32", "int8")
+    assert recorded_variants(version) == ("fp32", "int8")
     listed = list_artifacts(store, manifest)
     assert set(listed) == {"fp32", "int8"} and all(a["usable"] and a["size"] > 0 for a in listed.values())
     assert listed["int8"]["size"] < listed["fp32"]["size"]
-    status = store.status()
+    status = artifacts_status(store)
     assert status["versions"][0]["artifacts"] == listed
     record, _ = read_record(store, manifest, "int8") or (None, None)
     assert record is not None and record.source_files == {f.name: f.sha256 for f in manifest.files}
@@ -135,7 +145,7 @@ def test_serving_loads_onnx_first_and_torch_on_request(built: tuple[ModelStore, 
 
 def flip_byte(store: ModelStore, revision: str, variant: str, name: str, at: int) -> None:
     """Change one byte of an artifact blob, keeping its metadata (the sha256 written with it)."""
-    blob = store.artifact_blob(revision, variant, name)
+    blob = artifact_blob(store, revision, variant, name)
     props = blob.get_blob_properties()
     data = bytearray(blob.download_blob().readall())
     data[at % len(data)] ^= 0x01
@@ -221,9 +231,9 @@ def test_a_record_for_other_files_is_refused(store: ModelStore, tiny_bert_dir: P
     second = isolate(store, LocalDirSource(build_bert(tmp_path / "other", seed=7)), explicit=True, keep_versions=3)
     assert first.revision and second.revision
     for name in ("model.onnx", "weights.bin", ARTIFACT_RECORD):  # copy the first version's artifact under the second
-        source = store.artifact_blob(first.revision, "fp32", name)
+        source = artifact_blob(store, first.revision, "fp32", name)
         props = source.get_blob_properties()
-        store.artifact_blob(second.revision, "fp32", name).upload_blob(source.download_blob().readall(), metadata=props.metadata)
+        artifact_blob(store, second.revision, "fp32", name).upload_blob(source.download_blob().readall(), metadata=props.metadata)
     with pytest.raises(IntegrityError, match="other files"):
         load_artifact(store, store.require_manifest(second.revision), "fp32", Settings.from_env({}))
 
@@ -251,7 +261,7 @@ def test_build_artifacts_command_for_an_existing_version(store: ModelStore, env:
 
 
 def test_record_round_trip_and_refusals() -> None:
-    from shared.model_files import FileEntry
+    from shared.store.model_files import FileEntry
 
     record = ArtifactRecord(
         variant="fp32", model_id="m", revision="r", usable=True,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.model_store import ModelStore
 from shared.settings import Settings
+from shared.store.model_store import ModelStore
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

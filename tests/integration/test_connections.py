@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.settings import Settings, parse_storage
-from shared.storage import blob_service_client, container_client
+from shared.store.storage import blob_service_client, container_client
 
 
 @pytest.mark.integration

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shared.model_store import ModelStore
-from shared.question_answering import MAX_ANSWER_LEN, MAX_TOP_K, QAEngine
+from shared.engine.question_answering import MAX_ANSWER_LEN, MAX_TOP_K, QAEngine
+from shared.store.model_store import ModelStore
 from tests.conftest import SCHEMA_MISMATCHES
 from tests.fixtures.function_calls import respond
 from tests.fixtures.tiny_models import build_bert, publish

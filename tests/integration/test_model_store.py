@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from shared.build.isolation import IsolationResult, LocalDirSource, Snapshot, isolate
 from shared.errors import IntegrityError, NotFoundError, RefreshAlreadyRunningError, UnsafeModelError
-from shared.isolation import IsolationResult, LocalDirSource, Snapshot, isolate
-from shared.model_files import FileEntry
-from shared.model_store import ModelStore
+from shared.store.model_files import FileEntry
+from shared.store.model_store import ModelStore
 
 pytestmark = pytest.mark.integration
 
@@ -307,7 +307,7 @@ def test_lock_is_released_after_an_error(store: ModelStore, tiny_bert_dir: Path,
 
 
 def test_lock_is_renewed_while_work_goes_on(store: ModelStore) -> None:
-    from shared.model_store import RefreshLock
+    from shared.store.lease import RefreshLock
 
     lock = RefreshLock(store.container.get_blob_client(f"{store.model_id}/refresh.lock"), duration=15, renew_every=0.5)
     with lock:

@@ -21,11 +21,11 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from shared import errors
-from shared.model_holder import ModelHolder
-from shared.model_store import ModelStore
-from shared.openapi import CONTENT_SECURITY_POLICY, OPERATIONS, PLAYGROUND_FILES, document, error_codes
-from shared.question_answering import Limits, QAEngine, QAItem
+from shared.engine.question_answering import Limits, QAEngine, QAItem
+from shared.serving.holder import ModelHolder
+from shared.serving.openapi import CONTENT_SECURITY_POLICY, OPERATIONS, PLAYGROUND_FILES, document, error_codes
 from shared.settings import Settings
+from shared.store.model_store import ModelStore
 from tests.conftest import registered_functions, response_mismatches
 from tests.fixtures.function_calls import respond
 from tests.fixtures.functions_host import serve

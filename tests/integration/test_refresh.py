@@ -16,6 +16,7 @@ import azure.functions as func
 import pytest
 
 import function_app
+from shared.build.refresh import handle_message, run_refresh
 from shared.errors import (
     IntegrityError,
     NotFoundError,
@@ -24,10 +25,10 @@ from shared.errors import (
     UnsafeModelError,
     ValidationFailedError,
 )
-from shared.model_holder import ModelHolder
-from shared.model_store import ModelStore
-from shared.refresh import RefreshRequest, handle_message, run_refresh
+from shared.serving.holder import ModelHolder
 from shared.settings import Settings
+from shared.store.model_store import ModelStore
+from shared.store.refresh_queue import RefreshRequest
 from tests.conftest import registered_functions
 from tests.fixtures.fake_hub import FakeHubServer
 from tests.fixtures.function_calls import call
@@ -76,7 +77,7 @@ def store(settings: Settings) -> Iterator[ModelStore]:
 
 @pytest.fixture
 def queue(settings: Settings) -> Iterator[Any]:
-    from shared.storage import queue_client
+    from shared.store.storage import queue_client
 
     client = queue_client(settings.require_queue_storage(), settings.refresh_queue)
     yield client

@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
+from shared.build.isolation import IsolationResult, LocalDirSource
+from shared.engine.question_answering import QAEngine, QAItem
 from shared.errors import RefreshAlreadyRunningError, StorageUnavailableError
-from shared.isolation import IsolationResult, LocalDirSource
-from shared.model_store import ModelStore
-from shared.question_answering import QAEngine, QAItem
+from shared.store.model_store import ModelStore
 from tests.conftest import ROOT
 from tests.fixtures.function_calls import call
 from tests.fixtures.refresh_faults import WEIGHTS, Step, arm, refresh, steps, writer_store

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
+from shared.build.isolation import LocalDirSource, isolate
+from shared.build.refresh import handle_message
 from shared.errors import NotFoundError, SourceUnavailableError
-from shared.isolation import LocalDirSource, isolate
-from shared.model_holder import ModelHolder
-from shared.model_store import ModelStore
-from shared.refresh import RefreshRequest, handle_message
+from shared.serving.holder import ModelHolder
 from shared.settings import Settings
-from shared.storage import serving_budget_seconds
+from shared.store.model_store import ModelStore
+from shared.store.refresh_queue import RefreshRequest
+from shared.store.storage import serving_budget_seconds
 from tests.conftest import ROOT, PrivateAzurite
 from tests.fixtures.function_calls import call
 from tests.fixtures.tiny_models import build_bert, publish

@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from shared.isolation import LocalDirSource
-from shared.model_holder import ModelHolder
-from shared.model_loader import LoadedModel, load_version
-from shared.model_store import ModelStore
-from shared.question_answering import QAEngine, QAItem
+from shared.build.isolation import LocalDirSource
+from shared.engine.question_answering import QAEngine, QAItem
+from shared.loading.versions import LoadedModel, load_version
+from shared.serving.holder import ModelHolder
 from shared.settings import Settings
+from shared.store.model_store import ModelStore
 from tests.conftest import ROOT, PrivateAzurite, registered_functions
 from tests.fixtures.function_calls import call
 from tests.fixtures.tiny_models import publish
@@ -272,7 +272,7 @@ def test_corrupted_new_version_keeps_a_warm_overlap_instance_on_the_old_one(
     for entry in snapshot.files:
         store.upload_file(snapshot.revision, entry, source.open(entry))
     corrupt(store, snapshot.revision)
-    from shared.model_files import Manifest
+    from shared.store.model_files import Manifest
 
     with store.lock():
         store.publish(Manifest(model_id=store.model_id, revision=snapshot.revision, source="local", files=snapshot.files), pinned=False)

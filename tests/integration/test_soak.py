@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from shared.model_store import ModelStore
-from shared.question_answering import QAEngine, QAItem
+from shared.engine.question_answering import QAEngine, QAItem
+from shared.store.model_store import ModelStore
 from tests.fixtures.function_calls import call
 from tests.fixtures.storage_proxy import StorageProxy
 from tests.fixtures.tiny_models import build_bert, publish

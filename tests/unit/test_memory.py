@@ -83,7 +83,7 @@ def test_inside_large_blocks_mapped_big_blocks_leave_the_resident_set_when_freed
 
 
 def test_the_onnx_engine_hands_the_heap_back_after_building_its_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared import onnx_runner
+    from shared.engine import onnx_runner
 
     from .test_onnx import artifact, tokenizer_files
 

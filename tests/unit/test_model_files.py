@@ -7,8 +7,8 @@ import hashlib
 import pytest
 
 from shared.errors import IntegrityError, UnsafeModelError
-from shared.model_files import FileEntry, Manifest, Pointer, check_file_name, select_files
-from shared.transfer import rechunk
+from shared.store.model_files import FileEntry, Manifest, Pointer, check_file_name, select_files
+from shared.store.transfer import rechunk
 
 SHA = hashlib.sha256(b"x").hexdigest()
 REV = "a" * 40

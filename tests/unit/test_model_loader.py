@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from shared.engine.question_answering import QAEngine, QAItem
+from shared.engine.torch_model import engine_from_files, safetensors_in_place
 from shared.errors import IntegrityError, UnsafeModelError
-from shared.model_loader import engine_from_files, safetensors_in_place
-from shared.question_answering import QAEngine, QAItem
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 ITEMS = [
@@ -96,7 +96,7 @@ def test_safetensors_stream_reads_any_chunking_into_tensors_of_their_own(tmp_pat
     import torch
     from safetensors.torch import load_file, save_file
 
-    from shared.model_loader import SafetensorsStream
+    from shared.engine.torch_model import SafetensorsStream
 
     tensors = {
         "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
@@ -122,8 +122,8 @@ def test_safetensors_stream_reads_any_chunking_into_tensors_of_their_own(tmp_pat
 def test_safetensors_stream_refuses_a_bad_header() -> None:
     import struct
 
+    from shared.engine.torch_model import SafetensorsStream
     from shared.errors import IntegrityError
-    from shared.model_loader import SafetensorsStream
 
     header = b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}'
     with pytest.raises(IntegrityError, match="not a readable safetensors"):
@@ -134,7 +134,7 @@ def test_safetensors_stream_notices_a_file_that_ends_early(tmp_path: Path) -> No
     import torch
     from safetensors.torch import save_file
 
-    from shared.model_loader import SafetensorsStream
+    from shared.engine.torch_model import SafetensorsStream
 
     path = tmp_path / "m.safetensors"
     save_file({"a": torch.ones(16)}, str(path))

@@ -13,11 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
-from shared import onnx_runner
+from shared.build.int8 import RECIPES
+from shared.build.onnx_export import OnnxArtifact, build_onnx
+from shared.build.onnx_weights import EXTERNAL_MIN_BYTES, MODEL_FILE, WEIGHTS_FILE, initializer_views
+from shared.engine import onnx_runner
+from shared.engine.onnx_runner import default_threads, onnx_engine
+from shared.engine.question_answering import Answer, QAEngine, QAItem
 from shared.errors import IntegrityError, UnsafeModelError
-from shared.onnx_export import EXTERNAL_MIN_BYTES, MODEL_FILE, RECIPES, WEIGHTS_FILE, OnnxArtifact, build_onnx, initializer_views
-from shared.onnx_runner import default_threads, onnx_engine
-from shared.question_answering import Answer, QAEngine, QAItem
 
 from .test_question_answering_golden import RECORDS, ROOMY, assert_same, item
 
@@ -174,8 +176,8 @@ _NO_TORCH_CHILD = """
 import json, sys
 from pathlib import Path
 folder = Path(sys.argv[1])
-from shared.onnx_runner import onnx_engine
-from shared.question_answering import QAItem
+from shared.engine.onnx_runner import onnx_engine
+from shared.engine.question_answering import QAItem
 files = {name: bytearray((folder / name).read_bytes()) for name in ("model.onnx", "weights.bin")}
 tokenizer = {"tokenizer.json": (folder / "tokenizer.json").read_bytes()}
 record = json.loads((folder / "artifact.json").read_text())

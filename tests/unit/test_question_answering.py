@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.engine.question_answering import Limits, QAEngine, QAItem, TorchRunner, decode_spans
 from shared.errors import DeadlineExceededError, InputError, TooLargeError
-from shared.question_answering import Limits, QAEngine, QAItem, TorchRunner, decode_spans
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game."

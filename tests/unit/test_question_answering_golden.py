@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.question_answering import Limits, QAEngine, QAItem
+from shared.engine.question_answering import Limits, QAEngine, QAItem
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GOLDEN = json.loads((FIXTURES / "golden.json").read_text(encoding="utf-8"))

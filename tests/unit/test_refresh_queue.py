@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from azure.core.exceptions import HttpResponseError, ResourceExistsError
 
-from shared.refresh import RefreshRequest, ensure_queue
+from shared.store.refresh_queue import RefreshRequest, ensure_queue
 
 
 class FakeQueue:

@@ -21,7 +21,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError
 from azure.storage.blob import BlobBlock, BlobClient
 
-from .errors import IntegrityError, StorageUnavailableError
+from ..errors import IntegrityError, StorageUnavailableError
 from .storage import RANGE_READ_TIMEOUT, storage_errors
 
 log = logging.getLogger(__name__)

@@ -16,24 +16,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors, refresh
-from .api import OPERATOR_BODY_LIMIT, ask_body_limit
-from .question_answering import MAX_ANSWER_LEN, MAX_TOP_K, MIN_ANSWER_LEN, MIN_TOP_K, QAItem
-from .settings import Settings
+from .. import errors
+from ..engine.question_answering import MAX_ANSWER_LEN, MAX_TOP_K, MIN_ANSWER_LEN, MIN_TOP_K, QAItem
+from ..settings import Settings
+from ..store.refresh_queue import REVISION_RE
+from .limits import OPERATOR_BODY_LIMIT, ask_body_limit
+from .playground import CONTENT_SECURITY_POLICY, PLAYGROUND_FILES
 
 VERSIONS = ("3.1", "3.0")
 BACKENDS = ("onnx", "torch")
 VARIANTS = ("fp32", "int8")
 HEALTH_STATES = ("ready", "loading", "empty", "error")
 REFRESH_OUTCOMES = ("published", "up_to_date", "repaired", "failed")
-
-# The playground's files: the only names GET /api/playground/{file} serves, and their media types.
-PLAYGROUND_FILES = {
-    "playground.css": "text/css",
-    "playground.js": "text/javascript",
-    "icon.svg": "image/svg+xml",
-}
-
 
 @dataclass(frozen=True)
 class Operation:
@@ -157,12 +151,6 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
     ),
 )
-
-CONTENT_SECURITY_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
-
 
 def http_route(operation: Operation) -> str:
     """The path of an operation as callers see it (the host's route prefix is ``api``)."""
@@ -424,8 +412,8 @@ def _schemas(settings: Settings) -> dict[str, Any]:
             "type": "object",
             "description": f"`{{}}` or an empty body refreshes to MODEL_REVISION; at most {OPERATOR_BODY_LIMIT} bytes",
             "properties": {
-                # the pattern refresh.check_hub_revision applies (ECMA-262 compatible)
-                "revision": {"type": "string", "pattern": refresh._REVISION_RE.pattern, "description": "branch, tag or commit"},
+                # the pattern check_hub_revision applies (ECMA-262 compatible)
+                "revision": {"type": "string", "pattern": REVISION_RE.pattern, "description": "branch, tag or commit"},
                 "unpin": {"type": "boolean", "default": False, "description": "move a pinned pointer"},
                 "repair": {"type": "boolean", "default": False, "description": "re-copy stored files whose bytes differ"},
                 "build_artifacts": {"type": "boolean", "default": False, "description": "build missing ONNX artifacts"},

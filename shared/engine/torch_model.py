@@ -1,37 +1,25 @@
-"""Load a stored version into a :class:`~shared.question_answering.QAEngine`.
+"""A fp32 torch question-answering model from a version's files held in memory.
 
-``memory`` mode streams each file from Blob into a buffer of its exact size, checking sha256
-as the ranges arrive, and builds the model on tensors that *share* those buffers (safetensors
-parsed in place, no copy, no file written): peak RSS is about the model size plus the runtime.
-``disk`` mode keeps a verified copy under ``MODEL_CACHE_DIR/{revision}`` (written to a staging
-folder, then renamed), re-hashed on every load and reused across restarts.
+Safetensors are parsed in place (tensors share the download buffers, no copy) or streamed into
+tensors of their own (:class:`SafetensorsStream`); the tokenizer comes from ``tokenizer.json``, or is
+converted from the slow tokenizer's files. Nothing here knows where the files came from.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import struct
 import tempfile
-import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, UnsafeModelError
-from .isolation import hash_file
-from .model_files import Manifest, check_file_name, utc_now
-from .model_store import ModelStore
-from .question_answering import Limits, QAEngine, TokenizerSpec
-from .settings import Settings
+from ..errors import IntegrityError, UnsafeModelError
+from .question_answering import QAEngine, TokenizerSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_MARKER = ".verified-manifest.json"
 _SAFETENSORS_DTYPES = {
     "F64": "float64",
     "F32": "float32",
@@ -45,87 +33,6 @@ _SAFETENSORS_DTYPES = {
     "BOOL": "bool",
 }
 _TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
-
-
-@dataclass
-class LoadedModel:
-    """An engine and where it came from."""
-
-    engine: QAEngine
-    model_id: str
-    revision: str
-    mode: str
-    bytes: int
-    load_seconds: float
-    backend: str = "torch"
-    variant: str = "fp32"
-    loaded_at: str = field(default_factory=utc_now)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model_id": self.model_id,
-            "revision": self.revision,
-            "mode": self.mode,
-            "bytes": self.bytes,
-            "load_seconds": round(self.load_seconds, 3),
-            "loaded_at": self.loaded_at,
-            "backend": self.backend,
-            "variant": self.variant,
-        }
-
-
-def load_version(
-    store: ModelStore,
-    revision: str,
-    settings: Settings,
-    *,
-    manifest: Manifest | None = None,
-    mode: str | None = None,
-) -> LoadedModel:
-    """Load ``revision`` of ``store`` the way ``settings`` say (``MODEL_LOAD_MODE``).
-
-    ``manifest`` loads a staged version before its manifest is published (the refresh's
-    validation); ``mode`` overrides the load mode.
-
-    Raises:
-        NotFoundError: the version is not complete.
-        IntegrityError: a file's bytes do not match the manifest.
-        UnsafeModelError: the model cannot be served (no QA head, no safetensors).
-        StorageUnavailableError: storage could not be read.
-    """
-    began = time.monotonic()
-    manifest = manifest or store.require_manifest(revision)
-    mode = mode or settings.load_mode
-    options = {"limits": Limits.from_settings(settings), "batch_windows": settings.batch_windows}
-    if mode == "disk":
-        assert settings.cache_dir is not None
-        folder = cached_version(store, manifest, Path(settings.cache_dir))
-        engine = QAEngine.from_dir(folder, quantize=settings.quantize, **options)
-    else:
-        files = {entry.name: store.read_file(revision, entry) for entry in manifest.files}
-        engine = engine_from_files(files, quantize=settings.quantize, **options)
-    seconds = time.monotonic() - began
-    log.info(
-        "Loaded %s@%s (%s mode, %d bytes) in %.1fs, %.1f MB/s",
-        manifest.model_id,
-        revision,
-        mode,
-        manifest.total_bytes,
-        seconds,
-        manifest.total_bytes / max(seconds, 1e-6) / 1e6,
-    )
-    return LoadedModel(
-        engine=engine,
-        model_id=manifest.model_id,
-        revision=revision,
-        mode=mode,
-        bytes=manifest.total_bytes,
-        load_seconds=seconds,
-        variant="int8" if settings.quantize == "int8" else "fp32",
-    )
-
-
-# --- memory mode -------------------------------------------------------------------------------
 
 
 def safetensors_in_place(buffer: bytearray, *, name: str) -> dict[str, Any]:
@@ -267,7 +174,7 @@ def _numel(shape: list[int]) -> int:
 
 def engine_from_files(files: Mapping[str, bytearray], *, quantize: str = "none", **options: Any) -> QAEngine:
     """Build the engine from file contents in memory (config, safetensors, tokenizer)."""
-    return QAEngine(model_from_files(files), _tokenizer_spec(files), quantize=quantize, **options)
+    return QAEngine(model_from_files(files), tokenizer_spec_from_files(files), quantize=quantize, **options)
 
 
 def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, Any] | None = None) -> Any:
@@ -301,7 +208,8 @@ def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, An
     return model.eval()
 
 
-def _tokenizer_spec(files: Mapping[str, bytearray]) -> TokenizerSpec:
+def tokenizer_spec_from_files(files: Mapping[str, bytearray]) -> TokenizerSpec:
+    """The tokenizer facts of a model's files: from ``tokenizer.json``, or converted from the slow files."""
     if "tokenizer.json" in files:
         return TokenizerSpec.from_files(files["tokenizer.json"], files.get("tokenizer_config.json"), files.get("special_tokens_map.json"))
     # No tokenizer.json: transformers must convert the slow files; they are a few KB on temp disk.
@@ -311,53 +219,6 @@ def _tokenizer_spec(files: Mapping[str, bytearray]) -> TokenizerSpec:
     with tempfile.TemporaryDirectory(prefix="qa-tokenizer-") as folder:
         for name in _TOKENIZER_FILES:
             if name in files:
-                Path(folder, check_file_name(name)).write_bytes(bytes(files[name]))
+                Path(folder, name).write_bytes(bytes(files[name]))
         Path(folder, "config.json").write_bytes(bytes(files["config.json"]))
         return TokenizerSpec.from_transformers(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
-
-
-# --- disk mode ---------------------------------------------------------------------------------
-
-
-def cached_version(store: ModelStore, manifest: Manifest, cache_dir: Path) -> Path:
-    """The verified local copy of a version, downloaded into the cache if needed.
-
-    Every load re-hashes the cached files against the manifest; a bad copy is deleted and
-    downloaded again.
-    """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_dir / manifest.revision
-    if _cache_is_intact(final, manifest):
-        log.info("Using the cached copy of %s at %s", manifest.revision, final)
-        return final
-    if final.exists():
-        log.warning("Cached copy of %s is damaged or incomplete; downloading again", manifest.revision)
-        shutil.rmtree(final, ignore_errors=True)
-    staging = cache_dir / f".{manifest.revision}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-    try:
-        store.download_version(manifest.revision, staging)
-        (staging / CACHE_MARKER).write_bytes(manifest.to_json())
-        try:
-            os.replace(staging, final)
-        except OSError:  # another process finished first: use its copy
-            if not _cache_is_intact(final, manifest):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
-def _cache_is_intact(folder: Path, manifest: Manifest) -> bool:
-    marker = folder / CACHE_MARKER
-    if not marker.is_file():
-        return False
-    try:
-        if Manifest.from_json(marker.read_bytes(), revision=manifest.revision).files != manifest.files:
-            return False
-    except IntegrityError:
-        return False
-    for entry in manifest.files:
-        path = folder / entry.name
-        if not path.is_file() or path.stat().st_size != entry.size or hash_file(path) != entry.sha256:
-            return False
-    return True

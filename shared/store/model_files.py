@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-from .errors import IntegrityError, UnsafeModelError
+from ..errors import IntegrityError, UnsafeModelError
 
 FORMAT_VERSION = 1
 TASK = "question-answering"
@@ -112,6 +114,12 @@ class FileEntry:
             raise IntegrityError(f"Bad size for {self.name!r}: {self.size!r}")
         if not isinstance(self.sha256, str) or not _SHA256_RE.match(self.sha256):
             raise IntegrityError(f"Bad sha256 for {self.name!r}")
+
+
+def hash_file(path: Path) -> str:
+    """sha256 (hex) of a local file, read in blocks."""
+    with path.open("rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def library_versions() -> dict[str, str]:

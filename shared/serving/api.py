@@ -12,19 +12,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import InputError, NotFoundError, QAError, TooLargeError
-from .model_holder import ModelHolder
-from .question_answering import Answer, Limits, QAItem
-from .settings import Settings
-from .telemetry import log_event
+from ..engine.question_answering import Answer, Limits, QAItem
+from ..errors import InputError, QAError, TooLargeError
+from ..loading import artifacts
+from ..telemetry import log_event
+from .holder import ModelHolder
+from .limits import OPERATOR_BODY_LIMIT, ask_body_limit
+from .playground import FileResponse
 
 log = logging.getLogger(__name__)
-
-OPERATOR_BODY_LIMIT = 4096  # bytes of a refresh or rollback body
-
 
 @dataclass(frozen=True)
 class ApiResponse:
@@ -44,16 +42,6 @@ def error_response(err: BaseException) -> ApiResponse:
         return ApiResponse(err.status, {"error": {"code": err.code, "message": err.message}}, headers)
     log.error("Unexpected error while handling a request", exc_info=err)
     return ApiResponse(500, {"error": {"code": "internal_error", "message": "Internal error; see the logs"}})
-
-
-@dataclass(frozen=True)
-class FileResponse:
-    """A response that is a file of the app (the playground), not JSON."""
-
-    status: int
-    body: bytes
-    media_type: str
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 _Response = TypeVar("_Response", ApiResponse, FileResponse, ApiResponse | FileResponse)
@@ -113,12 +101,6 @@ def _shape(answers: list[Answer], top_k: int) -> dict[str, Any]:
     return {"answers": [a.to_dict() for a in answers]}
 
 
-def ask_body_limit(settings: Settings) -> int:
-    """The most bytes an ``/api/ask`` body may have under ``settings`` (the OpenAPI document says it too)."""
-    # a JSON string may spend 6 bytes on one character (\\uXXXX)
-    return settings.max_items * (settings.max_context_chars + settings.max_question_chars) * 6 + 64 * 1024
-
-
 def max_body_bytes(holder: ModelHolder) -> int:
     return ask_body_limit(holder.settings)
 
@@ -161,12 +143,12 @@ def health(holder: ModelHolder, *, warm: bool) -> ApiResponse:
 
 def model_status(holder: ModelHolder) -> ApiResponse:
     """``GET /api/model``: pointer, versions, last refresh, and what this instance loaded."""
-    return ApiResponse(200, {**holder.store.status(), "instance": holder.describe()})
+    return ApiResponse(200, {**artifacts.status(holder.store), "instance": holder.describe()})
 
 
 def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/model/refresh``: queue a refresh (optional revision); 202 + where to look."""
-    from .refresh import RefreshRequest, enqueue
+    from ..store.refresh_queue import RefreshRequest, enqueue
 
     request = RefreshRequest.from_request(_small_json_body(body))
     message_id = enqueue(holder.settings, request)
@@ -211,36 +193,3 @@ def openapi_document(holder: ModelHolder, *, version: str, url: str) -> ApiRespo
     parts = urlsplit(url)
     server = f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else None
     return ApiResponse(200, document(holder.settings, version=version or "3.1", server=server), {"Cache-Control": "no-cache"})
-
-
-PLAYGROUND_DIR = Path(__file__).resolve().parents[1] / "playground"
-
-
-def _playground_headers() -> dict[str, str]:
-    from .openapi import CONTENT_SECURITY_POLICY
-
-    return {
-        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        "Cache-Control": "no-cache",
-    }
-
-
-def playground_page() -> FileResponse:
-    """``GET /api/playground``: the page, from ``playground/index.html``."""
-    return FileResponse(200, (PLAYGROUND_DIR / "index.html").read_bytes(), "text/html", _playground_headers())
-
-
-def playground_file(name: str) -> FileResponse:
-    """``GET /api/playground/{file}``: one allow-listed file of ``playground/``; any other name is 404.
-
-    Raises:
-        NotFoundError: ``name`` is not on the allow-list.
-    """
-    from .openapi import PLAYGROUND_FILES
-
-    media_type = PLAYGROUND_FILES.get(name)
-    if media_type is None:  # the allow-list, not the file system, decides: no path ever comes from the caller
-        raise NotFoundError("no such playground file")
-    return FileResponse(200, (PLAYGROUND_DIR / name).read_bytes(), media_type, _playground_headers())

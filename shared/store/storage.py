@@ -27,8 +27,8 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry, LinearRetry
 
-from .errors import NotFoundError, QAError, SettingsError, StorageUnavailableError
-from .settings import StorageConnection
+from ..errors import NotFoundError, QAError, SettingsError, StorageUnavailableError
+from ..settings import StorageConnection
 
 # The SDK logs every request and response header at INFO; that is noise and may carry SAS tokens.
 logging.getLogger("azure.core.pipeline.policies.http_logging_policy").setLevel(logging.WARNING)

@@ -1,5 +1,5 @@
-"""ONNX serving artifacts of a stored version: built once its files verify, stored next to them,
-loaded without torch or transformers.
+"""ONNX serving artifacts of a stored version: their records, where they live, and loading them
+without torch or transformers (``shared.build.artifacts`` builds them).
 
 Layout, under a version's prefix (the manifest's ``files`` never list these, so code that
 predates artifacts reads new versions unchanged)::
@@ -10,7 +10,7 @@ predates artifacts reads new versions unchanged)::
 
 The record holds the size and sha256 of both blobs, what the artifact was built from (the
 version's files by sha256, the exporter's versions, opset, recipe, CPU flags; see
-:func:`shared.onnx_export.build_onnx`) and whether it is usable. An artifact that does not answer
+:func:`shared.build.onnx_export.build_onnx`) and whether it is usable. An artifact that does not answer
 the canary, or a model the exporter cannot handle, gets a record with ``usable: false`` and the
 reason, so serving falls back to torch without retrying the build on every load. The record's own
 sha256 is kept in its blob metadata: a changed byte in the record, in the graph or in the weights
@@ -24,29 +24,42 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import ResourceNotFoundError
+from azure.storage.blob import BlobClient
 
-from .errors import IntegrityError, NotFoundError, QAError, StorageUnavailableError, UnsafeModelError
-from .memory import release_memory
-from .model_files import FileEntry, Manifest, utc_now
-from .model_loader import LoadedModel
-from .model_store import ARTIFACT_RECORD, ARTIFACT_VARIANTS, ModelStore
-from .question_answering import Limits, QAEngine
-from .settings import Settings
-from .storage import storage_errors
+from ..engine.question_answering import Limits, QAEngine
+from ..errors import IntegrityError, NotFoundError
+from ..settings import ARTIFACT_VARIANTS, Settings
+from ..store.model_files import FileEntry, Manifest, utc_now
+from ..store.model_store import ModelStore, VersionInfo
+from ..store.storage import storage_errors
+from .versions import LoadedModel
 
 log = logging.getLogger(__name__)
 
+ARTIFACTS_FOLDER = "onnx"
+ARTIFACT_RECORD = "artifact.json"
 ARTIFACT_FILES = ("model.onnx", "weights.bin")
 RECORD_FORMAT = 1
 # tokenizer files serving reads from the version (tokenizer.json when the model has one)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
 
-CanaryCheck = Callable[[QAEngine, Manifest], None]
+
+def artifact_blob(store: ModelStore, revision: str, variant: str, name: str) -> BlobClient:
+    """A blob of the ``variant`` ONNX artifact of ``revision`` (``onnx/{variant}/{name}``)."""
+    if variant not in ARTIFACT_VARIANTS:
+        raise IntegrityError(f"{variant!r} is not an artifact variant ({', '.join(ARTIFACT_VARIANTS)})")
+    return store.folder_blob(revision, f"{ARTIFACTS_FOLDER}/{variant}", name)
+
+
+def recorded_variants(version: VersionInfo) -> tuple[str, ...]:
+    """The variants of a listed version that have a record (usable or not)."""
+    return tuple(
+        v for v in ARTIFACT_VARIANTS if f"{ARTIFACTS_FOLDER}/{v}/{ARTIFACT_RECORD}" in version.folder_blobs
+    )
 
 
 @dataclass(frozen=True)
@@ -141,7 +154,7 @@ def read_record(store: ModelStore, manifest: Manifest, variant: str) -> tuple[Ar
         IntegrityError: the record's bytes differ from the sha256 written with it, it does not
             parse, or it belongs to other files than the version's.
     """
-    blob = store.artifact_blob(manifest.revision, variant, ARTIFACT_RECORD)
+    blob = artifact_blob(store, manifest.revision, variant, ARTIFACT_RECORD)
     where = f"The {variant} artifact record of version {manifest.revision}"
     with storage_errors(f"reading the {variant} artifact record"):
         try:
@@ -199,7 +212,7 @@ def load_artifact(store: ModelStore, manifest: Manifest, variant: str, settings:
     record, _ = read
     if not record.usable:
         raise NotFoundError(f"The {variant} ONNX artifact of version {manifest.revision} is unusable: {record.reason}")
-    engine = _engine(store, manifest, record, settings)
+    engine = artifact_engine(store, manifest, record, settings)
     seconds = time.monotonic() - began
     log.info(
         "Loaded the %s ONNX artifact of %s@%s (%d bytes) in %.1fs",
@@ -217,13 +230,13 @@ def load_artifact(store: ModelStore, manifest: Manifest, variant: str, settings:
     )
 
 
-def _engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings, *, prepack: bool = True) -> QAEngine:
+def artifact_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings, *, prepack: bool = True) -> QAEngine:
     """An ONNX Runtime engine over the stored, sha256-checked blobs of ``record`` (``prepack``:
-    see :func:`~shared.onnx_runner.onnx_engine`)."""
-    from .onnx_runner import default_threads, onnx_engine
+    see :func:`~shared.engine.onnx_runner.onnx_engine`)."""
+    from ..engine.onnx_runner import default_threads, onnx_engine
 
     files = {
-        entry.name: store.read_file(manifest.revision, entry, blob=store.artifact_blob(manifest.revision, record.variant, entry.name))
+        entry.name: store.read_file(manifest.revision, entry, blob=artifact_blob(store, manifest.revision, record.variant, entry.name))
         for entry in record.files
     }
     tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
@@ -238,139 +251,13 @@ def _engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, setti
     )
 
 
-# --- building -------------------------------------------------------------------------------
 
 
-def build_artifacts(
-    store: ModelStore,
-    manifest: Manifest,
-    settings: Settings,
-    *,
-    variants: tuple[str, ...] | None = None,
-    canary: CanaryCheck | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, str]:
-    """Build, check and store the ONNX artifacts a complete (or staged, validated) version lacks.
+def status(store: ModelStore) -> dict[str, Any]:
+    """:meth:`ModelStore.status` with each version's artifacts (``/api/model``, ``status``)."""
 
-    Args:
-        store, manifest: the version; its files must already verify.
-        settings: ``MODEL_ARTIFACTS`` gives the variants unless ``variants`` does.
-        canary: answers the canary with an artifact's engine; raises :class:`QAError` when the
-            answer is wrong (the artifact is then recorded unusable). ``None``: no canary.
-        progress: told each step, for a terminal.
+    def artifacts(version: VersionInfo, manifest: Manifest | None) -> dict[str, Any]:
+        variants = recorded_variants(version)
+        return {"artifacts": list_artifacts(store, manifest, variants) if variants and manifest is not None else {}}
 
-    Returns:
-        Per variant: ``built``, ``exists`` (a record was already there), or ``unusable: <reason>``.
-        A failure of one variant never fails the version or the other variant.
-
-    Raises:
-        StorageUnavailableError: storage failed (the refresh's usual retry applies).
-    """
-    wanted = variants if variants is not None else settings.artifacts
-    outcomes: dict[str, str] = {}
-    todo = []
-    for variant in wanted:
-        try:
-            if read_record(store, manifest, variant) is not None:
-                outcomes[variant] = "exists"
-                continue
-        except IntegrityError as err:
-            log.warning("Rebuilding the %s artifact of %s: %s", variant, manifest.revision, err.message)
-        todo.append(variant)
-    for variant in todo:
-        outcomes[variant] = _build_one(store, manifest, variant, settings, canary, progress)
-        release_memory()
-    return outcomes
-
-
-def _build_one(
-    store: ModelStore,
-    manifest: Manifest,
-    variant: str,
-    settings: Settings,
-    canary: CanaryCheck | None,
-    progress: Callable[[str], None] | None,
-) -> str:
-    from .model_loader import SafetensorsStream
-    from .onnx_export import InMemoryModel, build_onnx
-
-    began = time.monotonic()
-    say = progress or (lambda _: None)
-    say(f"exporting {variant}")
-    # The version's files, sha256-checked, straight into memory: no temporary copy on disk (Flex
-    # has 0.8 GB of it); each weight in memory of its own, so the export can free them one by one.
-    # A staged version has no manifest blob yet, so go by ``manifest``.
-    model = InMemoryModel(files={}, state_dict={})
-    for entry in manifest.files:
-        if entry.name.endswith(".safetensors"):
-            stream = SafetensorsStream(entry.name)
-            store.stream_file(manifest.revision, entry, stream, restart=stream.restart)
-            model.state_dict.update(stream.tensors)
-            del stream
-        else:
-            model.files[entry.name] = store.read_file(manifest.revision, entry)
-    try:
-        artifact = build_onnx(model, variant, progress=progress)
-    except MemoryError:
-        raise
-    except UnsafeModelError as err:  # the model itself: the same every time, so record it
-        return _write_unusable(store, manifest, variant, f"the exporter cannot handle this model: {err.message}")
-    except Exception as err:
-        log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
-        return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
-    finally:
-        del model
-    engine_record = artifact.record
-    entries = []
-    for name in ARTIFACT_FILES:
-        data = artifact.files.pop(name)
-        entry = FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-        say(f"uploading {variant}/{name} ({entry.size} bytes)")
-        store.upload_artifact_file(manifest.revision, variant, entry, data)
-        entries.append(entry)
-        del data
-    del artifact
-    release_memory()
-    record = ArtifactRecord.of_version(manifest, variant, usable=True, files=tuple(entries), engine=engine_record)
-    if canary is not None:
-        # the canary reads back what was stored, through the serving loader's own path
-        say(f"answering the canary with {variant}")
-        try:
-            # without prepacking: its extra copy of the weights would set the refresh's peak
-            canary(_engine(store, manifest, record, settings, prepack=False), manifest)
-        except StorageUnavailableError:
-            raise
-        except QAError as err:
-            return _write_unusable(store, manifest, variant, f"the canary failed: {err.message}", files=record.files)
-        except Exception as err:
-            log.exception("The %s artifact of %s failed to load or answer", variant, manifest.revision)
-            return _write_unusable(store, manifest, variant, f"it failed to load or answer ({type(err).__name__})", files=record.files)
-        finally:
-            release_memory()
-    outcome = _write_record(store, manifest, record)
-    log.info(
-        "Built the %s artifact of %s@%s (%d bytes) in %.1fs",
-        variant, manifest.model_id, manifest.revision, record.total_bytes, time.monotonic() - began,
-    )  # fmt: skip
-    return outcome
-
-
-def _write_unusable(store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()) -> str:
-    log.warning("The %s artifact of %s is unusable: %s", variant, manifest.revision, reason)
-    record = ArtifactRecord.of_version(manifest, variant, usable=False, files=files, engine={}, reason=reason)
-    outcome = _write_record(store, manifest, record)
-    return outcome if outcome == "exists" else f"unusable: {reason}"
-
-
-def _write_record(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> str:
-    """Write ``artifact.json`` last, If-None-Match: a concurrent builder's record wins (``exists``)."""
-    raw = record.to_json()
-    blob = store.artifact_blob(manifest.revision, record.variant, ARTIFACT_RECORD)
-    try:
-        with storage_errors(f"writing the {record.variant} artifact record"):
-            blob.upload_blob(raw, overwrite=False, metadata={"sha256": hashlib.sha256(raw).hexdigest()})
-    except StorageUnavailableError as err:
-        if isinstance(err.__cause__, ResourceExistsError):
-            return "exists"
-        raise
-    return "built"
+    return store.status(artifacts)

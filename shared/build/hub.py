@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import IntegrityError, NotFoundError, SettingsError, SourceUnavailableError
+from ..errors import IntegrityError, NotFoundError, SettingsError, SourceUnavailableError
+from ..settings import Settings
+from ..store.model_files import FileEntry, check_file_name, select_files
 from .isolation import Snapshot
-from .model_files import FileEntry, check_file_name, select_files
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""Serve an ONNX artifact (see :mod:`shared.onnx_export`) with ONNX Runtime, without torch or transformers.
+"""Serve an ONNX artifact (see :mod:`shared.build.onnx_export`) with ONNX Runtime, without torch or transformers.
 
 The session is built from the verified in-memory download: ``weights.bin`` is handed to ONNX
 Runtime as the contents of the external-data file (ONNX Runtime copies each initializer out of
 it while the session is created), then the download buffer is released and the C heap's free
 pages returned to the system, so the steady state holds the weights once. The tokenizer comes
 from ``tokenizer.json`` through ``tokenizers`` alone, with the special-token ids and input names recorded when the artifact was built.
-Windowing and span decoding are those of :class:`~shared.question_answering.QAEngine`.
+Windowing and span decoding are those of :class:`~shared.engine.question_answering.QAEngine`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IntegrityError, UnsafeModelError
-from .memory import large_blocks_mapped, release_free_heap
+from ..errors import IntegrityError, UnsafeModelError
+from ..memory import large_blocks_mapped, release_free_heap
 from .question_answering import Limits, QAEngine, TokenizerSpec
 
 log = logging.getLogger(__name__)

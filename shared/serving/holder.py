@@ -8,12 +8,11 @@ loads a new version without a restart: ``overlap`` keeps the old engine serving 
 ``replace`` lets in-flight requests finish, frees the old engine, then loads (two bert-large
 copies never sit in a 4 GB instance).
 
-Fallback order of one load: the current version's ONNX artifact (``QA_BACKEND=onnx``), then its
-safetensors through torch, then the same for each earlier complete version, newest isolation
-first. A current version whose files fail verification is *damaged*: an earlier one serves
-meanwhile (``degraded``), and a background check re-hashes the damaged files as they stream
-(no second model in memory), with backoff up to 15 minutes, loading the current version again
-only once the re-hash passes (after a repair).
+Which version and backend a load ends up with is :mod:`shared.serving.fallback`'s walk. A current
+version whose files fail verification is *damaged*: an earlier one serves meanwhile (``degraded``),
+and a background check here re-hashes the damaged files as they stream (no second model in
+memory), with backoff up to 15 minutes, loading the current version again only once the re-hash
+passes (after a repair).
 """
 
 from __future__ import annotations
@@ -26,17 +25,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import BusyError, IntegrityError, ModelNotReadyError, QAError, SettingsError, StorageUnavailableError
-from .model_files import Manifest, Pointer, utc_now
-from .model_loader import LoadedModel, load_version
-from .model_store import ModelStore
-from .settings import Settings
-from .telemetry import log_event
+from ..errors import BusyError, ModelNotReadyError, QAError, SettingsError
+from ..loading.versions import LoadedModel, load_version
+from ..settings import Settings
+from ..store.model_files import Pointer, utc_now
+from ..store.model_store import ModelStore
+from .fallback import ArtifactLoader, Loader, load_best
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[ModelStore, str, Settings], LoadedModel]
-ArtifactLoader = Callable[[ModelStore, Manifest, str, Settings], LoadedModel]
 NO_MODEL = "No model has been isolated yet: run a refresh (POST /api/model/refresh, or python -m shared isolate), then retry"
 GATE_WAIT_SECONDS = 5.0
 
@@ -53,7 +50,7 @@ class ModelHolder:
     Args:
         settings_factory: builds the settings on first use (default: from the environment).
         store_factory: builds the store (default: the serving profile of :class:`ModelStore`).
-        loader: loads one version with torch (default: :func:`~shared.model_loader.load_version`).
+        loader: loads one version with torch (default: :func:`~shared.loading.versions.load_version`).
         artifact_loader: loads a version's ONNX artifact of a variant; ``None``: torch only.
         backoff_seconds: first wait after a failed load; it doubles up to ``max_backoff_seconds``.
         damage_backoff_seconds: first wait before re-hashing a damaged current version; it
@@ -316,79 +313,18 @@ class ModelHolder:
             del previous
             gc.collect()
 
-    def _candidates(self, store: ModelStore, pointer: Pointer) -> Iterator[str]:
-        """The current revision, then earlier complete versions, newest isolation first (read lazily:
-        the usual load never lists the container)."""
-        yield pointer.revision
-        order = [m.revision for m in store.publication_order()]
-        earlier = order[order.index(pointer.revision) + 1 :] if pointer.revision in order else order
-        yield from (r for r in earlier if r != pointer.revision)
-
-    def _backends(self) -> list[tuple[str, str]]:
-        settings = self.settings
-        variant = "int8" if settings.quantize == "int8" else "fp32"
-        if settings.backend == "onnx" and self._artifact_loader is not None:
-            return [("onnx", variant), ("torch", variant)]
-        return [("torch", variant)]
-
     def _load_best(self, store: ModelStore, pointer: Pointer) -> tuple[LoadedModel, list[dict[str, Any]], dict[str, Any] | None]:
-        """Walk the fallback order; the first load that works wins.
-
-        Returns:
-            The loaded model, what was tried and refused before it, and the current version's
-            damage (``None`` when its files verified or were not the reason).
-
-        Raises:
-            StorageUnavailableError, SettingsError: at once (no fallback hides an outage).
-            QAError: nothing could be loaded; the current version's own error.
-        """
-        settings = self.settings
-        tried: list[dict[str, Any]] = []
-        damaged: dict[str, Any] | None = None
-        first_error: QAError | None = None
-        for revision in self._candidates(store, pointer):
-            for backend, variant in self._backends():
-                began = time.monotonic()
-                try:
-                    if backend == "onnx":
-                        assert self._artifact_loader is not None
-                        loaded = self._artifact_loader(store, store.require_manifest(revision), variant, settings)
-                    else:
-                        loaded = self._loader(store, revision, settings)
-                except (StorageUnavailableError, SettingsError):
-                    raise
-                except QAError as err:
-                    if first_error is None or (backend == "torch" and revision == pointer.revision):
-                        first_error = err  # the current version's own (torch) error names the real problem
-                    tried.append({"revision": revision, "backend": backend, "variant": variant, "code": err.code, "message": err.message})
-                    log_event(
-                        log, "model_load", level=logging.WARNING, model_id=store.model_id, revision=revision, backend=backend,
-                        variant=variant, mode=settings.load_mode, bytes=0, seconds=time.monotonic() - began, outcome="failed",
-                        error_code=err.code,
-                    )  # fmt: skip
-                    if backend == "torch" and isinstance(err, IntegrityError) and revision == pointer.revision:
-                        damaged = {
-                            "revision": revision,
-                            "code": err.code,
-                            "message": err.message,
-                            "at": utc_now(),
-                            "next_check_at": None,
-                        }
-                    continue
-                log_event(
-                    log, "model_load", model_id=loaded.model_id, revision=loaded.revision, backend=loaded.backend,
-                    variant=loaded.variant, mode=loaded.mode, bytes=loaded.bytes, seconds=loaded.load_seconds, outcome="ok",
-                    error_code=None,
-                )  # fmt: skip
-                return loaded, tried, damaged
-            if damaged is None and revision == pointer.revision:
-                break  # the current version is not damaged: an earlier one would hide a real problem
-        assert first_error is not None
-        if damaged is not None:
+        """Walk the fallback order (:func:`~shared.serving.fallback.load_best`); when nothing loads
+        and the current version is damaged, watch it before raising the current version's error."""
+        walk = load_best(store, pointer, self.settings, loader=self._loader, artifact_loader=self._artifact_loader)
+        if walk.loaded is not None:
+            return walk.loaded, walk.tried, walk.damaged
+        assert walk.error is not None
+        if walk.damaged is not None:
             with self._cond:
-                self._damaged = damaged
+                self._damaged = walk.damaged
             self._watch_damaged(pointer.revision)
-        raise first_error
+        raise walk.error
 
     def _watch_damaged(self, revision: str) -> None:
         """Re-hash the damaged current version in the background until it verifies, then reload."""

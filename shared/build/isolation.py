@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .errors import IntegrityError, NotFoundError, QAError
-from .model_files import FileEntry, Manifest, select_files, utc_now
-from .model_store import ModelStore
-from .telemetry import log_event
-from .transfer import file_chunks
+from ..errors import IntegrityError, NotFoundError, QAError
+from ..store.model_files import FileEntry, Manifest, hash_file, select_files, utc_now
+from ..store.model_store import ModelStore
+from ..store.transfer import file_chunks
+from ..telemetry import log_event
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,6 @@ class _Quiet:
         pass
 
 
-def hash_file(path: Path, block_size: int = 8 << 20) -> str:
-    """sha256 of a local file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in file_chunks(stream, block_size):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def local_revision(files: tuple[FileEntry, ...]) -> str:
     """``local-`` + 16 hex of the sha256 over the files' names and hashes."""
     digest = hashlib.sha256()
@@ -115,7 +106,7 @@ class LocalDirSource:
         names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
         chosen = select_files(names, where=f"folder {self.folder}")
         files = tuple(
-            FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name, self.block_size))
+            FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name))
             for name in chosen
         )
         return Snapshot(revision=local_revision(files), source="local", files=files)
@@ -183,7 +174,7 @@ def isolate(
         repair: when the source's revision is already stored, re-hash its stored files and copy
             again every file whose bytes differ from the source (outcome ``repaired``).
         reason: why it runs (``schedule``, ``http``, ``cli``), for the operators' event line.
-        build: builds the serving artifacts of a version (:func:`shared.artifacts.build_artifacts`):
+        build: builds the serving artifacts of a version (:func:`shared.build.artifacts.build_artifacts`):
             for a new version after its files are validated and before the pointer moves; a
             variant that cannot be built is recorded as unusable, never a failed refresh.
         build_existing: also run ``build`` when the revision was already stored (the only way an

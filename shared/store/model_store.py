@@ -4,7 +4,7 @@ Layout (DESIGN.md)::
 
     {model_id}/versions/{revision}/{file}      the files; each blob's metadata keeps its sha256
     {model_id}/versions/{revision}/manifest.json  written last: without it a version is incomplete
-    {model_id}/versions/{revision}/onnx/{variant}/...  serving artifacts (shared.artifacts), not in the manifest
+    {model_id}/versions/{revision}/onnx/{variant}/...  serving artifacts (shared.loading.artifacts), not in the manifest
     {model_id}/current.json                    the pointer, replaced with If-Match on its ETag
     {model_id}/refresh.lock                    leased by the one writer at work
     {model_id}/last-refresh.json               outcome of the last refresh
@@ -17,26 +17,24 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.storage.blob import BlobClient, BlobLeaseClient, ContainerClient
+from azure.storage.blob import BlobClient, ContainerClient
 
-from .errors import (
+from ..errors import (
     IntegrityError,
     NotFoundError,
     PreconditionFailedError,
-    RefreshAlreadyRunningError,
     StorageUnavailableError,
 )
+from ..settings import Settings
+from .lease import RefreshLock
 from .model_files import FileEntry, Manifest, Pointer, check_file_name, check_revision, utc_now
-from .settings import Settings
 from .storage import container_client, storage_errors
 from .transfer import BlobChangedError, Progress, _noop, download_ranges, upload_blocks
 
@@ -48,9 +46,6 @@ LOCK = "refresh.lock"
 LAST_REFRESH = "last-refresh.json"
 INCOMPLETE_GRACE = dt.timedelta(days=1)
 CHANGED_RETRIES = 2
-ARTIFACTS_FOLDER = "onnx"
-ARTIFACT_VARIANTS = ("fp32", "int8")
-ARTIFACT_RECORD = "artifact.json"
 MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 15, 60  # what Blob Storage accepts for a fixed-duration lease
 
 
@@ -63,70 +58,7 @@ class VersionInfo:
     files: int
     bytes: int
     last_modified: dt.datetime
-    artifacts: tuple[str, ...] = ()  # variants with a record (usable or not; shared.artifacts reads it)
-
-
-class RefreshLock:
-    """The writers' lock: a lease on ``refresh.lock``, renewed in the background.
-
-    Use as a context manager; a second writer gets :class:`RefreshAlreadyRunningError`.
-    """
-
-    def __init__(self, blob: BlobClient, *, duration: int = 60, renew_every: float = 15.0) -> None:
-        self._blob = blob
-        self._duration = duration
-        self._renew_every = renew_every
-        self._lease: BlobLeaseClient | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.lost = threading.Event()
-
-    def __enter__(self) -> RefreshLock:
-        with storage_errors("creating refresh.lock"):
-            try:
-                self._blob.upload_blob(b"", overwrite=False)
-            except (ResourceExistsError, ResourceModifiedError):
-                pass
-            except HttpResponseError as err:  # leased and present: someone holds it right now
-                if err.status_code not in (409, 412):
-                    raise
-        try:
-            self._lease = self._blob.acquire_lease(lease_duration=self._duration)
-        except HttpResponseError as err:
-            if err.status_code == 409:
-                raise RefreshAlreadyRunningError(
-                    "A refresh is already running for this model (refresh.lock is leased); "
-                    "wait for it to finish, then look at GET /api/model"
-                ) from err
-            with storage_errors("leasing refresh.lock"):
-                raise
-        self._thread = threading.Thread(target=self._renew, name="refresh-lock", daemon=True)
-        self._thread.start()
-        return self
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self._renew_every):
-            try:
-                assert self._lease is not None
-                self._lease.renew()
-            except Exception:
-                log.warning("Could not renew the lease on refresh.lock", exc_info=True)
-                self.lost.set()
-
-    def check(self) -> None:
-        """Raise if the lease could not be renewed (another writer may take over)."""
-        if self.lost.is_set():
-            raise StorageUnavailableError("Lost the lease on refresh.lock; the work was stopped")
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._lease is not None:
-            try:
-                self._lease.release()
-            except Exception:  # noqa: BLE001 - it expires by itself within its duration
-                log.warning("Could not release the lease on refresh.lock; it expires in %ss", self._duration)
+    folder_blobs: tuple[str, ...] = ()  # blobs in sub-folders of the version (derived files: artifacts), relative paths
 
 
 class ModelStore:
@@ -175,11 +107,11 @@ class ModelStore:
     def file_blob(self, revision: str, name: str) -> BlobClient:
         return self.container.get_blob_client(self.version_prefix(revision) + check_file_name(name))
 
-    def artifact_blob(self, revision: str, variant: str, name: str) -> BlobClient:
-        """A blob of the ``variant`` ONNX artifact of ``revision`` (``onnx/{variant}/{name}``)."""
-        if variant not in ARTIFACT_VARIANTS:
-            raise IntegrityError(f"{variant!r} is not an artifact variant ({', '.join(ARTIFACT_VARIANTS)})")
-        return self.container.get_blob_client(f"{self.version_prefix(revision)}{ARTIFACTS_FOLDER}/{variant}/{check_file_name(name)}")
+    def folder_blob(self, revision: str, folder: str, name: str) -> BlobClient:
+        """A blob in a sub-folder of a version (``{folder}/{name}``, each part a checked name): files
+        derived from the version, which its manifest does not list (the ONNX artifacts)."""
+        parts = [check_file_name(part) for part in folder.split("/")]
+        return self.container.get_blob_client(self.version_prefix(revision) + "/".join([*parts, check_file_name(name)]))
 
     # --- container -------------------------------------------------------------------------
 
@@ -299,15 +231,13 @@ class ModelStore:
                 rest = blob.name[len(prefix) :]
                 revision, _, name = rest.partition("/")
                 entry = found.setdefault(
-                    revision, {"files": 0, "bytes": 0, "complete": False, "modified": blob.last_modified, "artifacts": []}
+                    revision, {"files": 0, "bytes": 0, "complete": False, "modified": blob.last_modified, "folder_blobs": []}
                 )
                 entry["modified"] = max(entry["modified"], blob.last_modified)
                 if name == MANIFEST:
                     entry["complete"] = True
-                elif "/" in name:  # onnx/{variant}/...: artifacts, counted apart from the model's files
-                    folder, variant, leaf = ([*name.split("/"), "", ""])[:3]
-                    if folder == ARTIFACTS_FOLDER and leaf == ARTIFACT_RECORD and variant in ARTIFACT_VARIANTS:
-                        entry["artifacts"].append(variant)
+                elif "/" in name:  # derived files (artifacts), counted apart from the model's files
+                    entry["folder_blobs"].append(name)
                 else:
                     entry["files"] += 1
                     entry["bytes"] += blob.size
@@ -318,7 +248,7 @@ class ModelStore:
                 files=e["files"],
                 bytes=e["bytes"],
                 last_modified=e["modified"],
-                artifacts=tuple(sorted(e["artifacts"])),
+                folder_blobs=tuple(sorted(e["folder_blobs"])),
             )
             for r, e in found.items()
         ]
@@ -365,13 +295,14 @@ class ModelStore:
             progress=progress,
         )
 
-    def upload_artifact_file(self, revision: str, variant: str, entry: FileEntry, data: bytes | bytearray) -> int:
-        """Store one file of an ONNX artifact (in memory), committed only if size and sha256 match."""
+    def upload_folder_file(self, revision: str, folder: str, entry: FileEntry, data: bytes | bytearray) -> int:
+        """Store one derived file (in memory) under ``folder`` of a version (:meth:`folder_blob`),
+        committed only if size and sha256 match."""
         view = memoryview(data)
         return upload_blocks(
-            self.artifact_blob(revision, variant, entry.name),
+            self.folder_blob(revision, folder, entry.name),
             (bytes(view[i : i + self.block_size]) for i in range(0, len(view), self.block_size)),  # block-sized copies
-            name=f"{ARTIFACTS_FOLDER}/{variant}/{entry.name}",
+            name=f"{folder}/{entry.name}",
             expected_size=entry.size,
             expected_sha256=entry.sha256,
             block_size=self.block_size,
@@ -569,19 +500,15 @@ class ModelStore:
             deleted.append(version.revision)
         return deleted
 
-    def status(self) -> dict[str, Any]:
+    def status(self, describe_version: Callable[[VersionInfo, Manifest | None], dict[str, Any]] | None = None) -> dict[str, Any]:
         """Pointer, versions and last refresh, as plain JSON-able data (an empty or missing
-        container reads as nothing isolated yet: ``pointer`` is ``None``)."""
-        from .artifacts import list_artifacts  # artifacts builds on this module
-
+        container reads as nothing isolated yet: ``pointer`` is ``None``). ``describe_version``
+        adds fields to each version's entry, given its manifest (``None`` while incomplete): the
+        artifacts code lists its artifacts so."""
         pointer = self.read_pointer()
         versions = self.list_versions()
         isolated = {v.revision: self.read_manifest(v.revision) for v in versions if v.complete}
-        artifacts = {
-            v.revision: list_artifacts(self, manifest, v.artifacts)
-            for v in versions
-            if v.artifacts and (manifest := isolated.get(v.revision)) is not None
-        }
+        extra = {v.revision: describe_version(v, isolated.get(v.revision)) for v in versions} if describe_version else {}
         return {
             "model_id": self.model_id,
             "container": self.container.container_name,
@@ -601,7 +528,7 @@ class ModelStore:
                     "bytes": v.bytes,
                     "last_modified": v.last_modified.isoformat(timespec="seconds"),
                     "isolated_at": manifest.isolated_at if (manifest := isolated.get(v.revision)) else None,
-                    "artifacts": artifacts.get(v.revision, {}),
+                    **extra.get(v.revision, {}),
                 }
                 for v in versions
             ],
@@ -625,4 +552,4 @@ def check_revision_arg(revision: str) -> str:
         raise NotFoundError(f"{revision!r} is not a stored revision (40 hex characters, or local- and 16 hex)") from None
 
 
-__all__ = ["ModelStore", "RefreshLock", "VersionInfo", "check_revision_arg", "utc_now"]
+__all__ = ["ModelStore", "VersionInfo", "check_revision_arg", "utc_now"]

@@ -1,0 +1,172 @@
+"""Build a version's ONNX serving artifacts from its verified files, check each with the canary,
+and store it with its record (``shared.loading.artifacts`` describes the layout and loads them).
+
+A failure of one variant never fails the version: a model the exporter cannot handle, or an
+artifact that does not answer the canary, gets a record with ``usable: false`` and the reason, so
+serving falls back to torch without retrying the build on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+from azure.core.exceptions import ResourceExistsError
+
+from ..engine.question_answering import QAEngine
+from ..errors import IntegrityError, QAError, StorageUnavailableError, UnsafeModelError
+from ..loading.artifacts import (
+    ARTIFACT_FILES,
+    ARTIFACT_RECORD,
+    ARTIFACTS_FOLDER,
+    ArtifactRecord,
+    artifact_blob,
+    artifact_engine,
+    read_record,
+)
+from ..memory import release_memory
+from ..settings import Settings
+from ..store.model_files import FileEntry, Manifest
+from ..store.model_store import ModelStore
+from ..store.storage import storage_errors
+
+log = logging.getLogger(__name__)
+
+CanaryCheck = Callable[[QAEngine, Manifest], None]
+
+
+def build_artifacts(
+    store: ModelStore,
+    manifest: Manifest,
+    settings: Settings,
+    *,
+    variants: tuple[str, ...] | None = None,
+    canary: CanaryCheck | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, str]:
+    """Build, check and store the ONNX artifacts a complete (or staged, validated) version lacks.
+
+    Args:
+        store, manifest: the version; its files must already verify.
+        settings: ``MODEL_ARTIFACTS`` gives the variants unless ``variants`` does.
+        canary: answers the canary with an artifact's engine; raises :class:`QAError` when the
+            answer is wrong (the artifact is then recorded unusable). ``None``: no canary.
+        progress: told each step, for a terminal.
+
+    Returns:
+        Per variant: ``built``, ``exists`` (a record was already there), or ``unusable: <reason>``.
+        A failure of one variant never fails the version or the other variant.
+
+    Raises:
+        StorageUnavailableError: storage failed (the refresh's usual retry applies).
+    """
+    wanted = variants if variants is not None else settings.artifacts
+    outcomes: dict[str, str] = {}
+    todo = []
+    for variant in wanted:
+        try:
+            if read_record(store, manifest, variant) is not None:
+                outcomes[variant] = "exists"
+                continue
+        except IntegrityError as err:
+            log.warning("Rebuilding the %s artifact of %s: %s", variant, manifest.revision, err.message)
+        todo.append(variant)
+    for variant in todo:
+        outcomes[variant] = _build_one(store, manifest, variant, settings, canary, progress)
+        release_memory()
+    return outcomes
+
+
+def _build_one(
+    store: ModelStore,
+    manifest: Manifest,
+    variant: str,
+    settings: Settings,
+    canary: CanaryCheck | None,
+    progress: Callable[[str], None] | None,
+) -> str:
+    from ..engine.torch_model import SafetensorsStream
+    from .onnx_export import InMemoryModel, build_onnx
+
+    began = time.monotonic()
+    say = progress or (lambda _: None)
+    say(f"exporting {variant}")
+    # The version's files, sha256-checked, straight into memory: no temporary copy on disk (Flex
+    # has 0.8 GB of it); each weight in memory of its own, so the export can free them one by one.
+    # A staged version has no manifest blob yet, so go by ``manifest``.
+    model = InMemoryModel(files={}, state_dict={})
+    for entry in manifest.files:
+        if entry.name.endswith(".safetensors"):
+            stream = SafetensorsStream(entry.name)
+            store.stream_file(manifest.revision, entry, stream, restart=stream.restart)
+            model.state_dict.update(stream.tensors)
+            del stream
+        else:
+            model.files[entry.name] = store.read_file(manifest.revision, entry)
+    try:
+        artifact = build_onnx(model, variant, progress=progress)
+    except MemoryError:
+        raise
+    except UnsafeModelError as err:  # the model itself: the same every time, so record it
+        return _write_unusable(store, manifest, variant, f"the exporter cannot handle this model: {err.message}")
+    except Exception as err:
+        log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
+        return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
+    finally:
+        del model
+    engine_record = artifact.record
+    entries = []
+    for name in ARTIFACT_FILES:
+        data = artifact.files.pop(name)
+        entry = FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        say(f"uploading {variant}/{name} ({entry.size} bytes)")
+        store.upload_folder_file(manifest.revision, f"{ARTIFACTS_FOLDER}/{variant}", entry, data)
+        entries.append(entry)
+        del data
+    del artifact
+    release_memory()
+    record = ArtifactRecord.of_version(manifest, variant, usable=True, files=tuple(entries), engine=engine_record)
+    if canary is not None:
+        # the canary reads back what was stored, through the serving loader's own path
+        say(f"answering the canary with {variant}")
+        try:
+            # without prepacking: its extra copy of the weights would set the refresh's peak
+            canary(artifact_engine(store, manifest, record, settings, prepack=False), manifest)
+        except StorageUnavailableError:
+            raise
+        except QAError as err:
+            return _write_unusable(store, manifest, variant, f"the canary failed: {err.message}", files=record.files)
+        except Exception as err:
+            log.exception("The %s artifact of %s failed to load or answer", variant, manifest.revision)
+            return _write_unusable(store, manifest, variant, f"it failed to load or answer ({type(err).__name__})", files=record.files)
+        finally:
+            release_memory()
+    outcome = _write_record(store, manifest, record)
+    log.info(
+        "Built the %s artifact of %s@%s (%d bytes) in %.1fs",
+        variant, manifest.model_id, manifest.revision, record.total_bytes, time.monotonic() - began,
+    )  # fmt: skip
+    return outcome
+
+
+def _write_unusable(store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()) -> str:
+    log.warning("The %s artifact of %s is unusable: %s", variant, manifest.revision, reason)
+    record = ArtifactRecord.of_version(manifest, variant, usable=False, files=files, engine={}, reason=reason)
+    outcome = _write_record(store, manifest, record)
+    return outcome if outcome == "exists" else f"unusable: {reason}"
+
+
+def _write_record(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> str:
+    """Write ``artifact.json`` last, If-None-Match: a concurrent builder's record wins (``exists``)."""
+    raw = record.to_json()
+    blob = artifact_blob(store, manifest.revision, record.variant, ARTIFACT_RECORD)
+    try:
+        with storage_errors(f"writing the {record.variant} artifact record"):
+            blob.upload_blob(raw, overwrite=False, metadata={"sha256": hashlib.sha256(raw).hexdigest()})
+    except StorageUnavailableError as err:
+        if isinstance(err.__cause__, ResourceExistsError):
+            return "exists"
+        raise
+    return "built"

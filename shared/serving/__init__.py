@@ -1,0 +1,5 @@
+"""Answering requests: the model holder (lazy load, fallback, hot reload), the HTTP handlers, the
+OpenAPI document and the playground.
+
+Uses ``loading``, ``store`` and ``engine``; never ``build`` (a refresh is only queued).
+"""
