@@ -71,6 +71,7 @@ def test_smoke_waits_for_the_isolation_with_progress(host: FunctionsHost, store:
         if not published.is_set() and line.startswith("[2/5] model: waiting"):
             publish(store, tiny_bert_dir)  # the refresh worker's part, done here
             published.set()
+    print("\n".join(lines))
     assert process.wait() == 0, "\n".join(lines)
     assert published.is_set(), "the smoke check never waited for the model:\n" + "\n".join(lines)
     waiting = next(line for line in lines if line.startswith("[2/5] model: waiting"))
