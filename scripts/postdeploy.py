@@ -51,9 +51,11 @@ def account_name(queue_endpoint: str) -> str:
 
 
 def later(app: str) -> str:
+    group = os.environ.get("AZURE_RESOURCE_GROUP") or "<rg>"
+    name = os.environ.get("AZURE_FUNCTION_APP_NAME") or "<app>"
     return (
         "Queue the first refresh later: run this hook again (azd hooks run postdeploy), or\n"
-        f"  curl -X POST \"{app}/api/model/refresh?code=$(az functionapp function keys list -g <rg> -n <app> "
+        f"  curl -X POST \"{app}/api/model/refresh?code=$(az functionapp function keys list -g {group} -n {name} "
         "--function-name model_refresh --query default -o tsv)\""
     )
 
