@@ -8,8 +8,44 @@ targetScope = 'subscription'
 @description('azd environment name; names the resource group and seeds the resources\' unique suffix.')
 param environmentName string
 
+// Regions that offered Flex Consumption (the Azure-Samples Flex Consumption azd templates' list):
+// ARM would otherwise accept any region and fail late, at the plan. A newer region: add it here
+// after `az functionapp list-flexconsumption-locations -o table` lists it.
 @minLength(1)
-@description('Region of every resource (must offer Flex Consumption: az functionapp list-flexconsumption-locations).')
+@description('Region of every resource; it must offer Flex Consumption (az functionapp list-flexconsumption-locations).')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
 @metadata({ azd: { type: 'location' } })
 param location string
 
@@ -55,7 +91,7 @@ param qaBackend string = 'onnx'
 param qaQuantize string = 'none'
 
 @secure()
-@description('Hub token for gated or private models (HF_TOKEN). Empty: no Key Vault is created. Stored as a Key Vault secret; the app reads it through a Key Vault reference.')
+@description('Hub token for gated or private models (HF_TOKEN; set it with `azd env set-secret HF_TOKEN`). Empty: no Key Vault is created. Stored as a Key Vault secret; the app reads it through a Key Vault reference.')
 param hfToken string = ''
 
 @description('E-mail address that receives the alerts (failed refresh, poison message). Empty: the alerts still fire and show in the portal.')
@@ -92,7 +128,7 @@ module resources './resources.bicep' = {
   }
 }
 
-// Outputs become azd environment values (read by scripts/postdeploy.sh). Names and URLs only.
+// Outputs become azd environment values (read by scripts/postdeploy.py and scripts/smoke). Names and URLs only.
 output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
@@ -104,3 +140,4 @@ output MODEL_CONTAINER string = resources.outputs.modelContainer
 output MODEL_REFRESH_QUEUE string = resources.outputs.refreshQueue
 output MODEL_ID string = modelId
 output APPLICATIONINSIGHTS_NAME string = resources.outputs.applicationInsightsName
+output AZURE_WORKBOOK_NAME string = resources.outputs.workbookName

@@ -1,6 +1,7 @@
 // Every resource of the app, declared here (no registry modules): Flex Consumption plan and app,
 // a user-assigned identity, host and model storage without shared keys, monitoring with local
-// auth off, an optional Key Vault for HF_TOKEN, role assignments, and the operators' alerts.
+// auth off, a Key Vault for HF_TOKEN only when a token is given, role assignments, the operators'
+// alerts and workbook (infra/workbook.json).
 
 param location string
 param tags object
@@ -26,6 +27,7 @@ var modelContainerName = 'models'
 var refreshQueueName = 'model-refresh'
 var hfTokenSecretName = 'hf-token'
 var useKeyVault = !empty(hfToken)
+var keyVaultName = 'kv-${take(resourceToken, 20)}'
 
 // Built-in role definitions, by id (https://learn.microsoft.com/azure/role-based-access-control/built-in-roles).
 var roles = {
@@ -33,6 +35,7 @@ var roles = {
   storageBlobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
   storageQueueDataMessageSender: 'c6a89b2d-59bc-44d0-9896-0f6e12d7b80a'
+  storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
 }
@@ -182,29 +185,17 @@ resource applicationInsights 'Microsoft.Insights/components@2020-02-02' = {
   }
 }
 
-resource hostQueueDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
-  name: 'queue-to-log-analytics'
-  scope: hostStorage::queueService
-  properties: {
-    workspaceId: logAnalytics.id
-    logs: [
-      { category: 'StorageRead', enabled: true }
-      { category: 'StorageWrite', enabled: true }
-      { category: 'StorageDelete', enabled: true }
-    ]
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Key Vault for HF_TOKEN: always created (no cost while idle) so a token can be added later; the
-// secret only when a token is given. RBAC only; soft delete on, purge protection off (azd down --purge).
+// Key Vault for HF_TOKEN, only when a token is given (hfToken's description says so; `azd env
+// set-secret HF_TOKEN` then `azd provision` adds it later). RBAC only; soft delete on, purge
+// protection off (azd down --purge).
 
-resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = {
+resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = if (useKeyVault) {
   // checkov:skip=CKV_AZURE_189:Public network access on: Flex Consumption apps without VNet integration resolve Key Vault references over the public endpoint; access is Entra ID RBAC only.
   // checkov:skip=CKV_AZURE_109:Firewall default Allow, for the same reason as CKV_AZURE_189 (no VNet in this template).
   // checkov:skip=CKV_AZURE_110:No purge protection: `azd down --purge` must be able to free the vault name; the vault holds only a Hub token, which can be re-issued.
   // checkov:skip=CKV_AZURE_42:Soft delete is on (7 days); purge protection is off on purpose (see CKV_AZURE_110).
-  name: 'kv-${take(resourceToken, 20)}'
+  name: keyVaultName
   location: location
   tags: tags
   properties: {
@@ -255,7 +246,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
 
 // HF_TOKEN as a Key Vault reference, resolved with keyVaultReferenceIdentity (never the secret
 // itself); blank when no token is given (settings.py reads blank as none).
-var hfTokenReference = useKeyVault ? '@Microsoft.KeyVault(VaultName=${keyVault.name};SecretName=${hfTokenSecretName})' : ''
+var hfTokenReference = useKeyVault ? '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${hfTokenSecretName})' : ''
 
 resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_17:Client certificates would break the anonymous /api/health probe and key-based callers; callers authenticate with function keys over HTTPS.
@@ -284,6 +275,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           { name: 'AzureWebJobsStorage__clientId', value: identity.properties.clientId }
           { name: 'AzureWebJobsStorage__blobServiceUri', value: hostStorage.properties.primaryEndpoints.blob }
           { name: 'AzureWebJobsStorage__queueServiceUri', value: hostStorage.properties.primaryEndpoints.queue }
+          // The host keeps its diagnostic events in Table storage (the first clue when a large
+          // package fails to start): identity-based too, with Storage Table Data Contributor below.
+          { name: 'AzureWebJobsStorage__tableServiceUri', value: hostStorage.properties.primaryEndpoints.table }
           // Model storage through the same identity (DefaultAzureCredential with this client id).
           { name: 'MODEL_STORAGE__blobServiceUri', value: modelStorage.properties.primaryEndpoints.blob }
           { name: 'MODEL_STORAGE__clientId', value: identity.properties.clientId }
@@ -301,7 +295,7 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           { name: 'QA_BACKEND', value: qaBackend }
           { name: 'QA_QUANTIZE', value: qaQuantize }
           { name: 'QA_MAX_CONCURRENT', value: string(qaMaxConcurrent) }
-        { name: 'HF_TOKEN', value: hfTokenReference }
+          { name: 'HF_TOKEN', value: hfTokenReference }
       ]
     }
     functionAppConfig: {
@@ -331,6 +325,19 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       }
     }
   }
+
+  // The site starts (and resolves its Key Vault reference, once, then only about every 24 hours)
+  // after the secret and every role its identity needs exist: an unresolved reference would leave
+  // the literal @Microsoft.KeyVault(...) in HF_TOKEN, which shared/settings.py then refuses.
+  dependsOn: [
+    hfTokenSecret
+    keyVaultSecretsUser
+    hostBlobOwner
+    hostQueueContributor
+    hostTableContributor
+    modelContainerContributor
+    metricsPublisher
+  ]
 
   // Basic (user/password) publishing credentials off: azd deploys with Entra ID.
   resource ftpPublishing 'basicPublishingCredentialsPolicies' = {
@@ -371,6 +378,17 @@ resource hostQueueContributor 'Microsoft.Authorization/roleAssignments@2022-04-0
   }
 }
 
+// The host's diagnostic events (AzureWebJobsStorage__tableServiceUri): Table storage.
+resource hostTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(hostStorage.id, identity.id, roles.storageTableDataContributor)
+  scope: hostStorage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
 // shared/store/model_store.py: the refresh writes versions, current.json, the refresh.lock lease and
 // last-refresh.json; serving reads versions and polls current.json. Scoped to the container.
 resource modelContainerContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
@@ -395,7 +413,7 @@ resource metricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' =
 }
 
 // The HF_TOKEN Key Vault reference (keyVaultReferenceIdentity), read by shared/build/hub.py's downloads.
-resource keyVaultSecretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+resource keyVaultSecretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (useKeyVault) {
   name: guid(keyVault.id, identity.id, roles.keyVaultSecretsUser)
   scope: keyVault
   properties: {
@@ -451,7 +469,7 @@ resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(a
 
 var alertActions = empty(alertEmail) ? {} : { actionGroups: [actionGroup.id] }
 
-resource refreshFailedAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
+resource refreshFailedAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   name: 'alert-refresh-failed-${resourceToken}'
   location: location
   tags: tags
@@ -478,7 +496,7 @@ resource refreshFailedAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-p
   }
 }
 
-resource poisonMessageAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-preview' = {
+resource poisonMessageAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
   name: 'alert-refresh-poison-${resourceToken}'
   location: location
   tags: tags
@@ -505,6 +523,24 @@ resource poisonMessageAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-p
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Operators' workbook (Application Insights > Workbooks): asks per minute by status, model time
+// by backend, busy and model_not_ready 503s, loads and fallbacks, refreshes; every chart a KQL
+// query over the app's `event=...` lines (infra/workbook.json; README, Operations).
+
+resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
+  name: guid(resourceGroup().id, applicationInsights.id, 'isolated-qa-operations')
+  location: location
+  tags: tags
+  kind: 'shared'
+  properties: {
+    displayName: 'Isolated QA operations'
+    category: 'workbook'
+    sourceId: applicationInsights.id
+    serializedData: loadTextContent('workbook.json')
+  }
+}
+
 output functionAppName string = functionApp.name
 output functionAppUri string = 'https://${functionApp.properties.defaultHostName}'
 output hostQueueEndpoint string = hostStorage.properties.primaryEndpoints.queue
@@ -512,3 +548,4 @@ output modelBlobEndpoint string = modelStorage.properties.primaryEndpoints.blob
 output modelContainer string = modelContainerName
 output refreshQueue string = refreshQueueName
 output applicationInsightsName string = applicationInsights.name
+output workbookName string = workbook.properties.displayName

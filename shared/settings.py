@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import SettingsError
 
@@ -22,9 +22,54 @@ DEFAULT_CANARY = {
     "answer": "Paris",
 }
 
+KEY_VAULT_REFERENCE = "@Microsoft.KeyVault("
+SECRET_SETTINGS = ("HF_TOKEN",)  # refused when used, not when read: serving needs no Hub token
+
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _CONTAINER_RE = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$")
 _QUEUE_RE = _CONTAINER_RE
+
+
+def unresolved_reference(name: str) -> SettingsError:
+    """The error for a setting that still holds a Key Vault reference: App Service puts the
+    reference itself (``@Microsoft.KeyVault(...)``) in the setting when it cannot resolve it."""
+    return SettingsError(
+        f"{name} holds an unresolved Key Vault reference (@Microsoft.KeyVault(...)), not a value: the platform could not "
+        "read the secret. Check the identity (the app's keyVaultReferenceIdentity exists and is the one with the role), "
+        "the role (Key Vault Secrets User on the vault; a new assignment takes minutes to apply), the secret's name, and "
+        "the network (the vault must accept the app's requests); then restart the app so the reference is resolved again "
+        "(README, Deploy)"
+    )
+
+
+def is_unresolved_reference(raw: str | None) -> bool:
+    return raw is not None and raw.strip().startswith(KEY_VAULT_REFERENCE)
+
+
+class _ResolvedEnv(Mapping[str, str]):
+    """The environment as the settings read it: a value that is still a Key Vault reference is
+    refused with the setting's name (never used as a connection string, a name or a token)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def __getitem__(self, key: str) -> str:
+        return self._check(key, self._env[key])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._check(key, self._env.get(key, default))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+    @staticmethod
+    def _check(key: str, value: str | None) -> Any:
+        if key not in SECRET_SETTINGS and is_unresolved_reference(value):
+            raise unresolved_reference(key)
+        return value
 
 
 def parse_int(name: str, raw: str | None, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
@@ -213,7 +258,7 @@ class Settings:
     max_concurrent: int = 2
     deadline_seconds: float = 60.0
     refresh_queue: str = "model-refresh"
-    hf_token: str | None = field(default=None, repr=False)
+    hf_token_setting: str | None = field(default=None, repr=False)  # HF_TOKEN as read; use hf_token
     hf_endpoint: str | None = None
     transfer_concurrency: int = 4
     block_size: int = 8 * 1024 * 1024
@@ -225,7 +270,8 @@ class Settings:
         Raises:
             SettingsError: a setting has a bad value; the message names it.
         """
-        env = os.environ if env is None else env
+        raw = os.environ if env is None else env
+        env = _ResolvedEnv(raw)
         load_mode = parse_choice("MODEL_LOAD_MODE", env.get("MODEL_LOAD_MODE"), ("memory", "disk"), "memory")
         cache_dir = env.get("MODEL_CACHE_DIR", "").strip() or None
         if load_mode == "disk" and cache_dir is None:
@@ -257,11 +303,20 @@ class Settings:
             max_concurrent=parse_int("QA_MAX_CONCURRENT", env.get("QA_MAX_CONCURRENT"), 2),
             deadline_seconds=parse_float("QA_DEADLINE_SECONDS", env.get("QA_DEADLINE_SECONDS"), 60.0, minimum=1.0),
             refresh_queue=parse_name("MODEL_REFRESH_QUEUE", env.get("MODEL_REFRESH_QUEUE"), "model-refresh", _QUEUE_RE, "queue"),
-            hf_token=env.get("HF_TOKEN", "").strip() or None,
+            hf_token_setting=raw.get("HF_TOKEN", "").strip() or None,
             hf_endpoint=(env.get("HF_ENDPOINT", "").strip().rstrip("/") or None),
             transfer_concurrency=parse_int("MODEL_TRANSFER_CONCURRENCY", env.get("MODEL_TRANSFER_CONCURRENCY"), 4, maximum=32),
             block_size=parse_int("MODEL_BLOCK_SIZE_MB", env.get("MODEL_BLOCK_SIZE_MB"), 8, maximum=100) * 1024 * 1024,
         )
+
+    @property
+    def hf_token(self) -> str | None:
+        """The Hub token, or ``None``. Raises :class:`SettingsError` naming HF_TOKEN when it is
+        still an unresolved Key Vault reference: it is never sent to the Hub as a token. Only
+        the Hub download reads it, so serving an isolated model goes on meanwhile."""
+        if is_unresolved_reference(self.hf_token_setting):
+            raise unresolved_reference("HF_TOKEN")
+        return self.hf_token_setting
 
     def require_queue_storage(self) -> StorageConnection:
         """The refresh queue's account, or a :class:`SettingsError` that says what to set."""
