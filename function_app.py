@@ -50,8 +50,7 @@ def ask(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
     """200 when a model is loaded, 503 with a fixed state code otherwise; ``?warm=1`` starts a load."""
-    warm = req.params.get("warm", "").lower() in ("1", "true", "yes")
-    return _http(api.guarded(lambda: api.health(engine, warm=warm)))
+    return _http(api.guarded(lambda: api.health(engine, params=req.params)))
 
 
 @app.function_name("model")
@@ -81,7 +80,7 @@ def model_rollback(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def openapi(req: func.HttpRequest) -> func.HttpResponse:
     """The OpenAPI 3.1 document of these routes; ``?version=3.0`` gives 3.0.3 for API Management."""
-    return _http(api.guarded(lambda: api.openapi_document(engine, version=req.params.get("version", ""), url=req.url)))
+    return _http(api.guarded(lambda: api.openapi_document(engine, params=req.params, url=req.url)))
 
 
 @app.function_name("playground")
