@@ -43,7 +43,7 @@ def _http(response: api.ApiResponse | playground_files.FileResponse) -> func.Htt
 @app.route(route="ask", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def ask(req: func.HttpRequest) -> func.HttpResponse:
     """Answer ``{question, context, ...}`` or ``{"items": [...]}`` from the current model version."""
-    return _http(api.guarded(lambda: api.ask(engine, req.get_body())))
+    return _http(api.ask_request(engine, req.get_body()))
 
 
 @app.function_name("health")

@@ -101,22 +101,60 @@ def max_body_bytes(holder: ModelHolder) -> int:
     return ask_body_limit(holder.settings)
 
 
-def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
-    """``POST /api/ask``: validate, wait for the model within the deadline, answer."""
+@dataclass
+class AskTrace:
+    """What one ``/api/ask`` request got to, for its ``event=ask`` line, whatever its outcome."""
+
+    items: int = 0
+    stats: dict[str, int] = field(default_factory=dict)  # the engine's: ``windows``
+    model_ms: float | None = None
+    model: dict[str, str] = field(default_factory=dict)  # model_id, revision, backend, variant of the model that was there
+
+
+def ask_request(holder: ModelHolder, body: bytes) -> ApiResponse:
+    """``POST /api/ask`` as the route answers it: :func:`ask`'s response or its error, and ONE
+    ``event=ask`` line for every outcome (200, 400, 413, 503 busy or not ready, 500) with its
+    status and error code, so that the README's KQL counts every request."""
+    started = time.monotonic()
+    trace = AskTrace()
+    response = guarded(lambda: ask(holder, body, trace=trace))
+    error = response.body.get("error") if response.status >= 400 else None
+    log_event(
+        log, "ask", status=response.status, error_code=error.get("code") if isinstance(error, dict) else None,
+        items=trace.items, windows=trace.stats.get("windows", 0), seconds=time.monotonic() - started, model_ms=trace.model_ms,
+        model_id=trace.model.get("model_id"), revision=trace.model.get("revision"), backend=trace.model.get("backend"),
+        variant=trace.model.get("variant"),
+    )  # fmt: skip
+    return response
+
+
+def _item_count(data: Mapping[str, Any]) -> int:
+    items = data.get("items")
+    return len(items) if isinstance(items, list) else 0 if "items" in data else 1
+
+
+def ask(holder: ModelHolder, body: bytes, *, trace: AskTrace | None = None) -> ApiResponse:
+    """``POST /api/ask``: validate, wait for the model within the deadline, answer; ``trace``
+    receives how far the request got (see :func:`ask_request`, which logs it).
+
+    Raises:
+        QAError: bad input (400, 413), no model or no free slot in time (503), the deadline (503).
+    """
+    trace = trace if trace is not None else AskTrace()
     started = time.monotonic()
     settings = holder.settings
     deadline = started + settings.deadline_seconds
-    items, batch = parse_ask(parse_json_object(body, max_bytes=max_body_bytes(holder)), settings=settings)
-    with holder.model(deadline) as loaded, holder.inference_slot(deadline):
-        inference_started = time.perf_counter()
-        stats: dict[str, int] = {}
-        results = loaded.engine.answer(items, deadline=deadline, stats=stats)
-        inference_ms = (time.perf_counter() - inference_started) * 1000
-    model = {"model_id": loaded.model_id, "revision": loaded.revision, "backend": loaded.backend, "variant": loaded.variant}
-    log_event(
-        log, "ask", items=len(items), windows=stats.get("windows", 0), seconds=time.monotonic() - started, model_ms=inference_ms,
-        revision=loaded.revision, backend=loaded.backend, variant=loaded.variant, status=200,
-    )  # fmt: skip
+    data = parse_json_object(body, max_bytes=max_body_bytes(holder))
+    trace.items = _item_count(data)
+    items, batch = parse_ask(data, settings=settings)
+    with holder.model(deadline) as loaded:
+        model = {"model_id": loaded.model_id, "revision": loaded.revision, "backend": loaded.backend, "variant": loaded.variant}
+        trace.model = model
+        with holder.inference_slot(deadline):
+            inference_started = time.perf_counter()
+            results = loaded.engine.answer(items, deadline=deadline, stats=trace.stats)
+            inference_ms = (time.perf_counter() - inference_started) * 1000
+            trace.model_ms = inference_ms
     # the model's time alone, so a caller can tell it from queueing, loading and the network
     timing = {"Server-Timing": f"model;dur={inference_ms:.1f}"}
     if batch:
