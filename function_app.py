@@ -87,7 +87,7 @@ def openapi(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="playground", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def playground(req: func.HttpRequest) -> func.HttpResponse:
     """A page to try ``/api/ask`` in a browser (it asks for a function key; the page itself is public)."""
-    return _http(api.guarded(playground_files.playground_page))
+    return _http(api.guarded(lambda: playground_files.playground_page(req.url)))
 
 
 @app.function_name("playground_file")

@@ -131,8 +131,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "anonymous",
         "A page to try the API in a browser",
         "Served from the app's own files, with a strict Content-Security-Policy; it asks for a function key "
-        "and keeps it in the tab's sessionStorage only.",
-        (200, 500),
+        "and keeps it in the tab's sessionStorage only. `/api/playground/` (with a trailing slash) answers 308 to this URL, "
+        "so that the page's relative URLs resolve.",
+        (200, 308, 500),
     ),
     Operation(
         "playground_file",
@@ -321,11 +322,19 @@ def request_schemas(settings: Settings) -> dict[str, Any]:
     }
 
 
+SCORE_DESCRIPTION = (
+    "the span's score as the transformers 4.57.6 question-answering pipeline computes it: its probability "
+    "(start times end, softmax over the window) in each window that found it, summed over the overlapping "
+    "windows of a long context that found the same span, so it can exceed 1. Not a percentage: compare the "
+    "scores of one answer list with each other"
+)
+
+
 def _schemas(settings: Settings) -> dict[str, Any]:
     codes = error_codes()
     answer = {
         "answer": {"type": "string", "description": "the span of the context"},
-        "score": {"type": "number", "minimum": 0, "description": "probability of the span"},
+        "score": {"type": "number", "minimum": 0, "description": SCORE_DESCRIPTION},
         "start": {**COUNT, "description": "offset of the first character, in Unicode code points (not UTF-16 units)"},
         "end": {**COUNT, "description": "offset after the last character, in Unicode code points"},
     }
@@ -590,6 +599,7 @@ RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
 _DESCRIPTIONS = {
     200: "OK",
     202: "Queued",
+    308: "Only for `/api/playground/` (trailing slash): `Location` is this page's URL, relative (`../playground`)",
     400: "Bad input: not JSON, a missing or mistyped field, an option out of range; the message names the field",
     401: "No or wrong function key. The Functions host answers with an EMPTY body (not JSON).",
     404: "Not found",
@@ -606,6 +616,9 @@ def _response(operation: Operation, status: int) -> dict[str, Any]:
     response: dict[str, Any] = {"description": _DESCRIPTIONS[status]}
     if status == 401:
         return response  # from the host, empty body: no content, no schema
+    if status == 308:
+        response["headers"] = {"Location": {"description": "the page without the trailing slash", "required": True, "schema": STRING}}
+        return response  # a redirect: no body
     name: str
     media = "application/json"
     headers: dict[str, Any] = {}

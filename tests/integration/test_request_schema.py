@@ -154,3 +154,8 @@ def test_the_document_states_the_rules() -> None:
     older = document(Settings(), version="3.0")["components"]["schemas"]["AskItem"]["properties"]["top_k"]
     assert older["type"] == "integer" and older["nullable"] is True
 
+
+def test_score_is_described_as_a_sum_that_can_exceed_one() -> None:
+    score = document(Settings())["components"]["schemas"]["Answer"]["properties"]["score"]
+    assert "maximum" not in score and "probability of the span" not in score["description"]
+    assert "summed" in score["description"] and "exceed 1" in score["description"]
