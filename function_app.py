@@ -43,15 +43,14 @@ def _http(response: api.ApiResponse | playground_files.FileResponse) -> func.Htt
 @app.route(route="ask", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def ask(req: func.HttpRequest) -> func.HttpResponse:
     """Answer ``{question, context, ...}`` or ``{"items": [...]}`` from the current model version."""
-    return _http(api.guarded(lambda: api.ask(engine, req.get_body())))
+    return _http(api.ask_request(engine, req.get_body()))
 
 
 @app.function_name("health")
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
     """200 when a model is loaded, 503 with a fixed state code otherwise; ``?warm=1`` starts a load."""
-    warm = req.params.get("warm", "").lower() in ("1", "true", "yes")
-    return _http(api.guarded(lambda: api.health(engine, warm=warm)))
+    return _http(api.guarded(lambda: api.health(engine, params=req.params)))
 
 
 @app.function_name("model")
@@ -81,14 +80,14 @@ def model_rollback(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def openapi(req: func.HttpRequest) -> func.HttpResponse:
     """The OpenAPI 3.1 document of these routes; ``?version=3.0`` gives 3.0.3 for API Management."""
-    return _http(api.guarded(lambda: api.openapi_document(engine, version=req.params.get("version", ""), url=req.url)))
+    return _http(api.guarded(lambda: api.openapi_document(engine, params=req.params, url=req.url)))
 
 
 @app.function_name("playground")
 @app.route(route="playground", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def playground(req: func.HttpRequest) -> func.HttpResponse:
     """A page to try ``/api/ask`` in a browser (it asks for a function key; the page itself is public)."""
-    return _http(api.guarded(playground_files.playground_page))
+    return _http(api.guarded(lambda: playground_files.playground_page(req.url)))
 
 
 @app.function_name("playground_file")

@@ -8,6 +8,11 @@
   const MAX_RETRY_WAIT = 30; // seconds; a longer Retry-After is cut to this
   const WARM_POLLS = 30; // health checks after "Warm up", 2 s apart
 
+  // The API's routes, relative to this script (/api/playground/playground.js -> /api/), so that
+  // they resolve the same whatever URL the page itself was loaded from.
+  const API = new URL("../", document.currentScript.src);
+  const api = (route) => new URL(route, API).toString();
+
   const $ = (id) => document.getElementById(id);
   const form = $("ask-form");
   const keyInput = $("key");
@@ -62,19 +67,27 @@
     target.appendChild(document.createTextNode(context.slice(end)));
   }
 
+  // A score is not a percentage: the pipeline sums a span's probabilities over the overlapping
+  // windows that found it, so it can exceed 1. It is shown as the number it is; the bar is its
+  // length relative to the best answer's score.
+  function formatScore(score) {
+    return score >= 0.01 || score === 0 ? score.toFixed(2) : score.toExponential(1);
+  }
+
   function renderAnswers(answers) {
     const list = $("answers");
     clear(list);
+    const best = Math.max(0, ...answers.map((answer) => answer.score));
     for (const answer of answers) {
       const item = element("li");
       item.appendChild(element("span", "text", answer.answer === "" ? "(no answer)" : answer.answer));
       item.appendChild(document.createTextNode(" "));
-      const percent = Math.max(0, Math.min(100, answer.score * 100));
-      item.appendChild(element("span", "score", percent.toFixed(1) + " %"));
+      item.appendChild(element("span", "score", "score " + formatScore(answer.score)));
       const bar = element("span", "bar");
       bar.setAttribute("aria-hidden", "true");
       const fill = element("span");
-      fill.style.width = percent.toFixed(1) + "%"; // CSSOM, allowed by the page's CSP
+      const relative = best > 0 ? Math.max(0, Math.min(100, (answer.score / best) * 100)) : 0;
+      fill.style.width = relative.toFixed(1) + "%"; // CSSOM, allowed by the page's CSP
       bar.appendChild(fill);
       item.appendChild(bar);
       list.appendChild(item);
@@ -129,9 +142,44 @@
     return new Promise((resolve) => setTimeout(resolve, ms));
   }
 
+  // --- top_k, checked as the API checks it (bounds from the OpenAPI document) -------------------
+  const topK = { min: 1, max: 20 };
+
+  // The top_k to send: null for the API's default (empty field), or an error message naming the field.
+  function readTopK() {
+    const input = $("top-k");
+    const raw = input.value.trim();
+    if (raw === "" && !input.validity.badInput) return { value: null };
+    const value = Number(raw);
+    if (input.validity.badInput || raw === "" || !Number.isInteger(value)) {
+      return { error: "'top_k' must be a whole number" };
+    }
+    if (value < topK.min || value > topK.max) {
+      return { error: "'top_k' must be between " + topK.min + " and " + topK.max + ", got " + value };
+    }
+    return { value: value };
+  }
+
+  // The answer (or the error) below the form is out of sight on a phone: bring it into view.
+  function reveal(target, focus) {
+    target.scrollIntoView({ block: "start", behavior: "auto" });
+    if (focus) focus.focus({ preventScroll: true });
+  }
+
   // --- ask ------------------------------------------------------------------------------------
   async function ask(event) {
     event.preventDefault();
+    const topKInput = $("top-k");
+    const checked = readTopK();
+    if (checked.error) {
+      topKInput.setAttribute("aria-invalid", "true");
+      result.hidden = true;
+      showError(checked.error);
+      statusLine.textContent = "Not sent: fix top_k.";
+      topKInput.focus();
+      return;
+    }
+    topKInput.removeAttribute("aria-invalid");
     const key = keyInput.value.trim();
     if (key) {
       sessionStorage.setItem(KEY_STORAGE, key);
@@ -140,9 +188,8 @@
     }
     const context = $("context").value;
     const question = $("question").value;
-    const topK = Number.parseInt($("top-k").value, 10);
     const payload = { question: question, context: context };
-    if (Number.isInteger(topK) && topK > 1) payload.top_k = topK;
+    if (checked.value !== null) payload.top_k = checked.value;
     const headers = { "Content-Type": "application/json" };
     if (key) headers["x-functions-key"] = key; // a header, never the URL
     const button = $("submit");
@@ -153,7 +200,7 @@
       for (let attempt = 0; ; attempt += 1) {
         statusLine.textContent = "Asking…";
         const started = performance.now();
-        const response = await fetch("ask", {
+        const response = await fetch(api("ask"), {
           method: "POST",
           headers: headers,
           body: JSON.stringify(payload),
@@ -174,6 +221,7 @@
           renderMeta(body, serverTiming(response), roundTrip);
           result.hidden = false;
           statusLine.textContent = "Answered.";
+          reveal($("result-card"), $("result-title"));
           return;
         }
         const retryAfter = Number.parseInt(response.headers.get("Retry-After") || "", 10);
@@ -189,6 +237,7 @@
         }
         showError(message);
         statusLine.textContent = "Failed.";
+        reveal($("result-card"), null);
         return;
       }
     } catch (err) {
@@ -203,7 +252,7 @@
   async function health(warm) {
     const target = $("health");
     try {
-      const response = await fetch(warm ? "health?warm=1" : "health", { cache: "no-store", credentials: "omit" });
+      const response = await fetch(api(warm ? "health?warm=1" : "health"), { cache: "no-store", credentials: "omit" });
       const body = await response.json();
       clear(target);
       target.appendChild(document.createTextNode("State: "));
@@ -238,11 +287,17 @@
   // --- limits from the OpenAPI document -------------------------------------------------------
   async function applyLimits() {
     try {
-      const response = await fetch("openapi.json", { cache: "no-store", credentials: "omit" });
-      const limits = (await response.json()).info["x-limits"];
+      const response = await fetch(api("openapi.json"), { cache: "no-store", credentials: "omit" });
+      const doc = await response.json();
+      const limits = doc.info["x-limits"];
+      const schema = doc.components.schemas.AskItem.properties.top_k;
+      topK.min = schema.minimum;
+      topK.max = schema.maximum;
       $("context").maxLength = limits.max_context_chars;
       $("question").maxLength = limits.max_question_chars;
-      $("top-k").max = String(limits.max_top_k);
+      $("top-k").min = String(topK.min);
+      $("top-k").max = String(topK.max);
+      $("top-k-hint").textContent = "A whole number from " + topK.min + " to " + topK.max + ".";
       $("context-hint").textContent = "The text to search, up to " + limits.max_context_chars + " characters.";
     } catch (err) {
       // the page works without the limits; the API still enforces them

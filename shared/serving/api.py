@@ -10,19 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..engine.question_answering import Answer, Limits, QAItem
+from ..engine.question_answering import Answer, QAItem
 from ..errors import InputError, QAError, TooLargeError
 from ..loading import artifacts
+from ..settings import Settings
 from ..telemetry import log_event
 from .holder import ModelHolder
 from .limits import OPERATOR_BODY_LIMIT, ask_body_limit
+from .openapi import document
 from .playground import FileResponse
+from .validation import check_body, check_query
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ApiResponse:
@@ -77,22 +81,14 @@ def parse_json_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
     return data
 
 
-def parse_ask(data: dict[str, Any], *, limits: Limits) -> tuple[list[QAItem], bool]:
+def parse_ask(data: dict[str, Any], *, settings: Settings) -> tuple[list[QAItem], bool]:
     """The items of an ``/api/ask`` body: one item, or ``{"items": [...]}`` (then ``True``),
-    checked against the budgets that need no model."""
-    if "items" not in data:
-        items = [QAItem.from_dict(data)]
-        batch = False
-    else:
-        raw = data["items"]
-        if not isinstance(raw, list) or not raw:
-            raise InputError("'items' must be a non-empty list of {question, context} objects", field="items")
-        if len(raw) > limits.max_items:
-            raise TooLargeError(f"'items' has {len(raw)} entries; the limit is {limits.max_items}", field="items")
-        items = [QAItem.from_dict(item, where=f"items[{i}].") for i, item in enumerate(raw)]
-        batch = True
-    limits.check_items(items)
-    return items, batch
+    checked against the document's ``AskItem`` / ``AskBatch`` schema (the budgets that need no
+    model included), then as text the tokenizer can read (no lone surrogate)."""
+    batch = "items" in data
+    checked = check_body(settings, "AskBatch" if batch else "AskItem", data)
+    raw = checked["items"] if batch else [checked]
+    return [QAItem.from_dict(item, where=f"items[{i}]." if batch else "") for i, item in enumerate(raw)], batch
 
 
 def _shape(answers: list[Answer], top_k: int) -> dict[str, Any]:
@@ -105,22 +101,60 @@ def max_body_bytes(holder: ModelHolder) -> int:
     return ask_body_limit(holder.settings)
 
 
-def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
-    """``POST /api/ask``: validate, wait for the model within the deadline, answer."""
+@dataclass
+class AskTrace:
+    """What one ``/api/ask`` request got to, for its ``event=ask`` line, whatever its outcome."""
+
+    items: int = 0
+    stats: dict[str, int] = field(default_factory=dict)  # the engine's: ``windows``
+    model_ms: float | None = None
+    model: dict[str, str] = field(default_factory=dict)  # model_id, revision, backend, variant of the model that was there
+
+
+def ask_request(holder: ModelHolder, body: bytes) -> ApiResponse:
+    """``POST /api/ask`` as the route answers it: :func:`ask`'s response or its error, and ONE
+    ``event=ask`` line for every outcome (200, 400, 413, 503 busy or not ready, 500) with its
+    status and error code, so that the README's KQL counts every request."""
+    started = time.monotonic()
+    trace = AskTrace()
+    response = guarded(lambda: ask(holder, body, trace=trace))
+    error = response.body.get("error") if response.status >= 400 else None
+    log_event(
+        log, "ask", status=response.status, error_code=error.get("code") if isinstance(error, dict) else None,
+        items=trace.items, windows=trace.stats.get("windows", 0), seconds=time.monotonic() - started, model_ms=trace.model_ms,
+        model_id=trace.model.get("model_id"), revision=trace.model.get("revision"), backend=trace.model.get("backend"),
+        variant=trace.model.get("variant"),
+    )  # fmt: skip
+    return response
+
+
+def _item_count(data: Mapping[str, Any]) -> int:
+    items = data.get("items")
+    return len(items) if isinstance(items, list) else 0 if "items" in data else 1
+
+
+def ask(holder: ModelHolder, body: bytes, *, trace: AskTrace | None = None) -> ApiResponse:
+    """``POST /api/ask``: validate, wait for the model within the deadline, answer; ``trace``
+    receives how far the request got (see :func:`ask_request`, which logs it).
+
+    Raises:
+        QAError: bad input (400, 413), no model or no free slot in time (503), the deadline (503).
+    """
+    trace = trace if trace is not None else AskTrace()
     started = time.monotonic()
     settings = holder.settings
     deadline = started + settings.deadline_seconds
-    items, batch = parse_ask(parse_json_object(body, max_bytes=max_body_bytes(holder)), limits=Limits.from_settings(settings))
-    with holder.model(deadline) as loaded, holder.inference_slot(deadline):
-        inference_started = time.perf_counter()
-        stats: dict[str, int] = {}
-        results = loaded.engine.answer(items, deadline=deadline, stats=stats)
-        inference_ms = (time.perf_counter() - inference_started) * 1000
-    model = {"model_id": loaded.model_id, "revision": loaded.revision, "backend": loaded.backend, "variant": loaded.variant}
-    log_event(
-        log, "ask", items=len(items), windows=stats.get("windows", 0), seconds=time.monotonic() - started, model_ms=inference_ms,
-        revision=loaded.revision, backend=loaded.backend, variant=loaded.variant, status=200,
-    )  # fmt: skip
+    data = parse_json_object(body, max_bytes=max_body_bytes(holder))
+    trace.items = _item_count(data)
+    items, batch = parse_ask(data, settings=settings)
+    with holder.model(deadline) as loaded:
+        model = {"model_id": loaded.model_id, "revision": loaded.revision, "backend": loaded.backend, "variant": loaded.variant}
+        trace.model = model
+        with holder.inference_slot(deadline):
+            inference_started = time.perf_counter()
+            results = loaded.engine.answer(items, deadline=deadline, stats=trace.stats)
+            inference_ms = (time.perf_counter() - inference_started) * 1000
+            trace.model_ms = inference_ms
     # the model's time alone, so a caller can tell it from queueing, loading and the network
     timing = {"Server-Timing": f"model;dur={inference_ms:.1f}"}
     if batch:
@@ -128,9 +162,10 @@ def ask(holder: ModelHolder, body: bytes) -> ApiResponse:
     return ApiResponse(200, {**_shape(results[0], items[0].top_k), **model}, timing)
 
 
-def health(holder: ModelHolder, *, warm: bool) -> ApiResponse:
-    """``GET /api/health``: 200 when a model is loaded, 503 with a fixed state code otherwise."""
-    if warm:
+def health(holder: ModelHolder, *, params: Mapping[str, str]) -> ApiResponse:
+    """``GET /api/health``: 200 when a model is loaded, 503 with a fixed state code otherwise;
+    ``?warm=1`` (``true``, ``yes``) starts a load, a value outside the documented enum is a 400."""
+    if check_query("health", params).get("warm") in ("1", "true", "yes"):
         try:
             holder.warm()
         except QAError:
@@ -150,7 +185,7 @@ def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/model/refresh``: queue a refresh (optional revision); 202 + where to look."""
     from ..store.refresh_queue import RefreshRequest, enqueue
 
-    request = RefreshRequest.from_request(_small_json_body(body))
+    request = RefreshRequest.from_request(check_body(holder.settings, "RefreshRequest", _small_json_body(body)))
     message_id = enqueue(holder.settings, request)
     return ApiResponse(
         202,
@@ -171,9 +206,7 @@ def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
 def rollback(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/model/rollback``: point back at ``{"to": revision}`` or the previous version, pinned.
     Uses the serving profile's short timeouts: an HTTP request must not wait minutes on storage."""
-    target = _small_json_body(body).get("to")
-    if target is not None and not isinstance(target, str):
-        raise InputError("'to' must be a revision string", field="to")
+    target = check_body(holder.settings, "RollbackRequest", _small_json_body(body)).get("to")
     pointer = holder.store.rollback(target)
     return ApiResponse(200, {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned})
 
@@ -183,13 +216,12 @@ def _small_json_body(body: bytes) -> dict[str, Any]:
     return parse_json_object(body, max_bytes=OPERATOR_BODY_LIMIT) if body.strip() else {}
 
 
-def openapi_document(holder: ModelHolder, *, version: str, url: str) -> ApiResponse:
+def openapi_document(holder: ModelHolder, *, params: Mapping[str, str], url: str) -> ApiResponse:
     """``GET /api/openapi.json``: the OpenAPI document with the limits of this app's settings;
-    ``version`` ``3.0`` gives OpenAPI 3.0.3 (API Management), ``url`` the request's, for ``servers``."""
+    ``?version=3.0`` gives OpenAPI 3.0.3 (API Management), ``url`` the request's, for ``servers``."""
     from urllib.parse import urlsplit
 
-    from .openapi import document
-
+    version = check_query("openapi", params).get("version", "3.1")
     parts = urlsplit(url)
     server = f"{parts.scheme}://{parts.netloc}" if parts.scheme in ("http", "https") and parts.netloc else None
-    return ApiResponse(200, document(holder.settings, version=version or "3.1", server=server), {"Cache-Control": "no-cache"})
+    return ApiResponse(200, document(holder.settings, version=version, server=server), {"Cache-Control": "no-cache"})

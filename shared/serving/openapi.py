@@ -29,6 +29,7 @@ VARIANTS = ("fp32", "int8")
 HEALTH_STATES = ("ready", "loading", "empty", "error")
 REFRESH_OUTCOMES = ("published", "up_to_date", "repaired", "failed")
 
+
 @dataclass(frozen=True)
 class Operation:
     """One HTTP function as the document shows it; ``name`` is its function name in ``function_app``."""
@@ -63,8 +64,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "anonymous",
         "Whether this instance serves a model",
         "200 when a model is loaded (also when `degraded`), 503 with `Retry-After` otherwise. "
-        "Reasons are in the logs and in `GET /api/model`, never here.",
-        (200, 500, 503),
+        "Reasons are in the logs and in `GET /api/model`, never here. A `warm` value outside its enum is a 400.",
+        (200, 400, 500, 503),
         parameters=(
             {
                 "name": "warm",
@@ -130,8 +131,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "anonymous",
         "A page to try the API in a browser",
         "Served from the app's own files, with a strict Content-Security-Policy; it asks for a function key "
-        "and keeps it in the tab's sessionStorage only.",
-        (200, 500),
+        "and keeps it in the tab's sessionStorage only. `/api/playground/` (with a trailing slash) answers 308 to this URL, "
+        "so that the page's relative URLs resolve.",
+        (200, 308, 500),
     ),
     Operation(
         "playground_file",
@@ -151,6 +153,7 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
     ),
 )
+
 
 def http_route(operation: Operation) -> str:
     """The path of an operation as callers see it (the host's route prefix is ``api``)."""
@@ -173,9 +176,11 @@ def _obj(properties: Mapping[str, Any], *, optional: tuple[str, ...] = (), descr
     schema: dict[str, Any] = {
         "type": "object",
         "properties": dict(properties),
-        "required": [name for name in properties if name not in optional],
         "additionalProperties": False,
     }
+    required = [name for name in properties if name not in optional]
+    if required:  # OpenAPI 3.0 refuses an empty list
+        schema["required"] = required
     if description:
         schema["description"] = description
     return schema
@@ -199,11 +204,137 @@ COUNT: dict[str, Any] = {"type": "integer", "minimum": 0}
 SECONDS: dict[str, Any] = {"type": "number", "minimum": 0}
 
 
+def _optional(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional request field: ``null`` is accepted and means the default (as if left out)."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+# A question or context needs a letter or digit that the model's tokenizer reads: text of only
+# whitespace, punctuation, control, format, private-use, unassigned or combining characters may have
+# no word for it. The letters and digits (Unicode categories L and N) of the Basic Multilingual Plane
+# that BERT-uncased's normalizer keeps (the strictest tokenizer served here: it drops control, format
+# and unassigned characters and strips accents), in runs of 10 or more; tests/unit/test_word_pattern.py
+# checks every one. Explicit ranges, not \w, so that every regex engine (Python's re in the app's
+# validator, ECMA-262 in clients and API testers) reads the pattern the same way.
+# fmt: off
+WORD_RANGES: tuple[tuple[int, int], ...] = (
+    (0x0030, 0x0039), (0x0041, 0x005A), (0x0061, 0x007A), (0x00C0, 0x00D6), (0x00D8, 0x00F6), (0x00F8, 0x02C1), (0x02C6, 0x02D1),
+    (0x038E, 0x03A1), (0x03A3, 0x03F5), (0x03F7, 0x0481), (0x048A, 0x052F), (0x0531, 0x0556), (0x0560, 0x0588), (0x05D0, 0x05EA),
+    (0x0620, 0x064A), (0x0660, 0x0669), (0x0671, 0x06D3), (0x06EE, 0x06FC), (0x0712, 0x072F), (0x074D, 0x07A5), (0x07C0, 0x07EA),
+    (0x0800, 0x0815), (0x0840, 0x0858), (0x0860, 0x086A), (0x0870, 0x0887), (0x08A0, 0x08C9), (0x0904, 0x0939), (0x0958, 0x0961),
+    (0x0966, 0x096F), (0x0971, 0x0980), (0x0993, 0x09A8), (0x09E6, 0x09F1), (0x0A13, 0x0A28), (0x0A66, 0x0A6F), (0x0A93, 0x0AA8),
+    (0x0AE6, 0x0AEF), (0x0B13, 0x0B28), (0x0B66, 0x0B6F), (0x0BAE, 0x0BB9), (0x0BE6, 0x0BF2), (0x0C12, 0x0C28), (0x0C2A, 0x0C39),
+    (0x0C66, 0x0C6F), (0x0C92, 0x0CA8), (0x0CAA, 0x0CB3), (0x0CE6, 0x0CEF), (0x0D12, 0x0D3A), (0x0D58, 0x0D61), (0x0D66, 0x0D78),
+    (0x0D85, 0x0D96), (0x0D9A, 0x0DB1), (0x0DE6, 0x0DEF), (0x0E01, 0x0E30), (0x0E50, 0x0E59), (0x0E8C, 0x0EA3), (0x0EA7, 0x0EB0),
+    (0x0ED0, 0x0ED9), (0x0F20, 0x0F33), (0x0F49, 0x0F6C), (0x1000, 0x102A), (0x103F, 0x1049), (0x1075, 0x1081), (0x1090, 0x1099),
+    (0x10A0, 0x10C5), (0x10D0, 0x10FA), (0x10FC, 0x1248), (0x1260, 0x1288), (0x1290, 0x12B0), (0x12C8, 0x12D6), (0x12D8, 0x1310),
+    (0x1318, 0x135A), (0x1369, 0x137C), (0x1380, 0x138F), (0x13A0, 0x13F5), (0x1401, 0x166C), (0x166F, 0x167F), (0x1681, 0x169A),
+    (0x16A0, 0x16EA), (0x16EE, 0x16F8), (0x1700, 0x1711), (0x171F, 0x1731), (0x1740, 0x1751), (0x1760, 0x176C), (0x1780, 0x17B3),
+    (0x17E0, 0x17E9), (0x17F0, 0x17F9), (0x1810, 0x1819), (0x1820, 0x1878), (0x1887, 0x18A8), (0x18B0, 0x18F5), (0x1900, 0x191E),
+    (0x1946, 0x196D), (0x1980, 0x19AB), (0x19B0, 0x19C9), (0x19D0, 0x19DA), (0x1A00, 0x1A16), (0x1A20, 0x1A54), (0x1A80, 0x1A89),
+    (0x1A90, 0x1A99), (0x1B05, 0x1B33), (0x1B50, 0x1B59), (0x1B83, 0x1BA0), (0x1BAE, 0x1BE5), (0x1C00, 0x1C23), (0x1C40, 0x1C49),
+    (0x1C4D, 0x1C7D), (0x1C90, 0x1CBA), (0x1D00, 0x1DBF), (0x1E00, 0x1F15), (0x1F20, 0x1F45), (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4),
+    (0x1FE0, 0x1FEC), (0x207F, 0x2089), (0x2090, 0x209C), (0x210A, 0x2113), (0x212F, 0x2139), (0x2150, 0x2189), (0x2460, 0x249B),
+    (0x24EA, 0x24FF), (0x2776, 0x2793), (0x2C00, 0x2CE4), (0x2D00, 0x2D25), (0x2D30, 0x2D67), (0x2D80, 0x2D96), (0x3041, 0x3096),
+    (0x30A1, 0x30FA), (0x3105, 0x312F), (0x3131, 0x318E), (0x31A0, 0x31BF), (0x31F0, 0x31FF), (0x3220, 0x3229), (0x3251, 0x325F),
+    (0x3280, 0x3289), (0x32B1, 0x32BF), (0x3400, 0x4DBF), (0x4E00, 0xA48C), (0xA4D0, 0xA4FD), (0xA500, 0xA60C), (0xA610, 0xA62B),
+    (0xA640, 0xA66E), (0xA67F, 0xA69D), (0xA6A0, 0xA6EF), (0xA722, 0xA788), (0xA78B, 0xA7CA), (0xA7F2, 0xA801), (0xA80C, 0xA822),
+    (0xA840, 0xA873), (0xA882, 0xA8B3), (0xA8D0, 0xA8D9), (0xA900, 0xA925), (0xA930, 0xA946), (0xA960, 0xA97C), (0xA984, 0xA9B2),
+    (0xA9CF, 0xA9D9), (0xA9E6, 0xA9FE), (0xAA00, 0xAA28), (0xAA50, 0xAA59), (0xAA60, 0xAA76), (0xAA7E, 0xAAAF), (0xAAE0, 0xAAEA),
+    (0xAB30, 0xAB5A), (0xAB5C, 0xAB69), (0xAB70, 0xABE2), (0xABF0, 0xABF9), (0xAC00, 0xD7A3), (0xD7B0, 0xD7C6), (0xD7CB, 0xD7FB),
+    (0xF900, 0xFA6D), (0xFA70, 0xFAD9), (0xFB1F, 0xFB28), (0xFB2A, 0xFB36), (0xFB46, 0xFBB1), (0xFBD3, 0xFD3D), (0xFD50, 0xFD8F),
+    (0xFD92, 0xFDC7), (0xFDF0, 0xFDFB), (0xFE76, 0xFEFC), (0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0xFF66, 0xFFBE),
+)
+# fmt: on
+WORD = "[" + "".join(f"\\u{low:04x}-\\u{high:04x}" for low, high in WORD_RANGES) + "]"
+
+# A revision a refresh may name: the pattern of check_hub_revision, and no ".." anywhere (it refuses those too).
+REFRESH_REVISION_PATTERN = "^(?!.*\\.\\.)" + REVISION_RE.pattern.removeprefix("^")
+
+# Said once in the document's description and by each request schema (additionalProperties: false).
+REQUEST_RULES = (
+    "Request bodies are closed: an unknown field is a 400 `bad_request` that names it, on every route. "
+    "An optional field sent as `null` is the same as leaving it out. A whole number may be written `2.0` "
+    "(JSON Schema's integer). Query parameters are checked against their `enum` (400 naming the parameter); "
+    "undocumented ones are ignored. These request schemas are the validator the app itself runs."
+)
+
+
+def request_schemas(settings: Settings) -> dict[str, Any]:
+    """The JSON Schemas of the request bodies under ``settings``: the document's components and the
+    validator of :mod:`shared.serving.validation`, one definition for both."""
+    item = _obj(
+        {
+            "question": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": settings.max_question_chars,
+                "pattern": WORD,
+                "description": f"at most {settings.max_question_chars} characters and {settings.max_question_tokens} tokens, "
+                "with at least one letter or digit (`pattern`)",
+            },
+            "context": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": settings.max_context_chars,
+                "pattern": WORD,
+                "description": f"at most {settings.max_context_chars} characters, with at least one letter or digit (`pattern`)",
+            },
+            "top_k": _optional({"type": "integer", "minimum": MIN_TOP_K, "maximum": MAX_TOP_K, "default": QAItem.top_k}),
+            "max_answer_len": _optional(
+                {
+                    "type": "integer",
+                    "minimum": MIN_ANSWER_LEN,
+                    "maximum": MAX_ANSWER_LEN,
+                    "default": QAItem.max_answer_len,
+                    "description": "longest answer, in tokens",
+                }
+            ),
+            "handle_impossible_answer": _optional({"type": "boolean", "default": QAItem.handle_impossible_answer}),
+        },
+        optional=("top_k", "max_answer_len", "handle_impossible_answer"),
+    )
+    windows = (
+        f"A request may need at most {settings.max_windows} windows of the model's sequence length "
+        f"over all its items, and its body at most {ask_body_limit(settings)} bytes; over a budget is 413 `too_large`. "
+        "A question or context needs a letter or digit (the `pattern`: those of the Basic Multilingual Plane that "
+        "the model's tokenizer reads); without one it is a 400 naming the field."
+    )
+    return {
+        "AskItem": item,
+        "AskBatch": _obj({"items": {"type": "array", "minItems": 1, "maxItems": settings.max_items, "items": _ref("AskItem")}}),
+        "AskRequest": {"anyOf": [_ref("AskItem"), _ref("AskBatch")], "description": windows},
+        "RefreshRequest": _obj(
+            {
+                "revision": _optional({"type": "string", "pattern": REFRESH_REVISION_PATTERN, "description": "branch, tag or commit"}),
+                "unpin": _optional({"type": "boolean", "default": False, "description": "move a pinned pointer"}),
+                "repair": _optional({"type": "boolean", "default": False, "description": "re-copy stored files whose bytes differ"}),
+                "build_artifacts": _optional({"type": "boolean", "default": False, "description": "build missing ONNX artifacts"}),
+            },
+            optional=("revision", "unpin", "repair", "build_artifacts"),
+            description=f"`{{}}` or an empty body refreshes to MODEL_REVISION; at most {OPERATOR_BODY_LIMIT} bytes",
+        ),
+        "RollbackRequest": _obj(
+            {"to": _optional({"type": "string", "description": "a stored revision"})},
+            optional=("to",),
+            description=f"`{{}}` or an empty body rolls back to the previous version; at most {OPERATOR_BODY_LIMIT} bytes",
+        ),
+    }
+
+
+SCORE_DESCRIPTION = (
+    "the span's score as the transformers 4.57.6 question-answering pipeline computes it: its probability "
+    "(start times end, softmax over the window) in each window that found it, summed over the overlapping "
+    "windows of a long context that found the same span, so it can exceed 1. Not a percentage: compare the "
+    "scores of one answer list with each other"
+)
+
+
 def _schemas(settings: Settings) -> dict[str, Any]:
     codes = error_codes()
     answer = {
         "answer": {"type": "string", "description": "the span of the context"},
-        "score": {"type": "number", "minimum": 0, "description": "probability of the span"},
+        "score": {"type": "number", "minimum": 0, "description": SCORE_DESCRIPTION},
         "start": {**COUNT, "description": "offset of the first character, in Unicode code points (not UTF-16 units)"},
         "end": {**COUNT, "description": "offset after the last character, in Unicode code points"},
     }
@@ -214,47 +345,8 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "variant": {"type": "string", "enum": list(VARIANTS)},
     }
     answers = {"type": "array", "items": _ref("Answer"), "maxItems": MAX_TOP_K, "description": "best first"}
-    item = {
-        "type": "object",
-        "required": ["question", "context"],
-        "properties": {
-            "question": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": settings.max_question_chars,
-                "pattern": "\\S",
-                "description": f"at most {settings.max_question_chars} characters and {settings.max_question_tokens} tokens",
-            },
-            "context": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": settings.max_context_chars,
-                "pattern": "\\S",
-                "description": f"at most {settings.max_context_chars} characters",
-            },
-            "top_k": {"type": "integer", "minimum": MIN_TOP_K, "maximum": MAX_TOP_K, "default": QAItem.top_k},
-            "max_answer_len": {
-                "type": "integer",
-                "minimum": MIN_ANSWER_LEN,
-                "maximum": MAX_ANSWER_LEN,
-                "default": QAItem.max_answer_len,
-                "description": "longest answer, in tokens",
-            },
-            "handle_impossible_answer": {"type": "boolean", "default": QAItem.handle_impossible_answer},
-        },
-    }
-    windows = (
-        f"A request may need at most {settings.max_windows} windows of the model's sequence length "
-        f"over all its items, and its body at most {ask_body_limit(settings)} bytes; over a budget is 413 `too_large`."
-    )
     schemas: dict[str, Any] = {
-        "AskItem": item,
-        "AskBatch": {
-            "type": "object",
-            "required": ["items"],
-            "properties": {"items": {"type": "array", "minItems": 1, "maxItems": settings.max_items, "items": _ref("AskItem")}},
-        },
-        "AskRequest": {"anyOf": [_ref("AskItem"), _ref("AskBatch")], "description": windows},
+        **request_schemas(settings),
         "Answer": _obj(answer),
         "AskAnswer": _obj({**answer, **served}, description="one item with top_k 1"),
         "AskAnswers": _obj({"answers": answers, **served}, description="one item with top_k above 1"),
@@ -408,17 +500,6 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 ),
             }
         ),
-        "RefreshRequest": {
-            "type": "object",
-            "description": f"`{{}}` or an empty body refreshes to MODEL_REVISION; at most {OPERATOR_BODY_LIMIT} bytes",
-            "properties": {
-                # the pattern check_hub_revision applies (ECMA-262 compatible)
-                "revision": {"type": "string", "pattern": REVISION_RE.pattern, "description": "branch, tag or commit"},
-                "unpin": {"type": "boolean", "default": False, "description": "move a pinned pointer"},
-                "repair": {"type": "boolean", "default": False, "description": "re-copy stored files whose bytes differ"},
-                "build_artifacts": {"type": "boolean", "default": False, "description": "build missing ONNX artifacts"},
-            },
-        },
         "RefreshQueued": _obj(
             {
                 "status": {"type": "string", "enum": ["queued"]},
@@ -431,11 +512,6 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "result": STRING,
             }
         ),
-        "RollbackRequest": {
-            "type": "object",
-            "description": f"`{{}}` or an empty body rolls back to the previous version; at most {OPERATOR_BODY_LIMIT} bytes",
-            "properties": {"to": {"type": "string", "description": "a stored revision"}},
-        },
         "RollbackResult": _obj({"revision": STRING, "previous": {"type": "array", "items": STRING}, "pinned": {"type": "boolean"}}),
         "OpenApiDocument": _obj(
             {
@@ -523,6 +599,7 @@ RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
 _DESCRIPTIONS = {
     200: "OK",
     202: "Queued",
+    308: "Only for `/api/playground/` (trailing slash): `Location` is this page's URL, relative (`../playground`)",
     400: "Bad input: not JSON, a missing or mistyped field, an option out of range; the message names the field",
     401: "No or wrong function key. The Functions host answers with an EMPTY body (not JSON).",
     404: "Not found",
@@ -539,6 +616,9 @@ def _response(operation: Operation, status: int) -> dict[str, Any]:
     response: dict[str, Any] = {"description": _DESCRIPTIONS[status]}
     if status == 401:
         return response  # from the host, empty body: no content, no schema
+    if status == 308:
+        response["headers"] = {"Location": {"description": "the page without the trailing slash", "required": True, "schema": STRING}}
+        return response  # a redirect: no body
     name: str
     media = "application/json"
     headers: dict[str, Any] = {}
@@ -644,7 +724,7 @@ def document(settings: Settings, *, version: str = "3.1", server: str | None = N
                 f"Extractive question answering with `{settings.model_id}`, served from Blob Storage. "
                 "Routes with a function key take it as the `x-functions-key` header or the `code` query parameter; "
                 "a missing or wrong key is a 401 with an empty body from the Functions host. "
-                'Errors are JSON `{"error": {"code", "message"}}`; every 503 carries `Retry-After`. '
+                'Errors are JSON `{"error": {"code", "message"}}`; every 503 carries `Retry-After`. ' + REQUEST_RULES + " "
                 "Limits of this deployment: " + ", ".join(f"{k}={v}" for k, v in budget.items()) + "."
             ),
             "x-limits": budget,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import NotFoundError
 
@@ -34,7 +35,6 @@ class FileResponse:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-
 def _headers() -> dict[str, str]:
     return {
         "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -44,8 +44,15 @@ def _headers() -> dict[str, str]:
     }
 
 
-def playground_page() -> FileResponse:
-    """``GET /api/playground``: the page, from ``playground/index.html``."""
+def playground_page(url: str = "") -> FileResponse:
+    """``GET /api/playground``: the page, from ``playground/index.html``. The host also routes
+    ``/api/playground/`` here, where the page's relative URLs (``playground/playground.css``)
+    would miss: ``url`` (the request's) ending in ``/`` gets a 308 to the page's own URL instead."""
+    parts = urlsplit(url)
+    if parts.path.endswith("/"):
+        # relative, so that it holds behind a proxy that rewrites the path prefix (API Management)
+        location = "../playground" + (f"?{parts.query}" if parts.query else "")
+        return FileResponse(308, b"", "text/html", {"Location": location, "Cache-Control": "no-cache"})
     return FileResponse(200, (PLAYGROUND_DIR / "index.html").read_bytes(), "text/html", _headers())
 
 

@@ -189,6 +189,16 @@ def _screenshot(driver: Any, width: int, path: Path) -> dict[str, int]:
     return sizes
 
 
+def _score_text(score: float) -> str:
+    """The page's formatting of a score (playground.js formatScore)."""
+    return f"{score:.2f}" if score >= 0.01 or score == 0 else _exponential(score)
+
+
+def _exponential(score: float) -> str:
+    mantissa, exponent = f"{score:.1e}".split("e")
+    return f"{mantissa}e{int(exponent):+d}"  # JavaScript's toExponential(1): 4.2e-3
+
+
 def test_playground_in_headless_chromium(served: FunctionsHost, browser: Any, tiny_bert_dir: Path) -> None:
     driver = browser
     origin = served.origin
@@ -237,9 +247,11 @@ def test_playground_in_headless_chromium(served: FunctionsHost, browser: Any, ti
     )
     assert [item["text"] for item in items] == [a.answer or "(no answer)" for a in expected]
     assert len(items) == len(expected) <= TOP_K
+    best_score = max(answer.score for answer in expected)
     for item, answer in zip(items, expected, strict=True):
-        assert item["score"] == f"{answer.score * 100:.1f} %"
-        assert float(item["bar"].removesuffix("%")) == pytest.approx(answer.score * 100, abs=0.051)  # the bar's length is the score
+        assert item["score"] == f"score {_score_text(answer.score)}"  # the number itself, never a percentage
+        # the bar's length is the score relative to the best answer's
+        assert float(item["bar"].removesuffix("%")) == pytest.approx(answer.score / best_score * 100, abs=0.051)
     meta = _text(driver, "meta")
     assert "tests/tiny-bert" in meta and "ms (model)" in meta
 
@@ -283,3 +295,75 @@ def test_playground_in_headless_chromium(served: FunctionsHost, browser: Any, ti
     assert wide["viewport"] == 1280 and wide["scroll"] <= wide["client"], wide
     assert (OUT / "playground-375.png").stat().st_size > 0 and (OUT / "playground-1280.png").stat().st_size > 0
     assert CONTENT_SECURITY_POLICY  # served on the page: see tests/integration/test_openapi.py
+
+
+def _ask_requests(host: FunctionsHost) -> int:
+    return sum(1 for method, path, _ in host.requests if method == "POST" and path.startswith("/api/ask"))
+
+
+def test_playground_edges(served: FunctionsHost, browser: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: the trailing-slash URL, top_k checked in the page as the API checks it, the answer
+    brought into view on a 375 px phone, and scores above 1 shown as what they are."""
+    import time
+
+    from selenium.webdriver.common.by import By
+
+    from shared.engine.question_answering import Answer
+
+    driver = browser
+    origin = served.origin
+
+    # /api/playground/ (trailing slash) gives the working page: every asset and route resolves
+    driver.get(f"{origin}/api/playground/")
+    _wait(driver, lambda d: "State: empty" in _text(d, "health"), "the health state (from the trailing-slash URL)")
+    assert driver.execute_script("return getComputedStyle(document.body).margin") == "0px"  # the style sheet loaded
+    _wait(driver, lambda d: "up to" in _text(d, "context-hint"), "the limits from openapi.json")
+    assert [request for request in served.requests if request[2] == 404] == []
+
+    # a phone's width, from here on
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 375, "height": 667, "deviceScaleFactor": 1, "mobile": True})
+    driver.find_element(By.ID, "key").send_keys(KEY)
+    driver.find_element(By.ID, "context").send_keys(CONTEXT.replace("🏈🎉 ", ""))  # chromedriver types the BMP only
+    driver.find_element(By.ID, "question").send_keys(QUESTION)
+
+    # top_k out of the API's range or not whole: refused in the page with the API's words, nothing sent
+    sent = _ask_requests(served)
+    for value, message in (
+        ("0", "'top_k' must be between 1 and 20, got 0"),
+        ("-2", "'top_k' must be between 1 and 20, got -2"),
+        ("25", "'top_k' must be between 1 and 20, got 25"),
+        ("2.5", "'top_k' must be a whole number"),
+    ):
+        driver.execute_script("document.getElementById('top-k').value = arguments[0]", value)
+        driver.find_element(By.ID, "submit").click()
+        _wait(driver, lambda d, m=message: _text(d, "error") == m, f"the page's refusal of top_k={value}")
+        assert driver.execute_script("return document.getElementById('top-k').getAttribute('aria-invalid')") == "true"
+        assert driver.execute_script("return document.activeElement.id") == "top-k"
+    assert _ask_requests(served) == sent
+
+    # a valid top_k: the answer is scrolled into view and has the focus, on a 375 px screen
+    driver.execute_script("window.scrollTo(0, 0); document.getElementById('top-k').value = '2'")
+    driver.find_element(By.ID, "submit").click()
+    _wait(driver, lambda d: d.execute_script("return !document.getElementById('result').hidden"), "the answer")
+    assert _ask_requests(served) == sent + 1
+    assert driver.execute_script("return document.getElementById('top-k').hasAttribute('aria-invalid')") is False
+    assert driver.execute_script("return document.activeElement.id") == "result-title"
+    top = driver.execute_script("return document.getElementById('result-title').getBoundingClientRect().top")
+    assert 0 <= top < driver.execute_script("return window.innerHeight"), top
+    assert driver.execute_script("return window.scrollY") > 0
+    assert 1 <= len(driver.find_elements(By.CSS_SELECTOR, "#answers li")) <= 2
+
+    # scores as the 4.57.6 pipeline sums them over overlapping windows: above 1 is shown as is
+    with function_app.engine.model(time.monotonic() + 30) as loaded:
+        engine = loaded.engine
+    start = CONTEXT.replace("🏈🎉 ", "").index("Denver Broncos")
+    canned = [[Answer("Denver Broncos", 1.78, start, start + 14), Answer("Carolina", 0.31, start + 40, start + 48)]]
+    monkeypatch.setattr(engine, "answer", lambda items, **_: canned)
+    driver.find_element(By.ID, "submit").click()
+    _wait(driver, lambda d: "1.78" in _text(d, "answers"), "the canned answers")
+    items = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#answers li')).map((li) => "
+        "({score: li.querySelector('.score').textContent, bar: li.querySelector('.bar > span').style.width}))"
+    )
+    assert items == [{"score": "score 1.78", "bar": "100%"}, {"score": "score 0.31", "bar": "17.4%"}]
+    assert "%" not in _text(driver, "answers")
