@@ -11,10 +11,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, StorageUnavailableError
 from ..settings import Settings
 from .model_files import utc_now
-from .storage import queue_client, storage_errors
+from .storage import queue_client, storage_errors, with_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,14 @@ def check_hub_revision(revision: str) -> str:
 
 def enqueue(settings: Settings, request: RefreshRequest) -> str:
     """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id."""
-    client = queue_client(settings.require_queue_storage(), settings.refresh_queue)
-    with storage_errors("queueing the refresh"):
-        ensure_queue(client)
-        message = client.send_message(request.to_bytes())
+    conn = settings.require_queue_storage()
+    client = queue_client(conn, settings.refresh_queue)
+    try:
+        with storage_errors(f"queueing the refresh on {settings.refresh_queue}"):
+            ensure_queue(client)
+            message = client.send_message(request.to_bytes())
+    except StorageUnavailableError as err:  # the queue's account (AzureWebJobsStorage), not the models'
+        raise with_endpoint(err, conn, "queue") from err.__cause__
     log.info("Queued a refresh (%s, revision=%s, explicit=%s)", request.reason, request.revision, request.explicit)
     return str(message.id)
 

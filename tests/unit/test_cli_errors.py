@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,43 @@ def test_a_missing_from_dir_folder_is_not_found(tmp_path: Path) -> None:
 def test_a_bad_setting_is_one_line() -> None:
     proc = run("status", env={"MODEL_KEEP_VERSIONS": "many"})
     assert proc.returncode == 1 and proc.stderr.strip() == "error: MODEL_KEEP_VERSIONS must be a whole number, got 'many'"
+
+
+# --- messages that name the cause (issue "Every edge a new user hit") ---------------------------
+
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port bound but never listening: every connection to it is refused at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    yield int(sock.getsockname()[1])
+    sock.close()
+
+
+def azurite_at(*, blob: int = 10000, queue: int = 10001, key: str = ACCOUNT_KEY) -> str:
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};"
+        f"BlobEndpoint=http://127.0.0.1:{blob}/devstoreaccount1;QueueEndpoint=http://127.0.0.1:{queue}/devstoreaccount1;"
+    )
+
+
+def test_refresh_enqueue_names_the_queue_account(dead_port: int) -> None:
+    env = {"MODEL_STORAGE": azurite_at(), "AzureWebJobsStorage": azurite_at(blob=dead_port, queue=dead_port)}
+    proc = run("refresh", "--enqueue", "--json", env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert "AzureWebJobsStorage" in message and f"127.0.0.1:{dead_port}" in message, message
+    assert "MODEL_STORAGE" not in message and "127.0.0.1:10000" not in message
+
+
+@pytest.mark.parametrize("key", ["not*base64!", "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UV"])
+def test_an_account_key_that_cannot_be_decoded_is_a_bad_setting_before_any_request(key: str, dead_port: int) -> None:
+    proc = run("status", "--json", env={"MODEL_STORAGE": azurite_at(blob=dead_port, key=key)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    error = last_json(proc)["error"]
+    assert isinstance(error, dict) and error["code"] == "bad_setting", error
+    assert "MODEL_STORAGE" in error["message"] and "AccountKey" in error["message"] and "base64" in error["message"]
+    assert "Azurite" not in error["message"]
