@@ -240,14 +240,26 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dic
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """One question through the same holder and loader as the function."""
+    from .errors import ModelNotReadyError, StorageUnavailableError
     from .loading.artifacts import load_artifact
     from .serving import api
     from .serving.holder import ModelHolder
 
+    context = args.context if args.context_file is None else _read_text(args.context_file, "--context-file")
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
-    item: dict[str, Any] = {"question": args.question, "context": args.context, "top_k": args.top_k}
-    response = api.ask(holder, json.dumps(item).encode())
-    holder.close()
+    item: dict[str, Any] = {"question": args.question, "context": context, "top_k": args.top_k}
+    try:
+        response = api.ask(holder, json.dumps(item).encode())
+    except ModelNotReadyError as err:
+        # the function's 503 points operators at GET /api/model; here the cause is at hand
+        last = holder.describe()["last_error"]
+        if last is None:
+            raise
+        if last["code"] == "storage_unavailable":
+            raise StorageUnavailableError(last["message"]) from err
+        raise ModelNotReadyError(f"The model could not be loaded: {last['message']}") from err
+    finally:
+        holder.close()
     body = response.body
     answers = body.get("answers") or [body]
     lines = [f"{a['answer']!r} (score {a['score']:.4f}, characters {a['start']}-{a['end']})" for a in answers]
@@ -255,11 +267,27 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str
     return 0, body, "\n".join(lines)
 
 
+def _read_text(path: str, flag: str) -> str:
+    """A UTF-8 text file, or standard input for ``-``; an error names the flag and the file."""
+    from pathlib import Path
+
+    from .engine.question_answering import decode_utf8
+    from .errors import NotFoundError
+
+    if path == "-":
+        return decode_utf8(sys.stdin.buffer.read(), what=f"{flag} - (standard input)")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise NotFoundError(f"{flag} {path} cannot be read ({err.strerror})") from None
+    return decode_utf8(raw, what=f"{flag} {path}")
+
+
 def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """JSON lines of items on stdin, one JSON line of answers per item on stdout."""
     import time
 
-    from .engine.question_answering import Limits, QAEngine, QAItem
+    from .engine.question_answering import Limits, QAEngine, QAItem, decode_utf8
 
     check_model_dir(args.model_dir)
     quantize = args.quantize or settings.quantize
@@ -297,10 +325,13 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             emit(next(answered) if isinstance(slot, QAItem) else slot)
 
     pending: list[QAItem | dict[str, Any]] = []
-    for raw in sys.stdin:
-        if not raw.strip():
+    for number, raw_bytes in enumerate(sys.stdin.buffer, start=1):  # bytes: UTF-8 whatever the locale says
+        if number == 1 and (raw_bytes.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw_bytes):
+            decode_utf8(raw_bytes, what="the input")  # UTF-16: the whole input is unreadable, one error says so
+        if not raw_bytes.strip():
             continue
         try:
+            raw = decode_utf8(raw_bytes, what=f"line {number}")
             pending.append(QAItem.from_dict(json.loads(raw)))
         except json.JSONDecodeError:
             pending.append({"error": {"code": "bad_request", "message": "the line is not valid JSON"}})
@@ -346,18 +377,25 @@ def check_model_dir(folder: str) -> None:
 
     Raises:
         NotFoundError: the folder does not exist (or is not a folder).
-        UnsafeModelError: it has no config, no tokenizer, or only pickle weights.
+        UnsafeModelError: it is empty, has no config, no tokenizer, or only pickle weights, or its
+            config.json is not a JSON object.
+        IntegrityError: a safetensors file is malformed (the message isolating it would give).
     """
     from pathlib import Path
 
+    from .engine.torch_model import check_safetensors_file
     from .errors import NotFoundError
-    from .store.model_files import select_files
+    from .store.model_files import check_config, select_files
 
     path = Path(folder)
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise NotFoundError(f"--model-dir {folder} {what}; give a local model folder (config.json, *.safetensors, tokenizer files)")
-    select_files([p.name for p in path.iterdir() if p.is_file()], where=f"folder {folder}")
+    chosen = select_files([p.name for p in path.iterdir() if p.is_file()], where=f"folder {folder}")
+    check_config((path / "config.json").read_bytes(), where=f"in folder {folder}")
+    for name in chosen:
+        if name.endswith(".safetensors"):
+            check_safetensors_file(path / name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = add("ask", cmd_ask, "answer one question with the current model version in Blob Storage (as the function does)")
     ask.add_argument("--question", required=True)
-    ask.add_argument("--context", required=True)
+    given = ask.add_mutually_exclusive_group(required=True)
+    given.add_argument("--context")
+    given.add_argument("--context-file", metavar="FILE", help="read the context from a UTF-8 text file; - reads standard input")
     ask.add_argument("--top-k", type=_count(1, MAX_TOP_K), default=1, help=f"answers to return (1-{MAX_TOP_K})")
 
     answer = add(

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import IntegrityError, NotFoundError, SettingsError, SourceUnavailableError
 from ..settings import Settings
-from ..store.model_files import FileEntry, check_file_name, select_files
+from ..store.model_files import FileEntry, check_config, check_file_name, select_files
 from .isolation import Snapshot
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class HubSource:
                 files.append(FileEntry(name=name, size=int(sibling.lfs.size), sha256=str(sibling.lfs.sha256).lower()))
             else:
                 data = self._fetch_small(name, commit, sibling)
+                if name == "config.json":
+                    check_config(data, where=f"of {self.model_id}@{commit[:12]}")
                 files.append(FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
         self._snapshot = Snapshot(revision=commit, source=self.endpoint, files=tuple(files), source_revision=self.requested)
         log.info("Resolved %s@%s to %s: %d files, %d bytes", self.model_id, self.requested, commit, len(files), self._snapshot.total_bytes)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import IntegrityError, NotFoundError, QAError
-from ..store.model_files import FileEntry, Manifest, hash_file, select_files, utc_now
+from ..store.model_files import FileEntry, Manifest, check_config, hash_file, select_files, utc_now
 from ..store.model_store import ModelStore
 from ..store.transfer import file_chunks
 from ..telemetry import log_event
@@ -105,6 +105,7 @@ class LocalDirSource:
             raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
         names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
         chosen = select_files(names, where=f"folder {self.folder}")
+        check_config((self.folder / "config.json").read_bytes(), where=f"in folder {self.folder}")  # before anything is copied
         files = tuple(
             FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name))
             for name in chosen
