@@ -140,8 +140,10 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
             variants=variants,
             canary=artifact_canary(settings),
             progress=lambda step: log.info("%s", step),
+            rebuild=args.rebuild,
+            verify_blobs=True,  # an artifact that "exists" but does not verify is not one
         )
-    failed = any(outcome.startswith("unusable") for outcome in outcomes.values())
+    failed = any(outcome.startswith(("unusable", "damaged")) for outcome in outcomes.values())
     text = "\n".join(f"{revision} {variant}: {outcome}" for variant, outcome in outcomes.items())
     return (1 if failed else 0), {"revision": revision, "artifacts": outcomes}, text
 
@@ -186,7 +188,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             state = "INCOMPLETE (staged; the canary failed: set MODEL_CANARY or isolate --skip-canary)"
         lines.append(f"  {version['revision']}  {state}  {version['files']} files  {version['bytes']} bytes  {version['last_modified']}")
         for variant, artifact in version.get("artifacts", {}).items():
-            usable = "usable" if artifact["usable"] else f"UNUSABLE ({artifact['reason']})"
+            reason = str(artifact["reason"])
+            usable = "usable" if artifact["usable"] else ("DAMAGED" if reason.startswith("damaged") else "UNUSABLE") + f" ({reason})"
             lines.append(f"    onnx {variant}: {artifact['size']} bytes, {usable}")
     if last.get("outcome"):
         lines.append(f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})")
@@ -209,6 +212,9 @@ def _revision_or_current(store: Any, revision: str | None, what: str) -> str:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """Re-hash a version's files against its manifest and its ONNX artifacts' blobs against their records."""
+    from .loading.artifacts import artifact_state, repair_command
+    from .settings import ARTIFACT_VARIANTS
 
     store = _store(settings, args)
     revision = _revision_or_current(store, args.revision, "verify")
@@ -219,8 +225,21 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
         problems = store.verify_version(revision, progress=bar.advance)
     finally:
         bar.close()
-    data = {"revision": revision, "ok": not problems, "files": len(manifest.files), "problems": problems}
+    states = {variant: artifact_state(store, manifest, variant, verify_blobs=True) for variant in ARTIFACT_VARIANTS}
+    damaged = [f"onnx {s.variant}/{s.blob}: {s.message}" for s in states.values() if s.state == "damaged"]
+    data: dict[str, Any] = {
+        "revision": revision,
+        "ok": not problems and not damaged,
+        "files": len(manifest.files),
+        "problems": problems + damaged,
+        "artifacts": {variant: state.to_dict() for variant, state in states.items()},
+    }
     text = f"{revision}: " + ("intact" if not problems else "CORRUPT\n" + "\n".join(problems))
+    for state in states.values():
+        if state.state != "missing":
+            text += f"\n  onnx {state.variant}: " + {"ok": "intact", "unusable": f"unusable ({state.message})"}.get(
+                state.state, f"DAMAGED: {state.blob}: {state.message}"
+            )
     if problems:
         how = (
             "python -m shared isolate --repair --from-dir DIR (the folder it was isolated from)"
@@ -228,8 +247,11 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             else f"python -m shared isolate --repair --revision {manifest.source_revision or revision}"
         )
         data["repair"] = how
-        text += f"\nRepair it (re-copies only the damaged files): {how}"
-    return (0 if not problems else 1), data, text
+        text += f"\nRepair it (re-copies only the damaged files, rebuilds damaged artifacts): {how}"
+    elif damaged:
+        data["repair"] = repair_command(revision)
+        text += f"\nRebuild the damaged artifacts: {data['repair']}"
+    return (0 if data["ok"] else 1), data, text
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -430,12 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--revision", help="default: the current one")
     build.add_argument("--variant", action="append", choices=("fp32", "int8"), help="repeat for both (default: MODEL_ARTIFACTS)")
     build.add_argument("--skip-canary", action="store_true", help="record the artifacts without answering MODEL_CANARY")
+    build.add_argument("--rebuild", action="store_true", help="build again the damaged or unusable artifacts (their records are replaced)")
     build.add_argument("--model-id")
 
     status = add("status", cmd_status, "show the pointer, the stored versions and the last refresh")
     status.add_argument("--model-id")
 
-    verify = add("verify", cmd_verify, "re-hash a stored version against its manifest (exit 1 on mismatch)")
+    verify = add("verify", cmd_verify, "re-hash a stored version against its manifest and its ONNX artifacts (exit 1 on mismatch)")
     verify.add_argument("--revision", help="default: the current one")
     verify.add_argument("--model-id")
 
