@@ -78,6 +78,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
 
     from .build.isolation import LocalDirSource, isolate
     from .build.refresh import artifact_builder, canary_validator, run_refresh
+    from .errors import SourceUnavailableError
     from .store.model_store import ModelStore
     from .store.refresh_queue import RefreshRequest, check_hub_revision
     from .store.storage import probe
@@ -109,6 +110,10 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
             revision = check_hub_revision(args.revision) if args.revision else None
             request = RefreshRequest(revision=revision, explicit=revision is not None, reason="cli", repair=args.repair)
             result = run_refresh(settings, request, progress=bar)
+    except SourceUnavailableError as err:
+        raise SourceUnavailableError(
+            f"{err.message}. Offline? Isolate a local model folder instead: python -m shared isolate --from-dir DIR"
+        ) from err
     finally:
         bar.close()
     text = f"{result.outcome}: {settings.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
@@ -192,7 +197,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             usable = "usable" if artifact["usable"] else ("DAMAGED" if reason.startswith("damaged") else "UNUSABLE") + f" ({reason})"
             lines.append(f"    onnx {variant}: {artifact['size']} bytes, {usable}")
     if last.get("outcome"):
-        lines.append(f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})")
+        line = f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})"
+        if last.get("outcome") == "failed" and pointer is not None:
+            line += f"; nothing changed: still serving {pointer['revision']}"
+        lines.append(line)
     if last.get("last_skipped_at"):
         lines.append(f"last skipped: {last['last_skipped_at']} ({last.get('skipped_reason')})")
     return 0, data, "\n".join(lines)

@@ -191,10 +191,11 @@ def isolate(
     result = IsolationResult(outcome="failed", model_id=store.model_id)
     with store.lock() as lock:
         pointer = store.read_pointer()
+        # named before the source is asked: a failure then still says which version stays served
+        result.previous_revision = pointer.revision if pointer else None
         if pointer is not None and pointer.pinned and not explicit and not repair:
             log.info("Pointer of %s is pinned at %s; the scheduled refresh is skipped", store.model_id, pointer.revision)
             result.outcome, result.skipped_reason, result.revision = "skipped", "pinned", pointer.revision
-            result.previous_revision = pointer.revision
             result.finished = utc_now()
             _record_skip(store, result)
             _event(result, reason)
