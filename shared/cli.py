@@ -99,16 +99,19 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
             result = isolate(
                 ModelStore.from_settings(settings),
                 source,
-                explicit=True,
+                explicit=True,  # a folder names its version
                 keep_versions=settings.keep_versions,
                 validate=canary_validator(settings),
                 progress=bar,
                 repair=args.repair,
                 build=artifact_builder(settings),
+                unpin=args.unpin,
             )
         else:
             revision = check_hub_revision(args.revision) if args.revision else None
-            request = RefreshRequest(revision=revision, explicit=revision is not None, reason="cli", repair=args.repair)
+            request = RefreshRequest(
+                revision=revision, explicit=revision is not None or args.unpin, reason="cli", repair=args.repair, unpin=args.unpin
+            )
             result = run_refresh(settings, request, progress=bar)
     except SourceUnavailableError as err:
         raise SourceUnavailableError(
@@ -116,12 +119,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
         ) from err
     finally:
         bar.close()
-    text = f"{result.outcome}: {settings.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
-    if result.files_repaired:
-        text += f"; repaired {', '.join(result.files_repaired)}"
-    if result.artifacts:
-        text += "; ONNX artifacts: " + ", ".join(f"{variant} {outcome}" for variant, outcome in result.artifacts.items())
-    return 0, result.to_dict(), text
+    return 0, {**result.to_dict(), "pointer_moved": result.pointer_moved, "pin": result.pin}, result.summary()
 
 
 def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -165,6 +163,7 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
         reason="cli",
         repair=args.repair,
         build_artifacts=args.build_artifacts,
+        unpin=args.unpin,
     )
     message_id = enqueue(settings, request)
     data = {"status": "queued", "message_id": message_id, "queue": settings.refresh_queue, **request.__dict__}
@@ -446,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument(
         "--repair",
         action="store_true",
-        help="if the revision is already stored: re-hash its files and copy again each one whose bytes differ from the source",
+        help="if the revision is already stored: re-hash its files and copy again each one whose bytes differ from the source, "
+        "and rebuild its damaged or unusable ONNX artifacts",
     )
+    iso.add_argument("--unpin", action="store_true", help="let a pinned pointer move (or lift the pin of the current version)")
 
     refresh = add("refresh", cmd_refresh, "queue a refresh for the function app's worker (needs --enqueue)")
     refresh.add_argument("--enqueue", action="store_true", required=True, help="put the request on MODEL_REFRESH_QUEUE")

@@ -143,6 +143,7 @@ def run_refresh(settings: Settings, request: RefreshRequest, *, progress: Transf
         reason=request.reason,
         build=artifact_builder(settings),
         build_existing=request.build_artifacts,
+        unpin=request.unpin,
     )
 
 

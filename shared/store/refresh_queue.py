@@ -31,6 +31,7 @@ class RefreshRequest:
     requested_at: str = field(default_factory=utc_now)
     repair: bool = False
     build_artifacts: bool = False
+    unpin: bool = False  # also lift the pin of a pointer already at the revision (``explicit`` moves it elsewhere)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -47,6 +48,7 @@ class RefreshRequest:
                 requested_at=str(data.get("requested_at", "")),
                 repair=bool(data.get("repair", False)),
                 build_artifacts=bool(data.get("build_artifacts", False)),
+                unpin=bool(data.get("unpin", False)),
             )
         except (ValueError, AttributeError, TypeError) as err:
             raise InputError("the refresh message is not valid JSON") from err
@@ -82,6 +84,7 @@ class RefreshRequest:
             reason="http",
             repair=flags["repair"],
             build_artifacts=flags["build_artifacts"],
+            unpin=flags["unpin"],
         )
 
 

@@ -342,6 +342,33 @@ def test_build_artifacts_rebuild_replaces_an_unusable_artifact(env: dict[str, st
     assert list_artifacts(store, store.require_manifest(str(revision)))["int8"]["usable"] is True
 
 
+def test_isolate_repair_rebuilds_a_damaged_artifact(env: dict[str, str], store: ModelStore, int8_version: str, tiny_bert_dir: Path) -> None:
+    flip_byte(store, int8_version, "int8", "weights.bin", at=-20)
+    code, out, text = cli({**env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and out["outcome"] == "up_to_date"  # a plain isolate does not re-hash
+    code, out, text = cli({**env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir), "--repair")
+    assert code == 0 and (out["outcome"], out["artifacts"], out["files_repaired"]) == ("repaired", {"int8": "rebuilt"}, [])
+    assert "int8 rebuilt" in text
+    code, verified, _ = cli(env, "verify")
+    assert code == 0 and verified["artifacts"]["int8"]["state"] == "ok"
+
+
+def test_a_refresh_with_repair_rebuilds_a_damaged_artifact(env: dict[str, str], store: ModelStore, tiny_bert_dir: Path) -> None:
+    from shared.build.refresh import handle_message
+    from shared.store.refresh_queue import RefreshRequest
+    from tests.fixtures.fake_hub import FakeHubServer
+
+    with FakeHubServer() as hub:
+        commit = hub.hub.publish("tests/tiny-bert", tiny_bert_dir)
+        settings = Settings.from_env({**env, "HF_ENDPOINT": hub.endpoint, "MODEL_ARTIFACTS": "int8"})
+        first = handle_message(settings, RefreshRequest().to_bytes())
+        assert first is not None and (first.outcome, first.artifacts) == ("published", {"int8": "built"})
+        flip_byte(store, commit, "int8", "model.onnx", at=-20)
+        repaired = handle_message(settings, RefreshRequest(repair=True, reason="http").to_bytes())
+    assert repaired is not None and (repaired.outcome, repaired.artifacts) == ("repaired", {"int8": "rebuilt"})
+    assert store.read_last_refresh()["outcome"] == "repaired"  # type: ignore[index]
+
+
 def test_serving_marks_a_damaged_artifact_once_and_names_the_repair(
     env: dict[str, str], store: ModelStore, int8_version: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
