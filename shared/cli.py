@@ -78,6 +78,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
 
     from .build.isolation import LocalDirSource, isolate
     from .build.refresh import artifact_builder, canary_validator, run_refresh
+    from .errors import SourceUnavailableError
     from .store.model_store import ModelStore
     from .store.refresh_queue import RefreshRequest, check_hub_revision
     from .store.storage import probe
@@ -98,25 +99,27 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
             result = isolate(
                 ModelStore.from_settings(settings),
                 source,
-                explicit=True,
+                explicit=True,  # a folder names its version
                 keep_versions=settings.keep_versions,
                 validate=canary_validator(settings),
                 progress=bar,
                 repair=args.repair,
                 build=artifact_builder(settings),
+                unpin=args.unpin,
             )
         else:
             revision = check_hub_revision(args.revision) if args.revision else None
-            request = RefreshRequest(revision=revision, explicit=revision is not None, reason="cli", repair=args.repair)
+            request = RefreshRequest(
+                revision=revision, explicit=revision is not None or args.unpin, reason="cli", repair=args.repair, unpin=args.unpin
+            )
             result = run_refresh(settings, request, progress=bar)
+    except SourceUnavailableError as err:
+        raise SourceUnavailableError(
+            f"{err.message}. Offline? Isolate a local model folder instead: python -m shared isolate --from-dir DIR"
+        ) from err
     finally:
         bar.close()
-    text = f"{result.outcome}: {settings.model_id}@{result.revision} ({result.bytes_moved} bytes moved in {result.seconds:.1f}s)"
-    if result.files_repaired:
-        text += f"; repaired {', '.join(result.files_repaired)}"
-    if result.artifacts:
-        text += "; ONNX artifacts: " + ", ".join(f"{variant} {outcome}" for variant, outcome in result.artifacts.items())
-    return 0, result.to_dict(), text
+    return 0, {**result.to_dict(), "pointer_moved": result.pointer_moved, "pin": result.pin}, result.summary()
 
 
 def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -140,8 +143,10 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
             variants=variants,
             canary=artifact_canary(settings),
             progress=lambda step: log.info("%s", step),
+            rebuild=args.rebuild,
+            verify_blobs=True,  # an artifact that "exists" but does not verify is not one
         )
-    failed = any(outcome.startswith("unusable") for outcome in outcomes.values())
+    failed = any(outcome.startswith(("unusable", "damaged")) for outcome in outcomes.values())
     text = "\n".join(f"{revision} {variant}: {outcome}" for variant, outcome in outcomes.items())
     return (1 if failed else 0), {"revision": revision, "artifacts": outcomes}, text
 
@@ -158,6 +163,7 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
         reason="cli",
         repair=args.repair,
         build_artifacts=args.build_artifacts,
+        unpin=args.unpin,
     )
     message_id = enqueue(settings, request)
     data = {"status": "queued", "message_id": message_id, "queue": settings.refresh_queue, **request.__dict__}
@@ -186,10 +192,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             state = "INCOMPLETE (staged; the canary failed: set MODEL_CANARY or isolate --skip-canary)"
         lines.append(f"  {version['revision']}  {state}  {version['files']} files  {version['bytes']} bytes  {version['last_modified']}")
         for variant, artifact in version.get("artifacts", {}).items():
-            usable = "usable" if artifact["usable"] else f"UNUSABLE ({artifact['reason']})"
+            reason = str(artifact["reason"])
+            usable = "usable" if artifact["usable"] else ("DAMAGED" if reason.startswith("damaged") else "UNUSABLE") + f" ({reason})"
             lines.append(f"    onnx {variant}: {artifact['size']} bytes, {usable}")
     if last.get("outcome"):
-        lines.append(f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})")
+        line = f"last refresh: {last.get('outcome')} at {last.get('finished')} ({last.get('error') or 'ok'})"
+        if last.get("outcome") == "failed" and pointer is not None:
+            line += f"; nothing changed: still serving {pointer['revision']}"
+        lines.append(line)
     if last.get("last_skipped_at"):
         lines.append(f"last skipped: {last['last_skipped_at']} ({last.get('skipped_reason')})")
     return 0, data, "\n".join(lines)
@@ -209,6 +219,9 @@ def _revision_or_current(store: Any, revision: str | None, what: str) -> str:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """Re-hash a version's files against its manifest and its ONNX artifacts' blobs against their records."""
+    from .loading.artifacts import artifact_state, repair_command
+    from .settings import ARTIFACT_VARIANTS
 
     store = _store(settings, args)
     revision = _revision_or_current(store, args.revision, "verify")
@@ -219,8 +232,21 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
         problems = store.verify_version(revision, progress=bar.advance)
     finally:
         bar.close()
-    data = {"revision": revision, "ok": not problems, "files": len(manifest.files), "problems": problems}
+    states = {variant: artifact_state(store, manifest, variant, verify_blobs=True) for variant in ARTIFACT_VARIANTS}
+    damaged = [f"onnx {s.variant}/{s.blob}: {s.message}" for s in states.values() if s.state == "damaged"]
+    data: dict[str, Any] = {
+        "revision": revision,
+        "ok": not problems and not damaged,
+        "files": len(manifest.files),
+        "problems": problems + damaged,
+        "artifacts": {variant: state.to_dict() for variant, state in states.items()},
+    }
     text = f"{revision}: " + ("intact" if not problems else "CORRUPT\n" + "\n".join(problems))
+    for state in states.values():
+        if state.state != "missing":
+            text += f"\n  onnx {state.variant}: " + {"ok": "intact", "unusable": f"unusable ({state.message})"}.get(
+                state.state, f"DAMAGED: {state.blob}: {state.message}"
+            )
     if problems:
         how = (
             "python -m shared isolate --repair --from-dir DIR (the folder it was isolated from)"
@@ -228,8 +254,11 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             else f"python -m shared isolate --repair --revision {manifest.source_revision or revision}"
         )
         data["repair"] = how
-        text += f"\nRepair it (re-copies only the damaged files): {how}"
-    return (0 if not problems else 1), data, text
+        text += f"\nRepair it (re-copies only the damaged files, rebuilds damaged artifacts): {how}"
+    elif damaged:
+        data["repair"] = repair_command(revision)
+        text += f"\nRebuild the damaged artifacts: {data['repair']}"
+    return (0 if data["ok"] else 1), data, text
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -240,14 +269,26 @@ def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dic
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """One question through the same holder and loader as the function."""
+    from .errors import ModelNotReadyError, StorageUnavailableError
     from .loading.artifacts import load_artifact
     from .serving import api
     from .serving.holder import ModelHolder
 
+    context = args.context if args.context_file is None else _read_text(args.context_file, "--context-file")
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
-    item: dict[str, Any] = {"question": args.question, "context": args.context, "top_k": args.top_k}
-    response = api.ask(holder, json.dumps(item).encode())
-    holder.close()
+    item: dict[str, Any] = {"question": args.question, "context": context, "top_k": args.top_k}
+    try:
+        response = api.ask(holder, json.dumps(item).encode())
+    except ModelNotReadyError as err:
+        # the function's 503 points operators at GET /api/model; here the cause is at hand
+        last = holder.describe()["last_error"]
+        if last is None:
+            raise
+        if last["code"] == "storage_unavailable":
+            raise StorageUnavailableError(last["message"]) from err
+        raise ModelNotReadyError(f"The model could not be loaded: {last['message']}") from err
+    finally:
+        holder.close()
     body = response.body
     answers = body.get("answers") or [body]
     lines = [f"{a['answer']!r} (score {a['score']:.4f}, characters {a['start']}-{a['end']})" for a in answers]
@@ -255,11 +296,27 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str
     return 0, body, "\n".join(lines)
 
 
+def _read_text(path: str, flag: str) -> str:
+    """A UTF-8 text file, or standard input for ``-``; an error names the flag and the file."""
+    from pathlib import Path
+
+    from .engine.question_answering import decode_utf8
+    from .errors import NotFoundError
+
+    if path == "-":
+        return decode_utf8(sys.stdin.buffer.read(), what=f"{flag} - (standard input)")
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise NotFoundError(f"{flag} {path} cannot be read ({err.strerror})") from None
+    return decode_utf8(raw, what=f"{flag} {path}")
+
+
 def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """JSON lines of items on stdin, one JSON line of answers per item on stdout."""
     import time
 
-    from .engine.question_answering import Limits, QAEngine, QAItem
+    from .engine.question_answering import Limits, QAEngine, QAItem, decode_utf8
 
     check_model_dir(args.model_dir)
     quantize = args.quantize or settings.quantize
@@ -297,10 +354,13 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             emit(next(answered) if isinstance(slot, QAItem) else slot)
 
     pending: list[QAItem | dict[str, Any]] = []
-    for raw in sys.stdin:
-        if not raw.strip():
+    for number, raw_bytes in enumerate(sys.stdin.buffer, start=1):  # bytes: UTF-8 whatever the locale says
+        if number == 1 and (raw_bytes.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw_bytes):
+            decode_utf8(raw_bytes, what="the input")  # UTF-16: the whole input is unreadable, one error says so
+        if not raw_bytes.strip():
             continue
         try:
+            raw = decode_utf8(raw_bytes, what=f"line {number}")
             pending.append(QAItem.from_dict(json.loads(raw)))
         except json.JSONDecodeError:
             pending.append({"error": {"code": "bad_request", "message": "the line is not valid JSON"}})
@@ -346,18 +406,25 @@ def check_model_dir(folder: str) -> None:
 
     Raises:
         NotFoundError: the folder does not exist (or is not a folder).
-        UnsafeModelError: it has no config, no tokenizer, or only pickle weights.
+        UnsafeModelError: it is empty, has no config, no tokenizer, or only pickle weights, or its
+            config.json is not a JSON object.
+        IntegrityError: a safetensors file is malformed (the message isolating it would give).
     """
     from pathlib import Path
 
+    from .engine.torch_model import check_safetensors_file
     from .errors import NotFoundError
-    from .store.model_files import select_files
+    from .store.model_files import check_config, select_files
 
     path = Path(folder)
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise NotFoundError(f"--model-dir {folder} {what}; give a local model folder (config.json, *.safetensors, tokenizer files)")
-    select_files([p.name for p in path.iterdir() if p.is_file()], where=f"folder {folder}")
+    chosen = select_files([p.name for p in path.iterdir() if p.is_file()], where=f"folder {folder}")
+    check_config((path / "config.json").read_bytes(), where=f"in folder {folder}")
+    for name in chosen:
+        if name.endswith(".safetensors"):
+            check_safetensors_file(path / name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument(
         "--repair",
         action="store_true",
-        help="if the revision is already stored: re-hash its files and copy again each one whose bytes differ from the source",
+        help="if the revision is already stored: re-hash its files and copy again each one whose bytes differ from the source, "
+        "and rebuild its damaged or unusable ONNX artifacts",
     )
+    iso.add_argument("--unpin", action="store_true", help="let a pinned pointer move (or lift the pin of the current version)")
 
     refresh = add("refresh", cmd_refresh, "queue a refresh for the function app's worker (needs --enqueue)")
     refresh.add_argument("--enqueue", action="store_true", required=True, help="put the request on MODEL_REFRESH_QUEUE")
@@ -392,12 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--revision", help="default: the current one")
     build.add_argument("--variant", action="append", choices=("fp32", "int8"), help="repeat for both (default: MODEL_ARTIFACTS)")
     build.add_argument("--skip-canary", action="store_true", help="record the artifacts without answering MODEL_CANARY")
+    build.add_argument("--rebuild", action="store_true", help="build again the damaged or unusable artifacts (their records are replaced)")
     build.add_argument("--model-id")
 
     status = add("status", cmd_status, "show the pointer, the stored versions and the last refresh")
     status.add_argument("--model-id")
 
-    verify = add("verify", cmd_verify, "re-hash a stored version against its manifest (exit 1 on mismatch)")
+    verify = add("verify", cmd_verify, "re-hash a stored version against its manifest and its ONNX artifacts (exit 1 on mismatch)")
     verify.add_argument("--revision", help="default: the current one")
     verify.add_argument("--model-id")
 
@@ -407,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = add("ask", cmd_ask, "answer one question with the current model version in Blob Storage (as the function does)")
     ask.add_argument("--question", required=True)
-    ask.add_argument("--context", required=True)
+    given = ask.add_mutually_exclusive_group(required=True)
+    given.add_argument("--context")
+    given.add_argument("--context-file", metavar="FILE", help="read the context from a UTF-8 text file; - reads standard input")
     ask.add_argument("--top-k", type=_count(1, MAX_TOP_K), default=1, help=f"answers to return (1-{MAX_TOP_K})")
 
     answer = add(

@@ -97,6 +97,10 @@ class StorageUnavailableError(QAError, ConnectionError):
     retry_after = 30
 
 
+class StorageCredentialsError(StorageUnavailableError):
+    """Storage answered, and refused the credentials (a wrong key, an identity without a role)."""
+
+
 class SourceUnavailableError(QAError, ConnectionError):
     """The model source (the Hub) could not be reached or broke off a transfer."""
 

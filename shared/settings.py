@@ -190,6 +190,25 @@ class StorageConnection:
         return f"StorageConnection({self.setting}: {how})"
 
 
+def check_account_key(setting: str, connection_string: str) -> str:
+    """``connection_string`` if its ``AccountKey`` (when it has one) decodes as base64; a key that
+    does not (truncated or mangled when copied) is named here, before any request is signed with it."""
+    import base64
+    import binascii
+
+    for part in connection_string.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "accountkey":
+            try:
+                base64.b64decode(value.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                raise SettingsError(
+                    f"{setting}: AccountKey is not valid base64 ({len(value.strip())} characters; an account key has 88, "
+                    "ending in ==): copy it again, whole, from the storage account's Access keys"
+                ) from None
+    return connection_string
+
+
 def parse_storage(env: Mapping[str, str]) -> StorageConnection | None:
     """Find the model storage: ``MODEL_STORAGE`` (a connection string, or ``__blobServiceUri`` for
     managed identity), else ``AzureWebJobsStorage`` (string, ``__blobServiceUri`` or
@@ -197,7 +216,7 @@ def parse_storage(env: Mapping[str, str]) -> StorageConnection | None:
     for prefix in ("MODEL_STORAGE", "AzureWebJobsStorage"):
         conn = env.get(prefix, "").strip()
         if conn:
-            return StorageConnection(setting=prefix, connection_string=conn)
+            return StorageConnection(setting=prefix, connection_string=check_account_key(prefix, conn))
         uri = env.get(f"{prefix}__blobServiceUri", "").strip()
         account = env.get(f"{prefix}__accountName", "").strip() if prefix == "AzureWebJobsStorage" else ""
         if not uri and account:
@@ -215,7 +234,7 @@ def parse_queue_storage(env: Mapping[str, str]) -> StorageConnection | None:
     prefix = "AzureWebJobsStorage"
     conn = env.get(prefix, "").strip()
     if conn:
-        return StorageConnection(setting=prefix, connection_string=conn)
+        return StorageConnection(setting=prefix, connection_string=check_account_key(prefix, conn))
     uri = env.get(f"{prefix}__queueServiceUri", "").strip()
     account = env.get(f"{prefix}__accountName", "").strip()
     if not uri and account:

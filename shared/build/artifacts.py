@@ -12,19 +12,22 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
-from azure.core.exceptions import ResourceExistsError
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from ..engine.question_answering import QAEngine
-from ..errors import IntegrityError, QAError, StorageUnavailableError, UnsafeModelError
+from ..errors import QAError, StorageUnavailableError, UnsafeModelError
 from ..loading.artifacts import (
     ARTIFACT_FILES,
     ARTIFACT_RECORD,
     ARTIFACTS_FOLDER,
     ArtifactRecord,
+    ArtifactState,
     artifact_blob,
     artifact_engine,
-    read_record,
+    artifact_state,
+    repair_command,
 )
 from ..memory import release_memory
 from ..settings import Settings
@@ -45,6 +48,9 @@ def build_artifacts(
     variants: tuple[str, ...] | None = None,
     canary: CanaryCheck | None = None,
     progress: Callable[[str], None] | None = None,
+    rebuild: bool = False,
+    build_missing: bool = True,
+    verify_blobs: bool = False,
 ) -> dict[str, str]:
     """Build, check and store the ONNX artifacts a complete (or staged, validated) version lacks.
 
@@ -54,29 +60,62 @@ def build_artifacts(
         canary: answers the canary with an artifact's engine; raises :class:`QAError` when the
             answer is wrong (the artifact is then recorded unusable). ``None``: no canary.
         progress: told each step, for a terminal.
+        rebuild: build again each damaged or unusable artifact (``build-artifacts --rebuild``,
+            a repair); its record is removed first and written last, as for a new artifact.
+        build_missing: build the variants that have no record (``False``: a repair of a version
+            that never had artifacts does not start exporting).
+        verify_blobs: re-hash an existing artifact's blobs (else only its record is checked).
 
     Returns:
-        Per variant: ``built``, ``exists`` (a record was already there), or ``unusable: <reason>``.
-        A failure of one variant never fails the version or the other variant.
+        Per variant: ``built``, ``rebuilt``, ``exists`` (a sound record was already there; from a
+        concurrent builder too), ``unusable: <reason>``, ``damaged: <what>`` (not rebuilt: pass
+        ``rebuild``), or ``missing`` (not built: ``build_missing`` is off). A failure of one
+        variant never fails the version or the other variant.
 
     Raises:
         StorageUnavailableError: storage failed (the refresh's usual retry applies).
     """
     wanted = variants if variants is not None else settings.artifacts
     outcomes: dict[str, str] = {}
-    todo = []
+    todo: list[ArtifactState] = []
     for variant in wanted:
-        try:
-            if read_record(store, manifest, variant) is not None:
-                outcomes[variant] = "exists"
-                continue
-        except IntegrityError as err:
-            log.warning("Rebuilding the %s artifact of %s: %s", variant, manifest.revision, err.message)
-        todo.append(variant)
-    for variant in todo:
-        outcomes[variant] = _build_one(store, manifest, variant, settings, canary, progress)
+        state = artifact_state(store, manifest, variant, verify_blobs=verify_blobs)
+        if state.state == "ok":
+            outcomes[variant] = "exists"
+        elif state.state == "missing":
+            if build_missing:
+                todo.append(state)
+            else:
+                outcomes[variant] = "missing"
+        elif rebuild:
+            log.warning("Rebuilding the %s artifact of %s (%s): %s", variant, manifest.revision, state.state, state.message)
+            todo.append(state)
+        elif state.state == "unusable":
+            outcomes[variant] = f"unusable: {state.message} (recorded; build it again with python -m shared build-artifacts --rebuild)"
+        else:
+            outcomes[variant] = f"damaged: {state.blob}: {state.message}; rebuild it: {repair_command(manifest.revision)}"
+    for state in todo:
+        if state.state != "missing":
+            _remove_record(store, manifest, state)
+        outcome = _build_one(store, manifest, state.variant, settings, canary, progress)
+        outcomes[state.variant] = "rebuilt" if outcome == "built" and state.state != "missing" else outcome
         release_memory()
     return outcomes
+
+
+def _remove_record(store: ModelStore, manifest: Manifest, state: ArtifactState) -> None:
+    """Delete the record of a damaged or unusable artifact before it is built again: without a
+    record there is no artifact (serving uses torch meanwhile), and the new record is then written
+    the one safe way, last and If-None-Match. If-Match on the record that was judged."""
+    from azure.core import MatchConditions
+
+    blob = artifact_blob(store, manifest.revision, state.variant, ARTIFACT_RECORD)
+    conditions: dict[str, Any] = {} if state.etag is None else {"etag": state.etag, "match_condition": MatchConditions.IfNotModified}
+    with storage_errors(f"removing the {state.variant} artifact record"):
+        try:
+            blob.delete_blob(**conditions)
+        except ResourceNotFoundError:
+            pass
 
 
 def _build_one(

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import IntegrityError, NotFoundError, SettingsError, SourceUnavailableError
 from ..settings import Settings
-from ..store.model_files import FileEntry, check_file_name, select_files
+from ..store.model_files import FileEntry, check_config, check_file_name, select_files
 from .isolation import Snapshot
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class HubSource:
                 files.append(FileEntry(name=name, size=int(sibling.lfs.size), sha256=str(sibling.lfs.sha256).lower()))
             else:
                 data = self._fetch_small(name, commit, sibling)
+                if name == "config.json":
+                    check_config(data, where=f"of {self.model_id}@{commit[:12]}")
                 files.append(FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
         self._snapshot = Snapshot(revision=commit, source=self.endpoint, files=tuple(files), source_revision=self.requested)
         log.info("Resolved %s@%s to %s: %d files, %d bytes", self.model_id, self.requested, commit, len(files), self._snapshot.total_bytes)
@@ -95,7 +97,7 @@ class HubSource:
             from huggingface_hub import HfApi
 
             api = HfApi(endpoint=self.endpoint, token=self._token or False)
-            with hub_errors(f"resolving {self.model_id}@{self.requested}"):
+            with hub_errors(f"resolving {self.model_id}@{self.requested}", endpoint=self.endpoint, model_id=self.model_id):
                 self._info = api.model_info(self.model_id, revision=self.requested, files_metadata=True)
             if not isinstance(getattr(self._info, "sha", None), str) or len(self._info.sha) != 40:
                 raise SourceUnavailableError(f"The Hub gave no commit for {self.model_id}@{self.requested}")
@@ -111,7 +113,7 @@ class HubSource:
 
         headers = build_hf_headers(token=self._token or False, library_name="isolated-qa")
         headers["Accept-Encoding"] = "identity"  # hash the bytes as stored, never a re-encoding
-        with hub_errors(f"downloading {name}"):
+        with hub_errors(f"downloading {name}", endpoint=self.endpoint, model_id=self.model_id):
             with get_session().stream("GET", self._url(name, commit), headers=headers, timeout=60.0, follow_redirects=True) as response:
                 hf_raise_for_status(response)
                 yield from response.iter_bytes(chunk_size=CHUNK)
@@ -129,12 +131,17 @@ class HubSource:
 
 
 @contextmanager
-def hub_errors(action: str) -> Iterator[None]:
+def hub_errors(action: str, *, endpoint: str, model_id: str) -> Iterator[None]:
     """Translate huggingface_hub and HTTP errors raised inside into the project's errors:
-    unreachable or broken transfers are transient, missing or gated repos are permanent."""
+    unreachable or broken transfers are transient; a model the Hub refuses (401, 403, 404: missing,
+    private or gated without access, a bad token) and a missing revision are permanent."""
     import httpx2
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    refused = (
+        f"Model {model_id} not found or not accessible on the Hub at {endpoint} while {action}: "
+        "check MODEL_ID and HF_TOKEN (a private or gated model needs a token with access)"
+    )
     try:
         yield
     except GatedRepoError as exc:
@@ -142,11 +149,14 @@ def hub_errors(action: str) -> Iterator[None]:
     except RevisionNotFoundError as exc:
         raise NotFoundError(f"No such revision on the Hub while {action}") from exc
     except RepositoryNotFoundError as exc:
-        raise NotFoundError(f"No such repo on the Hub (or no access: set HF_TOKEN) while {action}") from exc
+        raise NotFoundError(refused) from exc
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
         log.warning("Hub answered %s while %s", status, action)
-        raise SourceUnavailableError(f"The Hub answered {status} while {action}") from exc
+        if status in (401, 403, 404):
+            raise NotFoundError(refused) from exc
+        raise SourceUnavailableError(f"The Hub at {endpoint} answered {status} while {action}") from exc
     except (httpx2.HTTPError, httpx2.StreamError, OSError) as exc:
         log.warning("Hub transfer failed while %s: %s", action, type(exc).__name__)
-        raise SourceUnavailableError(f"The Hub connection failed while {action}") from exc
+        what = "is unreachable" if isinstance(exc, (httpx2.ConnectError, httpx2.ConnectTimeout)) else "broke off the connection"
+        raise SourceUnavailableError(f"The Hub at {endpoint} {what} ({type(exc).__name__}) while {action}") from exc

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import IntegrityError, NotFoundError, QAError
-from ..store.model_files import FileEntry, Manifest, hash_file, select_files, utc_now
+from ..store.model_files import FileEntry, Manifest, Pointer, check_config, hash_file, select_files, utc_now
 from ..store.model_store import ModelStore
 from ..store.transfer import file_chunks
 from ..telemetry import log_event
@@ -105,6 +105,7 @@ class LocalDirSource:
             raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
         names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
         chosen = select_files(names, where=f"folder {self.folder}")
+        check_config((self.folder / "config.json").read_bytes(), where=f"in folder {self.folder}")  # before anything is copied
         files = tuple(
             FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name))
             for name in chosen
@@ -117,14 +118,26 @@ class LocalDirSource:
 
 
 Validator = Callable[[ModelStore, Manifest], None]
-ArtifactBuilder = Callable[[ModelStore, Manifest], dict[str, str]]
+
+
+class ArtifactBuilder(Protocol):
+    """Builds a version's serving artifacts (:func:`shared.build.artifacts.build_artifacts`): per variant
+    ``built``, ``rebuilt``, ``exists``, ``unusable: ...`` or ``damaged: ...``."""
+
+    def __call__(self, store: ModelStore, manifest: Manifest, *, rebuild: bool = False, build_missing: bool = True) -> dict[str, str]: ...
 
 
 @dataclass
 class IsolationResult:
-    """What a refresh did; also what ``last-refresh.json`` records."""
+    """What a refresh did; also what ``last-refresh.json`` records.
 
-    outcome: str  # published | up_to_date | repaired | failed; skipped (a pinned pointer, no record)
+    ``outcome``: ``published`` (a new version written and made current), ``made_current`` (already
+    stored and complete: the pointer moved to it, 0 bytes), ``up_to_date`` (already current),
+    ``repaired`` (damaged files or artifacts rebuilt), ``skipped`` (``skipped_reason`` ``pinned``:
+    nothing moved, no record of its own) or ``failed``.
+    """
+
+    outcome: str
     model_id: str
     revision: str | None = None
     previous_revision: str | None = None
@@ -141,9 +154,55 @@ class IsolationResult:
     files_repaired: list[str] = field(default_factory=list)
     skipped_reason: str | None = None
     artifacts: dict[str, str] = field(default_factory=dict)
+    # What happened to the pointer, for the command line; not in last-refresh.json, whose
+    # document (/api/model's last_refresh) lists its fields. ``pin``: ``kept`` (pinned here and
+    # still), ``lifted`` (was pinned, now not), ``held`` (pinned at another version, left there).
+    pointer_moved: bool = False
+    pin: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The record of ``last-refresh.json``."""
+        record = asdict(self)
+        for name in _NOT_RECORDED:
+            record.pop(name)
+        return record
+
+    def summary(self) -> str:
+        """One line that says what was done, the pointer included (the command line prints it)."""
+        where = f"{self.model_id}@{self.revision}"
+        moved = f"{self.bytes_moved} bytes moved in {self.seconds:.1f}s"
+        was = f" (was {self.previous_revision})" if self.previous_revision and self.previous_revision != self.revision else ""
+        if self.outcome == "skipped":
+            return (
+                f"skipped: the pointer is pinned at {self.previous_revision}; nothing moved "
+                "(name a revision with --revision, or pass --unpin, to move it)"
+            )
+        if self.outcome == "published":
+            text = f"published: {where} ({moved}); now current{was}"
+        elif self.outcome == "made_current":
+            text = f"made_current: {where} already stored; now current{was}, 0 bytes moved"
+        elif self.outcome == "up_to_date":
+            text = f"up_to_date: {where} already current ({moved})"
+        else:
+            text = f"{self.outcome}: {where} ({moved})"
+            if self.pointer_moved:
+                text += f"; now current{was}"
+            elif self.revision == self.previous_revision:
+                text += "; current"
+        if self.files_repaired:
+            text += f"; repaired {', '.join(self.files_repaired)}"
+        if self.artifacts:
+            text += "; ONNX artifacts: " + ", ".join(f"{variant} {outcome}" for variant, outcome in self.artifacts.items())
+        if self.pin == "kept":
+            text += "; still pinned (pass --unpin to let scheduled refreshes move it)"
+        elif self.pin == "lifted":
+            text += f"; the pointer was pinned at {self.previous_revision} and is now unpinned"
+        elif self.pin == "held":
+            text += f"; the pointer stays pinned at {self.previous_revision} (name this revision, or pass --unpin, to move it)"
+        return text
+
+
+_NOT_RECORDED = ("pointer_moved", "pin")
 
 
 def isolate(
@@ -158,27 +217,36 @@ def isolate(
     reason: str = "cli",
     build: ArtifactBuilder | None = None,
     build_existing: bool = False,
+    unpin: bool = False,
 ) -> IsolationResult:
     """Run one refresh of ``store`` from ``source`` under the writers' lock.
 
     Args:
         store: where the version goes.
         source: where it comes from.
-        explicit: the caller named this revision or folder: a pinned pointer is moved (and
-            unpinned). A scheduled refresh passes ``False``: on a pinned pointer it is skipped
-            before the source is even asked (no Hub call), and ``last-refresh.json`` keeps the
-            last real outcome, adding ``last_skipped_at`` and ``skipped_reason``.
+        explicit: the caller named this revision or folder, or asked to unpin: a pinned pointer
+            is moved to another version (and unpinned). A scheduled refresh passes ``False``: on a
+            pinned pointer it is skipped before the source is even asked (no Hub call), and
+            ``last-refresh.json`` keeps the last real outcome, adding ``last_skipped_at`` and
+            ``skipped_reason``.
         keep_versions: retention (``MODEL_KEEP_VERSIONS``).
         validate: loads the staged version and answers the canary; raises to stop the publish.
         progress: told the bytes to move and each chunk moved.
         repair: when the source's revision is already stored, re-hash its stored files and copy
-            again every file whose bytes differ from the source (outcome ``repaired``).
+            again every file whose bytes differ from the source, and rebuild its damaged or
+            unusable artifacts (outcome ``repaired``).
         reason: why it runs (``schedule``, ``http``, ``cli``), for the operators' event line.
         build: builds the serving artifacts of a version (:func:`shared.build.artifacts.build_artifacts`):
             for a new version after its files are validated and before the pointer moves; a
             variant that cannot be built is recorded as unusable, never a failed refresh.
         build_existing: also run ``build`` when the revision was already stored (the only way an
             existing version gets artifacts: a no-op refresh never touches them otherwise).
+        unpin: the caller asked to unpin: a pinned pointer at this very revision is unpinned
+            (naming the current revision alone keeps its pin).
+
+    The rule for a version that is already stored and complete: it becomes current
+    (``made_current``) unless it already is (``up_to_date``); a pinned pointer moves only when
+    ``explicit``, and :attr:`IsolationResult.pin` says what happened to the pin.
 
     Raises:
         RefreshAlreadyRunningError: another writer holds the lock; nothing is changed or recorded.
@@ -190,10 +258,12 @@ def isolate(
     result = IsolationResult(outcome="failed", model_id=store.model_id)
     with store.lock() as lock:
         pointer = store.read_pointer()
+        # named before the source is asked: a failure then still says which version stays served
+        result.previous_revision = pointer.revision if pointer else None
         if pointer is not None and pointer.pinned and not explicit and not repair:
             log.info("Pointer of %s is pinned at %s; the scheduled refresh is skipped", store.model_id, pointer.revision)
             result.outcome, result.skipped_reason, result.revision = "skipped", "pinned", pointer.revision
-            result.previous_revision = pointer.revision
+            result.pin = "held"
             result.finished = utc_now()
             _record_skip(store, result)
             _event(result, reason)
@@ -201,9 +271,9 @@ def isolate(
         try:
             _isolate_locked(
                 store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
-                build=build, build_existing=build_existing,
+                build=build, build_existing=build_existing, unpin=unpin,
             )  # fmt: skip
-            if result.outcome == "published":
+            if result.pointer_moved:
                 result.deleted_versions = store.apply_retention(keep_versions)
         except QAError as err:
             result.outcome = "failed"
@@ -218,7 +288,7 @@ def isolate(
         finally:
             result.finished = utc_now()
             result.seconds = round(time.monotonic() - started, 3)
-            _record(store, result)
+            (_record_skip if result.outcome == "skipped" else _record)(store, result)
             _event(result, reason)
     log.info(
         "Refresh of %s: %s at %s, %d bytes moved in %.1fs",
@@ -268,10 +338,11 @@ def _isolate_locked(
     repair: bool,
     build: ArtifactBuilder | None,
     build_existing: bool,
+    unpin: bool,
 ) -> None:
-    def build_for(manifest: Manifest) -> None:
+    def build_for(manifest: Manifest, *, rebuild: bool = False) -> None:
         if build is not None:
-            result.artifacts = build(store, manifest)
+            result.artifacts = build(store, manifest, rebuild=rebuild, build_missing=not rebuild or build_existing)
             lock_check()
 
     revision = source.revision()
@@ -279,46 +350,74 @@ def _isolate_locked(
     pointer = store.read_pointer()
     result.previous_revision = pointer.revision if pointer else None
     stored = store.read_manifest(revision)
-    if repair and stored is not None:
-        _repair(store, source, stored, result, lock_check=lock_check, progress=progress)
-        if build_existing:
+    if stored is not None:
+        # Already stored and complete: repaired if asked, then made current by the one rule.
+        repaired = False
+        if repair:
+            repaired = _repair(store, source, stored, result, lock_check=lock_check, progress=progress)
+            build_for(stored, rebuild=True)
+            repaired = repaired or any(outcome == "rebuilt" for outcome in result.artifacts.values())
+        elif build_existing:
             build_for(stored)
-        if pointer is None or (pointer.revision == revision and pointer.pinned and explicit):
-            store.move_pointer(revision, pinned=False)
-        return
-    if pointer is not None and pointer.revision == revision and stored is not None:
-        if build_existing:
-            build_for(stored)
-        if pointer.pinned and explicit:
-            store.move_pointer(revision, pinned=False)
-        result.outcome = "up_to_date"
+        moved = _make_current(store, pointer, revision, result, explicit=explicit, unpin=unpin)
+        if repaired:
+            result.outcome = "repaired"
+        elif moved:
+            result.outcome = "made_current"
+        elif pointer is not None and pointer.revision != revision:
+            # pinned elsewhere, and the caller did not name this revision nor ask to unpin
+            result.outcome, result.skipped_reason = "skipped", "pinned"
+        else:
+            result.outcome = "up_to_date"
         return
     if pointer is not None and pointer.pinned and not explicit:
         # The pointer was pinned between the check before the lock and now.
         log.info("Pointer of %s is pinned at %s; the scheduled refresh leaves it", store.model_id, pointer.revision)
-        result.outcome, result.skipped_reason = "skipped", "pinned"
+        result.outcome, result.skipped_reason, result.pin = "skipped", "pinned", "held"
         return
 
     snapshot = source.snapshot()
     result.source = snapshot.source
-    manifest = stored
-    if manifest is None:
-        _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)
-        manifest = Manifest(
-            model_id=store.model_id,
-            revision=snapshot.revision,
-            source=snapshot.source,
-            source_revision=snapshot.source_revision,
-            files=snapshot.files,
-        )
-        if validate is not None:
-            validate(store, manifest)
-        lock_check()
-        build_for(manifest)  # before the pointer moves: serving finds the artifacts with the version
-    elif build_existing:
-        build_for(manifest)
+    _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)
+    manifest = Manifest(
+        model_id=store.model_id,
+        revision=snapshot.revision,
+        source=snapshot.source,
+        source_revision=snapshot.source_revision,
+        files=snapshot.files,
+    )
+    if validate is not None:
+        validate(store, manifest)
+    lock_check()
+    build_for(manifest)  # before the pointer moves: serving finds the artifacts with the version
     store.publish(manifest, pinned=False)
+    result.pointer_moved = True
+    result.pin = "lifted" if pointer is not None and pointer.pinned else None
     result.outcome = "published"
+
+
+def _make_current(
+    store: ModelStore, pointer: Pointer | None, revision: str, result: IsolationResult, *, explicit: bool, unpin: bool
+) -> bool:
+    """Point at the stored ``revision`` by the rule of :func:`isolate`; whether the pointer moved."""
+    if pointer is None:
+        store.move_pointer(revision, pinned=False)
+    elif pointer.revision == revision:
+        if pointer.pinned and unpin:
+            store.move_pointer(revision, pinned=False)
+            result.pin = "lifted"
+        elif pointer.pinned:
+            result.pin = "kept"
+        return False
+    elif pointer.pinned and not explicit:
+        result.pin = "held"
+        return False
+    else:
+        store.move_pointer(revision, pinned=False)
+        result.pin = "lifted" if pointer.pinned else None
+    log.info("Version %s of %s was already stored; it is now current", revision, store.model_id)
+    result.pointer_moved = True
+    return True
 
 
 def _repair(
@@ -329,8 +428,9 @@ def _repair(
     *,
     lock_check: Callable[[], None],
     progress: TransferProgress,
-) -> None:
-    """Re-hash every stored file of ``stored`` and copy again from ``source`` each one whose bytes differ."""
+) -> bool:
+    """Re-hash every stored file of ``stored`` and copy again from ``source`` each one whose bytes
+    differ; whether any was."""
     snapshot = source.snapshot()
     result.source = snapshot.source
     if {(f.name, f.size, f.sha256) for f in snapshot.files} != {(f.name, f.size, f.sha256) for f in stored.files}:
@@ -349,7 +449,7 @@ def _repair(
     remaining = store.verify_version(stored.revision)
     if remaining:
         raise IntegrityError(f"Version {stored.revision} still fails verification after the repair: {remaining[0]}")
-    result.outcome = "repaired" if damaged else "up_to_date"
+    return bool(damaged)
 
 
 def _stage(

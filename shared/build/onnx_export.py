@@ -174,8 +174,11 @@ def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
     }
     try:
         config_dict = json.loads(bytes(small["config.json"]))
+    except ValueError as err:
+        raise UnsafeModelError(f"config.json is not valid JSON ({err}): truncated or damaged?") from None
+    try:
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, TypeError) as err:
         raise UnsafeModelError("config.json has no known model_type for transformers") from err
     model_class: Any = MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None)
     if model_class is None:
@@ -312,11 +315,15 @@ def _release_rewriter_state() -> None:
         from onnxscript.rewriter._matcher import PatternMatcher
     except ImportError:  # a future onnxscript: nothing known to clear
         return
-    for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
-            for attribute in ("_graph", "_match", "_current_node", "_tracer"):
-                if attribute in vars(obj):
-                    setattr(obj, attribute, None)
+    with warnings.catch_warnings():
+        # isinstance() on every live object touches torch.distributed's deprecated reduce_op
+        # class, whose check warns (FutureWarning) into the user's terminal on every export
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning)
+        for obj in gc.get_objects():
+            if isinstance(obj, PatternMatcher):
+                for attribute in ("_graph", "_match", "_current_node", "_tracer"):
+                    if attribute in vars(obj):
+                        setattr(obj, attribute, None)
 
 
 @contextlib.contextmanager

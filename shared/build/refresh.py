@@ -113,8 +113,10 @@ def artifact_builder(settings: Settings) -> ArtifactBuilder | None:
         return None
     from .artifacts import build_artifacts
 
-    def build(store: ModelStore, manifest: Manifest) -> dict[str, str]:
-        return build_artifacts(store, manifest, settings, canary=artifact_canary(settings))
+    def build(store: ModelStore, manifest: Manifest, *, rebuild: bool = False, build_missing: bool = True) -> dict[str, str]:
+        return build_artifacts(
+            store, manifest, settings, canary=artifact_canary(settings), rebuild=rebuild, build_missing=build_missing, verify_blobs=rebuild
+        )
 
     return build
 
@@ -141,6 +143,7 @@ def run_refresh(settings: Settings, request: RefreshRequest, *, progress: Transf
         reason=request.reason,
         build=artifact_builder(settings),
         build_existing=request.build_artifacts,
+        unpin=request.unpin,
     )
 
 

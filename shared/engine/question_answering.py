@@ -124,6 +124,27 @@ class QAItem:
         )
 
 
+def decode_utf8(raw: bytes, *, what: str, field: str | None = None) -> str:
+    """``raw`` as UTF-8 text (a leading BOM dropped), else an :class:`InputError` that says what it
+    looks like instead: a lone surrogate is what Python makes of such bytes, not what the user has.
+
+    Raises:
+        InputError: ``{what} is not UTF-8 (looks like ...)``.
+    """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:  # UTF-8 text never has NUL bytes; UTF-16 is full of them
+        looks_like = "UTF-32" if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "UTF-16"
+        how = f"convert it to UTF-8, e.g. iconv -f {looks_like} -t UTF-8"
+        raise InputError(f"{what} is not UTF-8 (looks like {looks_like}); {how}", field=field)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{what} is not UTF-8 (looks like Latin-1 or Windows-1252: byte 0x{raw[err.start]:02X} at offset {err.start}); "
+            "convert it to UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8",
+            field=field,
+        ) from None
+
+
 def _check_unicode(value: str, field: str) -> None:
     """JSON can carry lone UTF-16 surrogates (``"\\ud800"``); no tokenizer can read them."""
     try:

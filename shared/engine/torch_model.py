@@ -11,7 +11,7 @@ import json
 import logging
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +43,56 @@ def safetensors_in_place(buffer: bytearray, *, name: str) -> dict[str, Any]:
     """
     import torch
 
-    if len(buffer) < 8:
-        raise IntegrityError(f"{name} is too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", bytes(buffer[:8]))
-    if header_len > min(len(buffer) - 8, 100 << 20):
-        raise IntegrityError(f"{name} has a malformed safetensors header")
-    try:
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
-    except ValueError as err:
-        raise IntegrityError(f"{name} has a malformed safetensors header") from err
+    header_len = _header_length(bytes(buffer[:8]), len(buffer), name)
     base = 8 + header_len
     tensors = {}
+    for key, dtype, begin, end, shape in _tensor_entries(bytes(buffer[8:base]), base, len(buffer), name):
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = (end - begin) // itemsize
+        if count == 0:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif (base + begin) % itemsize:
+            # misaligned (rare): this tensor alone is copied
+            tensors[key] = torch.frombuffer(bytes(buffer[base + begin : base + end]), dtype=dtype).reshape(shape)
+        else:
+            tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+    return tensors
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Check a local ``.safetensors`` file's header and every tensor's byte range without reading
+    the tensors: the diagnosis a load of the same bytes from storage gives.
+
+    Raises:
+        IntegrityError: naming the file, as :func:`safetensors_in_place` would.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        header_len = _header_length(stream.read(8), size, path.name)
+        header = stream.read(header_len)
+    list(_tensor_entries(header, 8 + header_len, size, path.name))
+
+
+def _header_length(first: bytes, size: int, name: str) -> int:
+    if len(first) < 8 or size < 8:
+        raise IntegrityError(f"{name} is too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", first)
+    if header_len > min(size - 8, 100 << 20):
+        raise IntegrityError(f"{name} has a malformed safetensors header")
+    return int(header_len)
+
+
+def _tensor_entries(header_bytes: bytes, base: int, size: int, name: str) -> Iterator[tuple[str, Any, int, int, list[int]]]:
+    """Each tensor of a safetensors header: name, torch dtype, byte range in the data section and
+    shape, checked against a file of ``size`` bytes whose data section starts at ``base``."""
+    import torch
+
+    try:
+        header = json.loads(header_bytes)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except ValueError as err:
+        raise IntegrityError(f"{name} has a malformed safetensors header") from err
     for key, meta in header.items():
         if key == "__metadata__":
             continue
@@ -65,16 +104,9 @@ def safetensors_in_place(buffer: bytearray, *, name: str) -> dict[str, Any]:
             raise IntegrityError(f"{name}: unsupported or malformed tensor entry {key!r}") from err
         itemsize = torch.empty((), dtype=dtype).element_size()
         count = (end - begin) // itemsize
-        if begin < 0 or end < begin or base + end > len(buffer) or count != _numel(shape):
+        if begin < 0 or end < begin or base + end > size or count != _numel(shape):
             raise IntegrityError(f"{name}: tensor {key!r} points outside the file")
-        if count == 0:
-            tensors[key] = torch.empty(shape, dtype=dtype)
-        elif (base + begin) % itemsize:
-            # misaligned (rare): this tensor alone is copied
-            tensors[key] = torch.frombuffer(bytes(buffer[base + begin : base + end]), dtype=dtype).reshape(shape)
-        else:
-            tensors[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + begin).reshape(shape)
-    return tensors
+        yield key, dtype, begin, end, shape
 
 
 class SafetensorsStream:
@@ -189,9 +221,12 @@ def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, An
     hf_logging.disable_progress_bar()
     try:
         config_dict = json.loads(bytes(files["config.json"]))
+    except ValueError as err:
+        raise UnsafeModelError(f"config.json is not valid JSON ({err}): truncated or damaged?") from None
+    try:
         model_type = config_dict["model_type"]
         config = CONFIG_MAPPING[model_type].from_dict(config_dict)
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, TypeError) as err:
         raise UnsafeModelError("config.json has no known model_type for transformers") from err
     model_class: Any = MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None)
     if model_class is None:

@@ -31,7 +31,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobClient
 
 from ..engine.question_answering import Limits, QAEngine
-from ..errors import IntegrityError, NotFoundError
+from ..errors import IntegrityError, NotFoundError, QAError
 from ..settings import ARTIFACT_VARIANTS, Settings
 from ..store.model_files import FileEntry, Manifest, utc_now
 from ..store.model_store import ModelStore, VersionInfo
@@ -146,14 +146,35 @@ class ArtifactRecord:
 
 # --- reading --------------------------------------------------------------------------------
 
+ARTIFACT_STATES = ("ok", "unusable", "damaged", "missing")
+DAMAGED_MARK = "damaged"  # metadata of artifact.json: the blob a serving load found damaged
 
-def read_record(store: ModelStore, manifest: Manifest, variant: str) -> tuple[ArtifactRecord, str] | None:
-    """The record of ``variant`` for ``manifest``'s version and its sha256, checked; ``None`` if absent.
 
-    Raises:
-        IntegrityError: the record's bytes differ from the sha256 written with it, it does not
-            parse, or it belongs to other files than the version's.
-    """
+def repair_command(revision: str) -> str:
+    """What rebuilds a damaged or unusable artifact of ``revision``."""
+    return (
+        f"python -m shared build-artifacts --rebuild --revision {revision} "
+        '(or python -m shared isolate --repair, or a refresh with {"repair": true})'
+    )
+
+
+class ArtifactDamagedError(IntegrityError):
+    """A blob of an artifact (or its record) does not match what was recorded; ``blob`` names it."""
+
+    def __init__(self, message: str, *, blob: str) -> None:
+        super().__init__(message)
+        self.blob = blob
+
+
+@dataclass(frozen=True)
+class _StoredRecord:
+    record: ArtifactRecord
+    sha256: str
+    etag: str
+    metadata: dict[str, str]
+
+
+def _read_stored_record(store: ModelStore, manifest: Manifest, variant: str) -> _StoredRecord | None:
     blob = artifact_blob(store, manifest.revision, variant, ARTIFACT_RECORD)
     where = f"The {variant} artifact record of version {manifest.revision}"
     with storage_errors(f"reading the {variant} artifact record"):
@@ -162,57 +183,171 @@ def read_record(store: ModelStore, manifest: Manifest, variant: str) -> tuple[Ar
         except ResourceNotFoundError:
             return None
         raw = downloader.readall()
-        expected = (downloader.properties.metadata or {}).get("sha256")
+        metadata = dict(downloader.properties.metadata or {})
+        etag = str(downloader.properties.etag)
     digest = hashlib.sha256(raw).hexdigest()
-    if expected != digest:
-        raise IntegrityError(f"{where} does not match its sha256 (changed after it was written)")
-    record = ArtifactRecord.from_json(raw, where=where)
+    if metadata.get("sha256") != digest:
+        raise ArtifactDamagedError(f"{where} does not match its sha256 (changed after it was written)", blob=ARTIFACT_RECORD)
+    try:
+        record = ArtifactRecord.from_json(raw, where=where)
+    except IntegrityError as err:
+        raise ArtifactDamagedError(err.message, blob=ARTIFACT_RECORD) from None
     source = {f.name: f.sha256 for f in manifest.files}
     if (record.variant, record.revision, record.model_id, record.source_files) != (variant, manifest.revision, manifest.model_id, source):
-        raise IntegrityError(f"{where} was built from other files than this version's")
-    return record, digest
+        raise ArtifactDamagedError(f"{where} was built from other files than this version's", blob=ARTIFACT_RECORD)
+    return _StoredRecord(record, digest, etag, metadata)
+
+
+def read_record(store: ModelStore, manifest: Manifest, variant: str) -> tuple[ArtifactRecord, str] | None:
+    """The record of ``variant`` for ``manifest``'s version and its sha256, checked; ``None`` if absent.
+
+    Raises:
+        IntegrityError: the record's bytes differ from the sha256 written with it, it does not
+            parse, or it belongs to other files than the version's.
+    """
+    stored = _read_stored_record(store, manifest, variant)
+    return None if stored is None else (stored.record, stored.sha256)
+
+
+@dataclass(frozen=True)
+class ArtifactState:
+    """One variant's state: ``ok``, ``unusable`` (recorded at build, with a reason), ``damaged``
+    (a blob does not match the record, or the record its own sha256; ``blob`` names which) or
+    ``missing``."""
+
+    variant: str
+    state: str
+    message: str | None = None
+    blob: str | None = None
+    record: ArtifactRecord | None = None
+    sha256: str = ""
+    etag: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "blob": self.blob, "message": self.message}
+
+    def listing(self, revision: str) -> dict[str, Any]:
+        """The ``artifacts`` entry of ``status`` and ``/api/model``: size, record sha256, usable, reason."""
+        reason = self.message
+        if self.state == "damaged":
+            reason = f"damaged ({self.blob}): {self.message}; repair: {repair_command(revision)}"
+        size = self.record.total_bytes if self.record is not None else 0
+        return {"size": size, "sha256": self.sha256, "usable": self.state == "ok", "reason": reason}
+
+
+def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verify_blobs: bool = False) -> ArtifactState:
+    """The state of ``variant`` for ``manifest``'s version.
+
+    Without ``verify_blobs`` only the record is read (a few KB): its sha256, its provenance and a
+    damage mark left by a serving load. With it every blob is re-hashed as it streams (nothing
+    kept in memory), as ``verify`` and ``build-artifacts`` do.
+    """
+    try:
+        stored = _read_stored_record(store, manifest, variant)
+    except ArtifactDamagedError as err:
+        return ArtifactState(variant, "damaged", err.message, err.blob)
+    if stored is None:
+        return ArtifactState(variant, "missing")
+    record = stored.record
+
+    def state(name: str, message: str | None = None, blob: str | None = None) -> ArtifactState:
+        return ArtifactState(variant, name, message, blob, record=record, sha256=stored.sha256, etag=stored.etag)
+
+    if not record.usable:
+        return state("unusable", record.reason)
+    marked = stored.metadata.get(DAMAGED_MARK)
+    if marked:
+        when = stored.metadata.get("damaged_at", "earlier")
+        return state("damaged", f"{marked} did not match its sha256 when a serving load read it ({when})", marked)
+    if verify_blobs:
+        for entry in record.files:
+            problem = store.file_problem(manifest.revision, entry, blob=artifact_blob(store, manifest.revision, variant, entry.name))
+            if problem is not None:
+                return state("damaged", problem, entry.name)
+    return state("ok")
 
 
 def list_artifacts(store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
-    """Each recorded variant's total size, record sha256 and usability (``/api/model``, ``status``).
-
-    A record that fails its checks is listed as unusable with the reason; nothing is raised for it.
-    """
+    """Each recorded variant's total size, record sha256 and usability (``/api/model``, ``status``),
+    from the records alone; a damaged one is unusable, its reason saying so and how to repair it."""
     found: dict[str, dict[str, Any]] = {}
     for variant in variants if variants is not None else ARTIFACT_VARIANTS:
-        try:
-            read = read_record(store, manifest, variant)
-        except IntegrityError as err:
-            found[variant] = {"size": 0, "sha256": "", "usable": False, "reason": err.message}
-            continue
-        if read is not None:
-            record, digest = read
-            found[variant] = {"size": record.total_bytes, "sha256": digest, "usable": record.usable, "reason": record.reason}
+        state = artifact_state(store, manifest, variant)
+        if state.state != "missing":
+            found[variant] = state.listing(manifest.revision)
     return found
+
+
+def record_etag(store: ModelStore, revision: str, variant: str) -> str | None:
+    """The ETag of a variant's record (a HEAD), ``None`` when there is none: it changes when the
+    artifact is marked damaged or rebuilt, so serving can notice a repair without downloading."""
+    with storage_errors(f"checking the {variant} artifact record"):
+        try:
+            return str(artifact_blob(store, revision, variant, ARTIFACT_RECORD).get_blob_properties().etag)
+        except ResourceNotFoundError:
+            return None
+
+
+def _mark_damaged(store: ModelStore, manifest: Manifest, variant: str, stored: _StoredRecord, blob_name: str) -> None:
+    """Note in the record's metadata that ``blob_name`` failed its sha256, so that later loads (and
+    ``status``) know without downloading the artifact again. If-Match on the record as it was
+    read: a record rebuilt meanwhile is never marked. Best effort: serving goes on either way."""
+    from azure.core import MatchConditions
+
+    metadata = {**stored.metadata, DAMAGED_MARK: blob_name, "damaged_at": utc_now()}
+    try:
+        with storage_errors(f"marking the {variant} artifact damaged"):
+            artifact_blob(store, manifest.revision, variant, ARTIFACT_RECORD).set_blob_metadata(
+                metadata, etag=stored.etag, match_condition=MatchConditions.IfNotModified
+            )
+    except QAError as err:
+        log.warning("Could not mark the %s artifact of %s damaged: %s", variant, manifest.revision, err.message)
+        return
+    log.warning(
+        "Marked the %s artifact of %s damaged (%s); repair: %s", variant, manifest.revision, blob_name, repair_command(manifest.revision)
+    )
 
 
 def load_artifact(store: ModelStore, manifest: Manifest, variant: str, settings: Settings) -> LoadedModel:
     """Load the ``variant`` artifact of a version into an ONNX Runtime engine (no torch import).
 
     Every blob is sha256-checked while it streams into memory; the session is built over those
-    buffers (``onnx_engine``), which it then releases.
+    buffers (``onnx_engine``), which it then releases. A blob that fails its check marks the
+    artifact damaged in its record (once): later loads refuse it without downloading it again,
+    until it is rebuilt (:func:`repair_command`).
 
     Raises:
         NotFoundError: the version has no such artifact, or its record says it is unusable.
-        IntegrityError: the record or a blob does not verify.
+        IntegrityError: the record or a blob does not verify, or the artifact is marked damaged;
+            the message says how to repair it.
         StorageUnavailableError: storage could not be read.
     """
     began = time.monotonic()
-    read = read_record(store, manifest, variant)
-    if read is None:
+    what = f"The {variant} ONNX artifact of version {manifest.revision}"
+    try:
+        stored = _read_stored_record(store, manifest, variant)
+    except ArtifactDamagedError as err:
+        raise _damaged(what, err, manifest.revision) from None
+    if stored is None:
         raise NotFoundError(
             f"Version {manifest.revision} has no {variant} ONNX artifact (build it: python -m shared build-artifacts, "
             'or a refresh with {"build_artifacts": true})'
         )
-    record, _ = read
+    record = stored.record
     if not record.usable:
-        raise NotFoundError(f"The {variant} ONNX artifact of version {manifest.revision} is unusable: {record.reason}")
-    engine = artifact_engine(store, manifest, record, settings)
+        raise NotFoundError(f"{what} is unusable: {record.reason}")
+    marked = stored.metadata.get(DAMAGED_MARK)
+    if marked:
+        raise ArtifactDamagedError(
+            f"{what} is damaged ({marked} did not match its sha256 on an earlier load); repair: {repair_command(manifest.revision)}",
+            blob=marked,
+        )
+    try:
+        files = _read_blobs(store, manifest, record)
+    except ArtifactDamagedError as err:
+        _mark_damaged(store, manifest, variant, stored, err.blob)
+        raise _damaged(what, err, manifest.revision) from None
+    engine = artifact_engine(store, manifest, record, settings, files=files)
     seconds = time.monotonic() - began
     log.info(
         "Loaded the %s ONNX artifact of %s@%s (%d bytes) in %.1fs",
@@ -230,15 +365,42 @@ def load_artifact(store: ModelStore, manifest: Manifest, variant: str, settings:
     )
 
 
-def artifact_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings, *, prepack: bool = True) -> QAEngine:
-    """An ONNX Runtime engine over the stored, sha256-checked blobs of ``record`` (``prepack``:
-    see :func:`~shared.engine.onnx_runner.onnx_engine`)."""
+def _damaged(what: str, err: ArtifactDamagedError, revision: str) -> ArtifactDamagedError:
+    return ArtifactDamagedError(f"{what} is damaged: {err.message}; repair: {repair_command(revision)}", blob=err.blob)
+
+
+def _read_blobs(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> dict[str, bytearray]:
+    """The artifact's blobs in memory, each sha256-checked as it streams in.
+
+    Raises:
+        ArtifactDamagedError: a blob does not match the record (or is missing), naming it.
+    """
+    files = {}
+    for entry in record.files:
+        blob = artifact_blob(store, manifest.revision, record.variant, entry.name)
+        try:
+            files[entry.name] = store.read_file(manifest.revision, entry, blob=blob)
+        except IntegrityError as err:
+            raise ArtifactDamagedError(err.message, blob=entry.name) from err
+        except NotFoundError as err:
+            raise ArtifactDamagedError(f"{entry.name} is missing from storage", blob=entry.name) from err
+    return files
+
+
+def artifact_engine(
+    store: ModelStore,
+    manifest: Manifest,
+    record: ArtifactRecord,
+    settings: Settings,
+    *,
+    prepack: bool = True,
+    files: dict[str, bytearray] | None = None,
+) -> QAEngine:
+    """An ONNX Runtime engine over the stored, sha256-checked blobs of ``record`` (or ``files``,
+    already read by :func:`_read_blobs`; ``prepack``: see :func:`~shared.engine.onnx_runner.onnx_engine`)."""
     from ..engine.onnx_runner import default_threads, onnx_engine
 
-    files = {
-        entry.name: store.read_file(manifest.revision, entry, blob=artifact_blob(store, manifest.revision, record.variant, entry.name))
-        for entry in record.files
-    }
+    files = _read_blobs(store, manifest, record) if files is None else files
     tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
     return onnx_engine(
         files,

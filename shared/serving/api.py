@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..engine.question_answering import Answer, QAItem
+from ..engine.question_answering import Answer, QAItem, decode_utf8
 from ..errors import InputError, QAError, TooLargeError
 from ..loading import artifacts
 from ..settings import Settings
@@ -70,9 +70,10 @@ def parse_json_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
         raise TooLargeError(f"the request body has {len(body)} bytes; the limit is {max_bytes}", field="body")
     if not body.strip():
         raise InputError("the request body must be a JSON object", field="body")
+    text = decode_utf8(body, what="the request body", field="body")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+        data = json.loads(text)
+    except ValueError:
         raise InputError("the request body is not valid JSON", field="body") from None
     except RecursionError:  # the decoder recurses once per level: thousands of '[' exhaust the stack
         raise InputError("the request body is nested too deeply to be read", field="body") from None

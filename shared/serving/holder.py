@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import BusyError, ModelNotReadyError, QAError, SettingsError
+from ..loading.artifacts import record_etag
 from ..loading.versions import LoadedModel, load_version
 from ..settings import Settings
 from ..store.model_files import Pointer, utc_now
@@ -79,6 +80,9 @@ class ModelHolder:
         self._max_damage_backoff = max_damage_backoff_seconds
         self._damaged: dict[str, Any] | None = None
         self._fallbacks: list[dict[str, Any]] = []
+        # (revision, variant, record ETag) of the current version's artifact refused as damaged:
+        # the poller reloads once its record changes (rebuilt by build-artifacts --rebuild or a repair)
+        self._artifact_watch: tuple[str, str, str | None] | None = None
         self._watcher: threading.Thread | None = None
         self._cond = threading.Condition()
         self._settings: Settings | None = None
@@ -282,6 +286,7 @@ class ModelHolder:
             if self.settings.reload == "replace":
                 self._release_current()
             loaded, fallbacks, damaged = self._load_best(store, pointer)
+            watch = self._damaged_artifact(store, pointer.revision, fallbacks)
         except QAError as err:
             self._finish_failed(err.code, err.message)
             return
@@ -299,6 +304,7 @@ class ModelHolder:
             self._no_model = False
             self._fallbacks = fallbacks
             self._damaged = damaged
+            self._artifact_watch = watch
             self._cond.notify_all()
         if damaged is not None:
             log.warning(
@@ -312,6 +318,15 @@ class ModelHolder:
             log.info("Now serving %s (was %s)", loaded.revision, previous.revision)
             del previous
             gc.collect()
+
+    @staticmethod
+    def _damaged_artifact(store: ModelStore, revision: str, fallbacks: list[dict[str, Any]]) -> tuple[str, str, str | None] | None:
+        """What to watch when the current version's artifact was refused as damaged (its record's
+        ETag now, after the load marked it), else ``None``."""
+        for tried in fallbacks:
+            if (tried["revision"], tried["backend"], tried["code"]) == (revision, "onnx", "integrity_error"):
+                return revision, tried["variant"], record_etag(store, revision, tried["variant"])
+        return None
 
     def _load_best(self, store: ModelStore, pointer: Pointer) -> tuple[LoadedModel, list[dict[str, Any]], dict[str, Any] | None]:
         """Walk the fallback order (:func:`~shared.serving.fallback.load_best`); when nothing loads
@@ -415,12 +430,20 @@ class ModelHolder:
                 return
             if self._current is None and self._last_error is None:
                 return  # never asked for: loading stays lazy
+            watch = self._artifact_watch
         etag = self.store.pointer_etag()
+        rebuilt = False
+        if watch is not None and etag == self._pointer_etag:
+            revision, variant, seen = watch
+            now = record_etag(self.store, revision, variant)
+            rebuilt = now is not None and now != seen
+            if rebuilt:
+                log.info("The %s artifact of %s was rebuilt; loading it in the background", variant, revision)
         with self._cond:
             self._last_check = utc_now()
             changed = etag is not None and etag != self._pointer_etag
             due = self._current is None and self._last_error is not None
-            if (changed or due) and self._loading is None:
+            if (changed or due or rebuilt) and self._loading is None:
                 log.info("current.json changed (or a retry is due); loading in the background")
                 self._begin_load_locked()
 

@@ -27,7 +27,7 @@ VERSIONS = ("3.1", "3.0")
 BACKENDS = ("onnx", "torch")
 VARIANTS = ("fp32", "int8")
 HEALTH_STATES = ("ready", "loading", "empty", "error")
-REFRESH_OUTCOMES = ("published", "up_to_date", "repaired", "failed")
+REFRESH_OUTCOMES = ("published", "made_current", "up_to_date", "repaired", "failed")
 
 
 @dataclass(frozen=True)

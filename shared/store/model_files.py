@@ -74,6 +74,28 @@ def is_pickle(name: str) -> bool:
     return any(fnmatch.fnmatch(name.lower(), pattern) for pattern in PICKLE_PATTERNS)
 
 
+MODEL_FILES_NEEDED = (
+    "a model folder needs config.json, the weights as *.safetensors, and the tokenizer "
+    "(tokenizer.json, or vocab.txt / vocab.json with tokenizer_config.json)"
+)
+
+
+def check_config(raw: bytes, *, where: str) -> dict[str, Any]:
+    """``config.json``'s object, or an :class:`UnsafeModelError` that says it is not valid JSON
+    (a truncated download, a damaged copy) or not an object; ``where`` names the source."""
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise UnsafeModelError(f"config.json {where} is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise UnsafeModelError(
+            f"config.json {where} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): truncated or damaged?"
+        ) from None
+    if not isinstance(data, dict):
+        raise UnsafeModelError(f"config.json {where} is not a JSON object")
+    return data
+
+
 def select_files(names: list[str], *, where: str) -> list[str]:
     """Pick the allowed files of a model source, refusing one with no safetensors weights.
 
@@ -86,6 +108,9 @@ def select_files(names: list[str], *, where: str) -> list[str]:
     """
     top_level = [n for n in names if "/" not in n]
     chosen = sorted(n for n in top_level if is_allowed(n))
+    if not chosen and not any(is_pickle(n) for n in top_level):
+        found = f"it has only {', '.join(sorted(top_level)[:5])}" if top_level else "it is empty"
+        raise UnsafeModelError(f"{where} is not a model folder ({found}); {MODEL_FILES_NEEDED}")
     if not any(n.endswith(".safetensors") for n in chosen):
         pickles = sorted(n for n in top_level if is_pickle(n))
         found = ", ".join(pickles) if pickles else "no weights"

@@ -405,10 +405,11 @@ class ModelStore:
         found = (self.file_problem(revision, entry, progress=progress) for entry in manifest.files)
         return [problem for problem in found if problem is not None]
 
-    def file_problem(self, revision: str, entry: FileEntry, *, progress: Progress = _noop) -> str | None:
-        """Re-hash one stored file as it streams (nothing kept in memory); what is wrong with it, or ``None``."""
+    def file_problem(self, revision: str, entry: FileEntry, *, progress: Progress = _noop, blob: BlobClient | None = None) -> str | None:
+        """Re-hash one stored file (or ``blob``, an artifact's) as it streams (nothing kept in memory);
+        what is wrong with it, or ``None``."""
         try:
-            self._fetch(revision, entry, sink=lambda _view: None, progress=progress)
+            self._fetch(revision, entry, sink=lambda _view: None, progress=progress, blob=blob)
         except IntegrityError as err:
             return err.message
         except NotFoundError:

@@ -11,10 +11,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, StorageUnavailableError
 from ..settings import Settings
 from .model_files import utc_now
-from .storage import queue_client, storage_errors
+from .storage import queue_client, storage_errors, with_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class RefreshRequest:
     requested_at: str = field(default_factory=utc_now)
     repair: bool = False
     build_artifacts: bool = False
+    unpin: bool = False  # also lift the pin of a pointer already at the revision (``explicit`` moves it elsewhere)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -47,6 +48,7 @@ class RefreshRequest:
                 requested_at=str(data.get("requested_at", "")),
                 repair=bool(data.get("repair", False)),
                 build_artifacts=bool(data.get("build_artifacts", False)),
+                unpin=bool(data.get("unpin", False)),
             )
         except (ValueError, AttributeError, TypeError) as err:
             raise InputError("the refresh message is not valid JSON") from err
@@ -82,6 +84,7 @@ class RefreshRequest:
             reason="http",
             repair=flags["repair"],
             build_artifacts=flags["build_artifacts"],
+            unpin=flags["unpin"],
         )
 
 
@@ -93,10 +96,14 @@ def check_hub_revision(revision: str) -> str:
 
 def enqueue(settings: Settings, request: RefreshRequest) -> str:
     """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id."""
-    client = queue_client(settings.require_queue_storage(), settings.refresh_queue)
-    with storage_errors("queueing the refresh"):
-        ensure_queue(client)
-        message = client.send_message(request.to_bytes())
+    conn = settings.require_queue_storage()
+    client = queue_client(conn, settings.refresh_queue)
+    try:
+        with storage_errors(f"queueing the refresh on {settings.refresh_queue}"):
+            ensure_queue(client)
+            message = client.send_message(request.to_bytes())
+    except StorageUnavailableError as err:  # the queue's account (AzureWebJobsStorage), not the models'
+        raise with_endpoint(err, conn, "queue") from err.__cause__
     log.info("Queued a refresh (%s, revision=%s, explicit=%s)", request.reason, request.revision, request.explicit)
     return str(message.id)
 

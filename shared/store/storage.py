@@ -27,7 +27,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry, LinearRetry
 
-from ..errors import NotFoundError, QAError, SettingsError, StorageUnavailableError
+from ..errors import NotFoundError, QAError, SettingsError, StorageCredentialsError, StorageUnavailableError
 from ..settings import StorageConnection
 
 # The SDK logs every request and response header at INFO; that is noise and may carry SAS tokens.
@@ -63,23 +63,28 @@ def _options(serving: bool) -> dict[str, Any]:
     return {**REFRESH_OPTIONS, "retry_policy": ExponentialRetry(initial_backoff=2, increment_base=3, retry_total=6)}
 
 
-def endpoint(conn: StorageConnection) -> str:
-    """Where the account is, for messages: ``host:port`` of a local endpoint, else the account URL."""
+def endpoint(conn: StorageConnection, service: str = "blob") -> str:
+    """Where the account's ``service`` (``blob`` or ``queue``) is, for messages: ``host:port`` of a
+    local endpoint, else the account URL."""
     from urllib.parse import urlparse
 
-    url = conn.blob_service_uri or blob_service_client(conn, serving=True).url
-    parsed = urlparse(url)
-    if is_local(conn):
+    parsed = urlparse(_service_url(conn, service))
+    if is_local(conn, service):
         return f"{parsed.hostname}:{parsed.port or (443 if parsed.scheme == 'https' else 80)}"
     return f"{parsed.scheme}://{parsed.hostname}"
 
 
-def is_local(conn: StorageConnection) -> bool:
+def is_local(conn: StorageConnection, service: str = "blob") -> bool:
     """Whether the account is on this machine (Azurite)."""
     from urllib.parse import urlparse
 
-    url = conn.blob_service_uri or blob_service_client(conn, serving=True).url
-    return urlparse(url).hostname in ("127.0.0.1", "localhost", "::1")
+    return urlparse(_service_url(conn, service)).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def _service_url(conn: StorageConnection, service: str) -> str:
+    if service == "queue":
+        return conn.queue_service_uri or str(queue_client(conn, "probe").url)
+    return conn.blob_service_uri or str(blob_service_client(conn, serving=True).url)
 
 
 AZURITE_HINT = "Is Azurite running? Start it in another terminal with: npm run azurite (after npm ci), or ./scripts/test starts one"
@@ -139,6 +144,11 @@ def container_client(conn: StorageConnection, container: str, *, serving: bool =
     return blob_service_client(conn, serving=serving).get_container_client(container)
 
 
+# 403 error codes that mean "these credentials are refused" (a wrong or truncated key signs
+# requests the account cannot verify)
+_CREDENTIAL_CODES = frozenset({"AuthenticationFailed", "AuthorizationFailure", "InvalidAuthenticationInfo"})
+
+
 @contextmanager
 def storage_errors(action: str) -> Iterator[None]:
     """Translate SDK exceptions raised inside the block into the project's errors.
@@ -154,12 +164,19 @@ def storage_errors(action: str) -> Iterator[None]:
         raise NotFoundError(f"Not found while {action}") from err
     except ClientAuthenticationError as err:
         log.warning("Storage refused credentials while %s: %s", action, type(err).__name__)
-        raise StorageUnavailableError(f"Storage refused the credentials while {action}") from err
+        raise StorageCredentialsError(f"Storage refused the credentials while {action}") from err
     except (ServiceRequestError, ServiceResponseError) as err:
         log.warning("Storage unreachable while %s: %s", action, type(err).__name__)
         raise StorageUnavailableError(f"Storage is unreachable while {action}") from err
     except HttpResponseError as err:
-        log.warning("Storage error %s while %s: %s", err.status_code, action, getattr(err, "error_code", None))
+        code = getattr(err, "error_code", None)
+        code = getattr(code, "value", code)  # a StorageErrorCode member, or the service's plain string
+        log.warning("Storage error %s while %s: %s", err.status_code, action, code)
+        if err.status_code == 401 or (err.status_code == 403 and code in _CREDENTIAL_CODES):
+            raise StorageCredentialsError(
+                f"Storage refused the credentials ({err.status_code} {code}) while {action}: check the account key "
+                "(or the identity's role on the account)"
+            ) from err
         raise StorageUnavailableError(f"Storage answered {err.status_code} while {action}") from err
     except AzureError as err:
         log.warning("Storage failure while %s: %s", action, type(err).__name__)
@@ -181,10 +198,11 @@ def probe(conn: StorageConnection, container: str) -> bool:
         raise with_endpoint(err, conn) from err.__cause__
 
 
-def with_endpoint(err: StorageUnavailableError, conn: StorageConnection) -> StorageUnavailableError:
-    """``err`` with the endpoint (and, for a local one, the Azurite hint) in its message."""
-    where = endpoint(conn)
-    if where in err.message:
+def with_endpoint(err: StorageUnavailableError, conn: StorageConnection, service: str = "blob") -> StorageUnavailableError:
+    """``err`` with the endpoint (and, for a local one that did not answer, the Azurite hint) in its message."""
+    if "(storage at " in err.message:
         return err
-    hint = f" {AZURITE_HINT}." if is_local(conn) else ""
-    return StorageUnavailableError(f"{err.message} (storage at {where}, from {conn.setting}).{hint}")
+    where = endpoint(conn, service)
+    # a refused key comes from a running Azurite: starting one is not the fix
+    hint = f" {AZURITE_HINT}." if is_local(conn, service) and not isinstance(err, StorageCredentialsError) else ""
+    return type(err)(f"{err.message} (storage at {where}, from {conn.setting}).{hint}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,8 +219,9 @@ def test_a_failed_canary_marks_the_artifact_unusable_not_the_version(store: Mode
     assert list_artifacts(store, manifest)["fp32"]["usable"] is False
     with pytest.raises(NotFoundError, match="unusable"):
         load_artifact(store, manifest, "fp32", Settings.from_env({}))
-    # recorded: the next build does not retry it (a new model version is the fix)
-    assert build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32"}), canary=refuse) == {"fp32": "exists"}
+    # recorded: the next build does not retry it (a new model version, or --rebuild, is the fix) and says so
+    again = build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32"}), canary=refuse)
+    assert again["fp32"].startswith("unusable: the canary failed") and "--rebuild" in again["fp32"]
     assert len(calls) == 1
 
 
@@ -277,3 +279,144 @@ def test_record_round_trip_and_refusals() -> None:
     ):
         with pytest.raises(IntegrityError):
             ArtifactRecord.from_json(broken, where="x")
+
+
+# --- damaged artifacts: found, reported, rebuilt (issue "Every edge a new user hit") ------------
+
+
+def cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared", *args, "--json"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@pytest.fixture
+def int8_version(store: ModelStore, tiny_bert_dir: Path) -> str:
+    """A version of the tiny BERT with its int8 artifact only (one export per test)."""
+    only_int8 = Settings.from_env({"MODEL_ARTIFACTS": "int8", "MODEL_CANARY": json.dumps(CANARY)})
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(only_int8))
+    assert result.artifacts == {"int8": "built"} and result.revision is not None
+    return result.revision
+
+
+@pytest.mark.parametrize("name", ["model.onnx", ARTIFACT_RECORD])
+def test_verify_reports_a_damaged_artifact_by_variant_and_blob(
+    env: dict[str, str], store: ModelStore, int8_version: str, name: str
+) -> None:
+    code, intact, _ = cli(env, "verify")
+    assert code == 0 and intact["ok"] is True and intact["artifacts"]["int8"]["state"] == "ok"
+    flip_byte(store, int8_version, "int8", name, at=-20 if name != ARTIFACT_RECORD else 40)
+    code, out, text = cli(env, "verify")
+    assert code == 1 and out["ok"] is False
+    assert out["artifacts"]["int8"]["state"] == "damaged" and out["artifacts"]["int8"]["blob"] == name
+    assert any("int8" in p and name in p for p in out["problems"]), out["problems"]
+    assert "build-artifacts --rebuild" in out["repair"] and "build-artifacts --rebuild" in text
+    assert out["artifacts"]["fp32"]["state"] == "missing"
+
+
+@pytest.mark.parametrize("name", ["model.onnx", ARTIFACT_RECORD])
+def test_build_artifacts_rebuild_replaces_a_damaged_artifact(env: dict[str, str], store: ModelStore, int8_version: str, name: str) -> None:
+    flip_byte(store, int8_version, "int8", name, at=-20 if name != ARTIFACT_RECORD else 40)
+    code, out, text = cli(env, "build-artifacts", "--variant", "int8")
+    assert code == 1 and out["artifacts"]["int8"].startswith("damaged") and "--rebuild" in text
+    code, out, _ = cli(env, "build-artifacts", "--variant", "int8", "--rebuild")
+    assert code == 0 and out["artifacts"] == {"int8": "rebuilt"}
+    code, verified, _ = cli(env, "verify")
+    assert code == 0 and verified["artifacts"]["int8"]["state"] == "ok"
+    loaded = load_artifact(store, store.require_manifest(int8_version), "int8", Settings.from_env({}))
+    assert loaded.variant == "int8" and loaded.engine.answer([QAItem("Who won the game?", CONTEXT)])[0]
+
+
+def test_build_artifacts_rebuild_replaces_an_unusable_artifact(env: dict[str, str], store: ModelStore, tiny_bert_dir: Path) -> None:
+    revision = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3).revision
+    wrong = {**env, "MODEL_CANARY": json.dumps({**CANARY, "answer": "nobody at all"})}
+    code, out, _ = cli(wrong, "build-artifacts", "--variant", "int8")
+    assert code == 1 and out["artifacts"]["int8"].startswith("unusable: the canary failed")
+    code, out, _ = cli(env, "build-artifacts", "--variant", "int8")
+    assert code == 1 and out["artifacts"]["int8"].startswith("unusable")  # recorded: not retried without --rebuild
+    code, out, _ = cli(env, "build-artifacts", "--variant", "int8", "--rebuild")
+    assert code == 0 and out == {"revision": revision, "artifacts": {"int8": "rebuilt"}}
+    assert list_artifacts(store, store.require_manifest(str(revision)))["int8"]["usable"] is True
+
+
+def test_isolate_repair_rebuilds_a_damaged_artifact(env: dict[str, str], store: ModelStore, int8_version: str, tiny_bert_dir: Path) -> None:
+    flip_byte(store, int8_version, "int8", "weights.bin", at=-20)
+    code, out, text = cli({**env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and out["outcome"] == "up_to_date"  # a plain isolate does not re-hash
+    code, out, text = cli({**env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir), "--repair")
+    assert code == 0 and (out["outcome"], out["artifacts"], out["files_repaired"]) == ("repaired", {"int8": "rebuilt"}, [])
+    assert "int8 rebuilt" in text
+    code, verified, _ = cli(env, "verify")
+    assert code == 0 and verified["artifacts"]["int8"]["state"] == "ok"
+
+
+def test_a_refresh_with_repair_rebuilds_a_damaged_artifact(env: dict[str, str], store: ModelStore, tiny_bert_dir: Path) -> None:
+    from shared.build.refresh import handle_message
+    from shared.store.refresh_queue import RefreshRequest
+    from tests.fixtures.fake_hub import FakeHubServer
+
+    with FakeHubServer() as hub:
+        commit = hub.hub.publish("tests/tiny-bert", tiny_bert_dir)
+        settings = Settings.from_env({**env, "HF_ENDPOINT": hub.endpoint, "MODEL_ARTIFACTS": "int8"})
+        first = handle_message(settings, RefreshRequest().to_bytes())
+        assert first is not None and (first.outcome, first.artifacts) == ("published", {"int8": "built"})
+        flip_byte(store, commit, "int8", "model.onnx", at=-20)
+        repaired = handle_message(settings, RefreshRequest(repair=True, reason="http").to_bytes())
+    assert repaired is not None and (repaired.outcome, repaired.artifacts) == ("repaired", {"int8": "rebuilt"})
+    assert store.read_last_refresh()["outcome"] == "repaired"  # type: ignore[index]
+
+
+def test_serving_marks_a_damaged_artifact_once_and_names_the_repair(
+    env: dict[str, str], store: ModelStore, int8_version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flip_byte(store, int8_version, "int8", "model.onnx", at=-20)
+    settings = Settings.from_env({**env, "QA_QUANTIZE": "int8", "MODEL_POLL_SECONDS": "0.2"})
+    reads: list[str] = []
+    read_file = ModelStore.read_file
+
+    def counting(self: ModelStore, revision: str, entry: Any, **kwargs: Any) -> bytearray:
+        if kwargs.get("blob") is not None:
+            reads.append(entry.name)
+        return read_file(self, revision, entry, **kwargs)
+
+    monkeypatch.setattr(ModelStore, "read_file", counting)
+    item = json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode()
+    holders = []
+    for instance in range(2):  # a first instance finds the damage; a second one starts cold after it
+        holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
+        holders.append(holder)
+        response = api.ask(holder, item)
+        assert response.status == 200 and response.body["backend"] == "torch"
+        described = holder.describe()
+        assert described["degraded"] is True
+        [fallback] = described["fallbacks"]
+        assert (fallback["backend"], fallback["variant"], fallback["code"]) == ("onnx", "int8", "integrity_error")
+        assert "damaged" in fallback["message"] and "build-artifacts --rebuild" in fallback["message"]
+        assert reads == ["model.onnx"], (instance, reads)  # read once, by the first instance; the second never downloads it
+    try:
+        [version] = api.model_status(holders[1]).body["versions"]
+        listed = version["artifacts"]["int8"]
+        assert listed["usable"] is False and "damaged" in listed["reason"] and "build-artifacts --rebuild" in listed["reason"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared", "status"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert "onnx int8:" in proc.stdout and "DAMAGED" in proc.stdout and "build-artifacts --rebuild" in proc.stdout, proc.stdout
+        # repaired: a running instance notices the new record and serves the artifact again
+        code, out, _ = cli(env, "build-artifacts", "--variant", "int8", "--rebuild")
+        assert code == 0 and out["artifacts"] == {"int8": "rebuilt"}
+        for _ in range(600):  # bounded only so that a broken build cannot hang CI
+            if holders[0].health().get("backend") == "onnx":
+                break
+            time.sleep(0.1)
+        assert holders[0].health() | {"load_seconds": 0} == {
+            "state": "ready", "degraded": False, "model_id": "tests/tiny-bert", "revision": int8_version, "load_seconds": 0,
+            "backend": "onnx", "variant": "int8",
+        }  # fmt: skip
+        assert holders[0].describe()["fallbacks"] == []
+    finally:
+        for holder in holders:
+            holder.close()

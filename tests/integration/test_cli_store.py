@@ -94,3 +94,53 @@ def test_errors_are_clear_and_json(cli_env: dict[str, str], tmp_path: Path) -> N
     assert code == 1 and out["error"]["code"] == "not_found"  # type: ignore[index]
     code, out, _ = run({**cli_env, "MODEL_KEEP_VERSIONS": "zero"}, "status")
     assert code == 1 and "MODEL_KEEP_VERSIONS" in out["error"]["message"]  # type: ignore[index]
+
+
+def pointer_of(env: dict[str, str]) -> tuple[str, bool]:
+    pointer = ModelStore.from_settings(Settings.from_env(env)).read_pointer()
+    assert pointer is not None
+    return pointer.revision, pointer.pinned
+
+
+def test_isolate_says_what_it_did_and_moves_a_pin_only_when_asked(cli_env: dict[str, str], tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """One rule for "the version already exists": a version the user names becomes current, and
+    the output says so; a pinned pointer moves only for a named version or --unpin, saying so."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bert_dir, other)
+    (other / "tokenizer_config.json").write_text((other / "tokenizer_config.json").read_text().replace("512", "384"))
+    code, a, text = run(cli_env, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and a["outcome"] == "published" and "now current" in text
+    code, b, text = run(cli_env, "isolate", "--from-dir", str(other))
+    assert code == 0 and b["outcome"] == "published" and f"now current (was {a['revision']})" in text
+
+    # stored, not current: made current, 0 bytes, and said so
+    code, out, text = run(cli_env, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and (out["outcome"], out["revision"], out["bytes_moved"]) == ("made_current", a["revision"], 0)
+    assert "already stored; now current" in text and str(b["revision"]) in text
+    assert pointer_of(cli_env) == (a["revision"], False)
+    assert ModelStore.from_settings(Settings.from_env(cli_env)).read_last_refresh()["outcome"] == "made_current"  # type: ignore[index]
+    code, out, text = run(cli_env, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and out["outcome"] == "up_to_date" and "already current" in text
+
+    # the current version, pinned: naming it again keeps the pin; --unpin lifts it, saying so
+    code, _, _ = run(cli_env, "rollback", "--to", str(a["revision"]))
+    assert code == 0 and pointer_of(cli_env) == (a["revision"], True)
+    code, out, text = run(cli_env, "isolate", "--from-dir", str(tiny_bert_dir))
+    assert code == 0 and out["outcome"] == "up_to_date" and "already current" in text and "pinned" in text
+    assert pointer_of(cli_env) == (a["revision"], True)
+    code, out, text = run(cli_env, "isolate", "--from-dir", str(tiny_bert_dir), "--unpin")
+    assert code == 0 and out["outcome"] == "up_to_date" and "unpinned" in text
+    assert pointer_of(cli_env) == (a["revision"], False)
+
+    # --repair of a stored version that is not current: the same rule (it becomes current)
+    code, out, text = run(cli_env, "isolate", "--from-dir", str(other), "--repair")
+    assert code == 0 and (out["outcome"], out["revision"]) == ("made_current", b["revision"]) and "now current" in text
+    assert pointer_of(cli_env) == (b["revision"], False)
+
+    # a pinned pointer moves for a named version (a folder names its version), and the output says so
+    code, _, _ = run(cli_env, "rollback", "--to", str(a["revision"]))
+    code, out, text = run(cli_env, "isolate", "--from-dir", str(other))
+    assert code == 0 and out["outcome"] == "made_current" and f"pinned at {a['revision']}" in text
+    assert pointer_of(cli_env) == (b["revision"], False)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,3 +91,161 @@ def test_a_missing_from_dir_folder_is_not_found(tmp_path: Path) -> None:
 def test_a_bad_setting_is_one_line() -> None:
     proc = run("status", env={"MODEL_KEEP_VERSIONS": "many"})
     assert proc.returncode == 1 and proc.stderr.strip() == "error: MODEL_KEEP_VERSIONS must be a whole number, got 'many'"
+
+
+# --- messages that name the cause (issue "Every edge a new user hit") ---------------------------
+
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port bound but never listening: every connection to it is refused at once."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    yield int(sock.getsockname()[1])
+    sock.close()
+
+
+def azurite_at(*, blob: int = 10000, queue: int = 10001, key: str = ACCOUNT_KEY) -> str:
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};"
+        f"BlobEndpoint=http://127.0.0.1:{blob}/devstoreaccount1;QueueEndpoint=http://127.0.0.1:{queue}/devstoreaccount1;"
+    )
+
+
+def test_ask_with_storage_down_names_the_endpoint_and_azurite(dead_port: int) -> None:
+    down = {"MODEL_STORAGE": azurite_at(blob=dead_port)}
+    proc = run("ask", "--question", "Who won?", "--context", "The Broncos won.", "--json", env=down)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert f"127.0.0.1:{dead_port}" in message and "Azurite" in message and "MODEL_STORAGE" in message, message
+    assert "GET /api/model" not in message
+
+
+def test_refresh_enqueue_names_the_queue_account(dead_port: int) -> None:
+    env = {"MODEL_STORAGE": azurite_at(), "AzureWebJobsStorage": azurite_at(blob=dead_port, queue=dead_port)}
+    proc = run("refresh", "--enqueue", "--json", env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert "AzureWebJobsStorage" in message and f"127.0.0.1:{dead_port}" in message, message
+    assert "MODEL_STORAGE" not in message and "127.0.0.1:10000" not in message
+
+
+@pytest.mark.parametrize("key", ["not*base64!", "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UV"])
+def test_an_account_key_that_cannot_be_decoded_is_a_bad_setting_before_any_request(key: str, dead_port: int) -> None:
+    proc = run("status", "--json", env={"MODEL_STORAGE": azurite_at(blob=dead_port, key=key)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    error = last_json(proc)["error"]
+    assert isinstance(error, dict) and error["code"] == "bad_setting", error
+    assert "MODEL_STORAGE" in error["message"] and "AccountKey" in error["message"] and "base64" in error["message"]
+    assert "Azurite" not in error["message"]
+
+
+LATIN1_LINE = '{"question": "Qui a gagné?", "context": "Les Broncos ont gagné."}\n'.encode("latin-1")
+UTF16_LINES = '{"question": "Who won?", "context": "The Broncos won."}\n'.encode("utf-16")
+
+
+@pytest.mark.parametrize(("data", "looks_like"), [(LATIN1_LINE, "Latin-1"), (UTF16_LINES, "UTF-16")])
+def test_answer_input_that_is_not_utf8_says_so(data: bytes, looks_like: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared", "answer", "--model-dir", str(MODEL)], cwd=ROOT, input=data, capture_output=True, timeout=120
+    )
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert "Traceback" not in out and "surrogate" not in out, out
+    assert "not UTF-8" in out and looks_like in out, out
+
+
+def test_a_request_body_that_is_not_utf8_says_so() -> None:
+    from shared.errors import InputError
+    from shared.serving.api import parse_json_object
+
+    with pytest.raises(InputError, match=r"not UTF-8 \(looks like Latin-1"):
+        parse_json_object(LATIN1_LINE, max_bytes=1 << 20)
+    with pytest.raises(InputError, match=r"not UTF-8 \(looks like UTF-16"):
+        parse_json_object(UTF16_LINES, max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_answer_with_a_truncated_config_says_it_is_not_json(backend: str, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    (folder / "config.json").write_bytes((MODEL / "config.json").read_bytes()[:100])
+    proc = run("answer", "--model-dir", str(folder), "--backend", backend, "--json", stdin='{"question": "q", "context": "c"}\n')
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert "config.json" in message and "not valid JSON" in message, message
+
+
+def test_isolate_of_a_truncated_config_says_it_is_not_json_before_storage(tmp_path: Path, dead_port: int) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    (folder / "config.json").write_bytes((MODEL / "config.json").read_bytes()[:100])
+    proc = run("isolate", "--from-dir", str(folder), "--json", env={"MODEL_STORAGE": azurite_at(blob=dead_port)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert "config.json" in message and "not valid JSON" in message and "storage" not in message.lower(), message
+
+
+def test_an_empty_folder_says_which_files_a_model_folder_needs(tmp_path: Path) -> None:
+    proc = run("answer", "--model-dir", str(tmp_path), "--json")
+    assert proc.returncode == 1
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert "empty" in message and "config.json" in message and ".safetensors" in message and "tokenizer" in message, message
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_answer_on_a_malformed_safetensors_file_names_it(backend: str, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(MODEL, folder)
+    (folder / "model.safetensors").write_bytes((MODEL / "model.safetensors").read_bytes()[:5000])
+    proc = run("answer", "--model-dir", str(folder), "--backend", backend, "--json", stdin='{"question": "q", "context": "c"}\n')
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert "model.safetensors" in message and "bug" not in message, message
+
+
+def test_no_library_warning_leaks_from_an_export() -> None:
+    proc = run("answer", "--model-dir", str(MODEL), "--backend", "onnx", stdin='{"question": "Who won?", "context": "The Broncos won."}\n')
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("settings", ["[]", '"Values"', '{"Values": []}', "{"])
+def test_local_settings_that_are_not_an_object_say_so(settings: str, tmp_path: Path) -> None:
+    (tmp_path / "local.settings.json").write_text(settings)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "local_settings.py"), str(tmp_path / "local.settings.json")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("error: local.settings.json") and "attribute" not in line, line
+    assert ("not valid JSON" in line) if settings == "{" else ("must be a JSON object" in line or '"Values" must be an object' in line)
+
+
+def test_local_settings_export_only_what_the_environment_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "local.settings.json"
+    path.write_text(json.dumps({"IsEncrypted": False, "Values": {"MODEL_ID": "a/b c", "MODEL_CONTAINER": "models", "EMPTY": ""}}))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "local_settings.py"), str(path)],
+        env={**os.environ, "MODEL_CONTAINER": "mine"}, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert proc.stdout.splitlines() == ["export MODEL_ID='a/b c'"]
+
+
+def test_ask_reads_a_long_context_from_stdin_or_a_file(tmp_path: Path, dead_port: int) -> None:
+    """1 MB does not fit one command-line argument (Linux: 128 KiB); from stdin it reaches the app,
+    whose limit then answers (before storage is touched)."""
+    context = "The Denver Broncos won the game. " * 32_000
+    down = {"MODEL_STORAGE": azurite_at(blob=dead_port)}
+    proc = run("ask", "--question", "Who won?", "--context-file", "-", "--json", env=down, stdin=context)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    error = last_json(proc)["error"]
+    assert isinstance(error, dict) and error["code"] == "too_large" and f"{len(context)}" in error["message"], error
+    (tmp_path / "latin1.txt").write_bytes("Les Broncos ont gagné.".encode("latin-1"))
+    proc = run("ask", "--question", "Qui?", "--context-file", str(tmp_path / "latin1.txt"), "--json")
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert proc.returncode == 1 and "latin1.txt" in message and "not UTF-8" in message, message
+    proc = run("ask", "--question", "Who?", "--context", "x", "--context-file", "-")
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr
