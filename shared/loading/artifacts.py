@@ -227,12 +227,12 @@ class ArtifactState:
         return {"state": self.state, "blob": self.blob, "message": self.message}
 
     def listing(self, revision: str) -> dict[str, Any]:
-        """The ``artifacts`` entry of ``status`` and ``/api/model``: size, record sha256, usable, reason."""
+        """The ``artifacts`` entry of ``status`` and ``/api/model``: state, size, record sha256, usable, reason."""
         reason = self.message
         if self.state == "damaged":
             reason = f"damaged ({self.blob}): {self.message}; repair: {repair_command(revision)}"
         size = self.record.total_bytes if self.record is not None else 0
-        return {"size": size, "sha256": self.sha256, "usable": self.state == "ok", "reason": reason}
+        return {"state": self.state, "size": size, "sha256": self.sha256, "usable": self.state == "ok", "reason": reason}
 
 
 def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verify_blobs: bool = False) -> ArtifactState:

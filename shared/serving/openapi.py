@@ -406,6 +406,12 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                 "description": "ONNX serving artifacts by variant (fp32, int8); {} when none was built",
                                 "additionalProperties": _obj(
                                     {
+                                        "state": {
+                                            "type": "string",
+                                            "enum": ["ok", "unusable", "damaged"],
+                                            "description": "ok; unusable (recorded at build, see reason); damaged (a blob or the record "
+                                            "does not match its sha256: reason names it and the repair command)",
+                                        },
                                         "size": COUNT,
                                         "sha256": {"type": "string", "description": "of artifact.json, which pins each blob's sha256"},
                                         "usable": {"type": "boolean"},

@@ -99,7 +99,7 @@ def test_the_refresh_builds_both_artifacts_apart_from_the_files(built: tuple[Mod
     assert version.files == len(manifest.files) and version.bytes == manifest.total_bytes  # artifacts not counted as files
     assert recorded_variants(version) == ("fp32", "int8")
     listed = list_artifacts(store, manifest)
-    assert set(listed) == {"fp32", "int8"} and all(a["usable"] and a["size"] > 0 for a in listed.values())
+    assert set(listed) == {"fp32", "int8"} and all(a["usable"] and a["state"] == "ok" and a["size"] > 0 for a in listed.values())
     assert listed["int8"]["size"] < listed["fp32"]["size"]
     status = artifacts_status(store)
     assert status["versions"][0]["artifacts"] == listed
@@ -216,7 +216,7 @@ def test_a_failed_canary_marks_the_artifact_unusable_not_the_version(store: Mode
     manifest = store.require_manifest(result.revision)
     outcomes = build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32"}), canary=refuse)
     assert outcomes["fp32"].startswith("unusable: the canary failed") and len(calls) == 1
-    assert list_artifacts(store, manifest)["fp32"]["usable"] is False
+    assert list_artifacts(store, manifest)["fp32"]["usable"] is False and list_artifacts(store, manifest)["fp32"]["state"] == "unusable"
     with pytest.raises(NotFoundError, match="unusable"):
         load_artifact(store, manifest, "fp32", Settings.from_env({}))
     # recorded: the next build does not retry it (a new model version, or --rebuild, is the fix) and says so
@@ -399,7 +399,8 @@ def test_serving_marks_a_damaged_artifact_once_and_names_the_repair(
     try:
         [version] = api.model_status(holders[1]).body["versions"]
         listed = version["artifacts"]["int8"]
-        assert listed["usable"] is False and "damaged" in listed["reason"] and "build-artifacts --rebuild" in listed["reason"]
+        assert listed["usable"] is False and listed["state"] == "damaged"
+        assert "damaged" in listed["reason"] and "build-artifacts --rebuild" in listed["reason"]
         proc = subprocess.run(
             [sys.executable, "-m", "shared", "status"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
             timeout=120,
