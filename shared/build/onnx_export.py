@@ -259,7 +259,7 @@ def _serving_facts(model: Any, spec: Any) -> dict[str, Any]:
 
     max_seq_len = min(spec.model_max_length, MAX_SEQ_LEN)
     return {
-        "input_names": [n for n in TorchRunner(model).input_names if n in spec.input_names],
+        "input_names": [n for n in TorchRunner(model).input_names if n in spec.input_names or n == "token_type_ids"],
         "max_seq_len": max_seq_len,
         "doc_stride": min(max_seq_len // 2, DOC_STRIDE),
         "cls_token_id": spec.cls_token_id,
