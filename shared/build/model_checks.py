@@ -59,10 +59,10 @@ def check_servable(files: Mapping[str, bytes | bytearray], *, where: str) -> Non
     config_class = CONFIG_MAPPING[model_type]
     if config_class not in MODEL_FOR_QUESTION_ANSWERING_MAPPING:
         raise UnsafeModelError(f"{where}: transformers {__version__} has no question-answering model for model type {model_type!r}")
-    _check_vocabulary(files, config, where=where)
+    check_vocabulary(files, config, where=where)
 
 
-def _check_vocabulary(files: Mapping[str, bytes | bytearray], config: Mapping[str, Any], *, where: str) -> None:
+def check_vocabulary(files: Mapping[str, bytes | bytearray], config: Mapping[str, Any], *, where: str) -> None:
     """A tokenizer whose ids reach past the embedding fails on the first such token (IndexError)."""
     rows = config.get("vocab_size")
     raw = files.get("tokenizer.json")

@@ -170,3 +170,28 @@ def test_unconvertible_tokenizers_are_refused_naming_files_found_and_needed() ->
     byte_level = {p.name: p.read_bytes() for p in (MODELS / "roberta").iterdir() if p.name != "tokenizer.json"}
     with pytest.raises(UnsafeModelError, match=r"\(RobertaTokenizer\) cannot be converted.*save_pretrained"):
         derive_tokenizer_json(byte_level)
+
+
+def test_int8_that_cannot_be_built_says_why(tmp_path: Path) -> None:
+    """A tokenizer with more tokens than the embedding has rows (a BERT of vocabulary 116 with a
+    254-token tokenizer: the "unexpected IndexError" after calibration of issue 19) is refused by
+    name; a model that cannot run the calibration windows gets the reason, not an internal error."""
+    import safetensors.torch
+
+    folder = build_bert(tmp_path / "bert")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 116}))
+    weights = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    weights["bert.embeddings.word_embeddings.weight"] = weights["bert.embeddings.word_embeddings.weight"][:116].clone()
+    safetensors.torch.save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsafeModelError, match=r"the tokenizer has 254 tokens but the model's embedding has 116 rows"):
+        build_onnx(folder, "int8", progress=lambda _line: None)
+    short = build_bert(tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    weights = safetensors.torch.load_file(str(short / "model.safetensors"))
+    key = "bert.embeddings.position_embeddings.weight"
+    weights[key] = weights[key][:64].clone()
+    safetensors.torch.save_file(weights, str(short / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsafeModelError, match=r"int8 calibration failed: the model cannot answer the calibration text \(RuntimeError"):
+        build_onnx(short, "int8", progress=lambda _line: None)
