@@ -77,6 +77,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     import dataclasses
 
     from .build.isolation import LocalDirSource, isolate
+    from .build.model_checks import CheckedSource
     from .build.refresh import artifact_builder, canary_validator, run_refresh
     from .errors import SourceUnavailableError
     from .store.model_store import ModelStore
@@ -89,7 +90,9 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
         settings = dataclasses.replace(settings, canary=None)
     if args.from_dir and args.revision:
         raise InputError("--revision names a Hub revision; a --from-dir version is named by its files' hashes")
-    source = LocalDirSource(args.from_dir, block_size=settings.block_size) if args.from_dir else None
+    if args.from_dir and not args.model_id:
+        _check_folder_model_id(args.from_dir, settings.model_id)
+    source = CheckedSource(LocalDirSource(args.from_dir, block_size=settings.block_size)) if args.from_dir else None
     if source is not None:
         source.snapshot()  # a missing or unusable folder fails before storage is touched
     probe(settings.require_storage(), settings.container)  # quick; the copy itself keeps patient retries
@@ -120,6 +123,29 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     finally:
         bar.close()
     return 0, {**result.to_dict(), "pointer_moved": result.pointer_moved, "pin": result.pin}, result.summary()
+
+
+def _check_folder_model_id(folder: str, model_id: str) -> None:
+    """A folder whose config.json names another model than ``MODEL_ID`` is not stored (and then
+    reported) under ``MODEL_ID`` unless ``--model-id`` says so.
+
+    Raises:
+        InputError: the config names a different Hub model id; the message says how to set it.
+    """
+    from pathlib import Path
+
+    try:
+        config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # the folder's own checks (no config.json, ...) say what is wrong
+    named = config.get("_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(named, str) or named.count("/") != 1 or named.startswith((".", "/", "~")) or Path(named).exists():
+        return  # no Hub id in the config (or a local path): the folder is stored under MODEL_ID
+    if named.lower() != model_id.lower():
+        raise InputError(
+            f"{folder}/config.json names model {named!r} but it would be stored and reported as MODEL_ID {model_id!r}: "
+            f"pass --model-id {named} (or the id you want it stored under)"
+        )
 
 
 def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:

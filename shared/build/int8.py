@@ -184,6 +184,7 @@ def quantize(
     # one at a time while being written, never all at once
     new_tensors: list[tuple[str, np.dtype[Any], tuple[int, ...], Callable[[], np.ndarray]]] = []
     plans: dict[int, tuple[Any, Any]] = {}
+    weights_planned: set[str] = set()
     for position, node in _quantizable(proto, recipe).items():
         activation, weight = node.input[0], node.input[1]
         if activation not in ranges:
@@ -195,11 +196,15 @@ def quantize(
             a_zero = np.array(np.clip(round(-low / float(a_scale)), 0, 255), dtype=np.uint8)
             new_tensors.append((f"{a_base}_scale", a_scale.dtype, (), partial(_same, a_scale)))
             new_tensors.append((f"{a_base}_zero_point", a_zero.dtype, (), partial(_same, a_zero)))
-        source = views[weight]
-        w_scale = _weight_scales(source, recipe.per_channel, weight_limit)
-        new_tensors.append((w_base, np.dtype(np.int8), source.shape, partial(_int8_weights, source, w_scale, weight_limit)))
-        new_tensors.append((f"{w_base}_scale", w_scale.dtype, w_scale.shape, partial(_same, w_scale)))
-        new_tensors.append((f"{w_base}_zero_point", np.dtype(np.int8), w_scale.shape, partial(np.zeros, w_scale.shape, np.int8)))
+        if w_base not in weights_planned:
+            # a weight shared by several MatMuls (ALBERT's layers, DeBERTa's shared attention key)
+            # is quantized once: a second initializer of the same name was left without its bytes
+            weights_planned.add(w_base)
+            source = views[weight]
+            w_scale = _weight_scales(source, recipe.per_channel, weight_limit)
+            new_tensors.append((w_base, np.dtype(np.int8), source.shape, partial(_int8_weights, source, w_scale, weight_limit)))
+            new_tensors.append((f"{w_base}_scale", w_scale.dtype, w_scale.shape, partial(_same, w_scale)))
+            new_tensors.append((f"{w_base}_zero_point", np.dtype(np.int8), w_scale.shape, partial(np.zeros, w_scale.shape, np.int8)))
         quantize_node = helper.make_node(
             "QuantizeLinear", [activation, f"{a_base}_scale", f"{a_base}_zero_point"], [f"{a_base}_quantized"], name=f"{a_base}_quantize"
         )
@@ -207,7 +212,7 @@ def quantize(
             "MatMulIntegerToFloat",
             [f"{a_base}_quantized", w_base, f"{a_base}_scale", f"{w_base}_scale", f"{a_base}_zero_point", f"{w_base}_zero_point"],
             list(node.output),
-            name=f"{node.name or w_base}_int8",
+            name=f"{node.name or f'{w_base}_{position}'}_int8",
             domain="com.microsoft",
         )
         plans[position] = (quantize_node, matmul)

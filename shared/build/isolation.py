@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import IntegrityError, NotFoundError, QAError
 from ..store.model_files import FileEntry, Manifest, Pointer, check_config, hash_file, select_files, utc_now
 from ..store.model_store import ModelStore
 from ..store.transfer import file_chunks
 from ..telemetry import log_event
+from .model_checks import CheckedSource
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Snapshot:
     source: str
     files: tuple[FileEntry, ...]
     source_revision: str | None = None
+    derived: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> what it was made from, by what
 
     @property
     def total_bytes(self) -> int:
@@ -253,6 +255,8 @@ def isolate(
         QAError: any other failure, after it was recorded in ``last-refresh.json``.
     """
     progress = progress or _Quiet()
+    if not isinstance(source, CheckedSource):
+        source = CheckedSource(source)  # refusals and the derived tokenizer.json before any copy
     store.ensure_container()
     started = time.monotonic()
     result = IsolationResult(outcome="failed", model_id=store.model_id)
@@ -385,6 +389,7 @@ def _isolate_locked(
         source=snapshot.source,
         source_revision=snapshot.source_revision,
         files=snapshot.files,
+        derived=snapshot.derived,
     )
     if validate is not None:
         validate(store, manifest)

@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import UnsafeModelError
 from ..memory import release_memory
 from .int8 import CALIBRATION_FILE, DEFAULT_RECIPE, RECIPES, calibrate, calibration_facts, linear_inputs, quantize
+from .model_checks import check_vocabulary
 from .onnx_weights import EXTERNAL_MIN_BYTES, MODEL_FILE, WEIGHTS_FILE, WeightsWriter
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,13 @@ def build_onnx(
     windows = 0
     if variant == "int8":
         say(f"calibrating activation scales on {CALIBRATION_FILE.name}")
-        linear_ranges, windows = calibrate(model, spec, facts)
+        try:
+            linear_ranges, windows = calibrate(model, spec, facts)
+        except Exception as err:  # the model cannot run the project's text: a reason to record, not a crash
+            log.info("int8 calibration failed", exc_info=True)
+            raise UnsafeModelError(
+                f"int8 calibration failed: the model cannot answer the calibration text ({type(err).__name__}: {err})"
+            ) from err
     say(f"exporting {model.config.model_type} to ONNX ({', '.join(facts['input_names'])})")
     ir_model = _export(model, facts["input_names"], max_seq_len=facts["max_seq_len"])
     model_type = model.config.model_type
@@ -183,6 +190,7 @@ def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
     model_class: Any = MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None)
     if model_class is None:
         raise UnsafeModelError(f"transformers has no question-answering head for model type {config.model_type!r}")
+    check_vocabulary(small, config_dict, where=str(model_dir))
     state_dict: dict[str, Any] = {}
     for path in weight_files:
         state_dict.update(_read_safetensors(path))
@@ -262,7 +270,7 @@ def _serving_facts(model: Any, spec: Any) -> dict[str, Any]:
 
     max_seq_len = min(spec.model_max_length, MAX_SEQ_LEN)
     return {
-        "input_names": [n for n in TorchRunner(model).input_names if n in spec.input_names],
+        "input_names": [n for n in TorchRunner(model).input_names if n in spec.input_names or n == "token_type_ids"],
         "max_seq_len": max_seq_len,
         "doc_stride": min(max_seq_len // 2, DOC_STRIDE),
         "cls_token_id": spec.cls_token_id,

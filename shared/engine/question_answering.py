@@ -246,6 +246,23 @@ class TokenizerSpec:
         )
 
 
+    @classmethod
+    def from_dir(cls, model_dir: Path | str) -> TokenizerSpec:
+        """Read the spec from a model folder's files; without ``tokenizer.json``, one is converted
+        from the slow tokenizer's files (:mod:`shared.engine.tokenizer_conversion`).
+
+        Raises:
+            UnsafeModelError: no tokenizer.json and the slow files cannot be converted.
+        """
+        from .tokenizer_conversion import TOKENIZER_SOURCE_FILES, derive_tokenizer_json
+
+        folder = Path(model_dir)
+        names = ("tokenizer.json", "config.json", *TOKENIZER_SOURCE_FILES)
+        files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
+        tokenizer_json = files.get("tokenizer.json") or derive_tokenizer_json(files).data
+        return cls.from_files(tokenizer_json, files.get("tokenizer_config.json"), files.get("special_tokens_map.json"))
+
+
 def _tokenizer_class(name: object) -> Any:
     if not isinstance(name, str) or not name:
         return None
@@ -365,6 +382,10 @@ class TorchRunner:
         self.model = quantize_model(model.eval(), quantize)
         accepted = inspect.signature(model.forward).parameters
         self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted)
+        if getattr(model.config, "type_vocab_size", 2) < 2:
+            # one token type or none (RoBERTa, XLM-R, DeBERTa-v3): type 1 of the context would index
+            # past the embedding (IndexError) or be ignored; the model is fed what it was trained on
+            self.input_names = tuple(n for n in self.input_names if n != "token_type_ids")
         self._torch = torch
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -407,7 +428,9 @@ class QAEngine:
         self.batch_windows = batch_windows
         self.max_seq_len = max_seq_len or min(tokenizer.model_max_length, 384)
         self.doc_stride = doc_stride or min(self.max_seq_len // 2, 128)
-        self.input_names = [n for n in self.runner.input_names if n in tokenizer.input_names]
+        # token_type_ids follow the model (TorchRunner, the ONNX record), not the tokenizer class:
+        # transformers 5 dropped them from ALBERT's model_input_names, which 4.57.6 passed
+        self.input_names = [n for n in self.runner.input_names if n in tokenizer.input_names or n == "token_type_ids"]
         self.cls_token_id = tokenizer.cls_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # A private copy of the Rust tokenizer with truncation set once: encode() then never
@@ -425,15 +448,17 @@ class QAEngine:
     @classmethod
     def from_dir(cls, model_dir: Path | str, *, quantize: str = "none", **kwargs: Any) -> QAEngine:
         """Load a model folder (safetensors only, no remote code) and build the engine."""
-        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+        from transformers import AutoModelForQuestionAnswering
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a bar per load is noise in function logs
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        # the tokenizer from its files, as in memory mode: transformers 5's tokenizer classes
+        # rebuild SentencePiece pipelines (XLM-R, ALBERT) that tokenize unlike their tokenizer.json
+        tokenizer = TokenizerSpec.from_dir(model_dir)
         model = AutoModelForQuestionAnswering.from_pretrained(
             str(model_dir), use_safetensors=True, trust_remote_code=False, dtype="float32"
         )
-        return cls(model, TokenizerSpec.from_transformers(tokenizer), quantize=quantize, **kwargs)
+        return cls(model, tokenizer, quantize=quantize, **kwargs)
 
     # --- answering --------------------------------------------------------------------------
 

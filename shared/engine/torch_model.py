@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import struct
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import IntegrityError, UnsafeModelError
 from .question_answering import QAEngine, TokenizerSpec
+from .tokenizer_conversion import derive_tokenizer_json
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ _SAFETENSORS_DTYPES = {
     "U8": "uint8",
     "BOOL": "bool",
 }
-_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def safetensors_in_place(buffer: bytearray, *, name: str) -> dict[str, Any]:
@@ -244,16 +243,14 @@ def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, An
 
 
 def tokenizer_spec_from_files(files: Mapping[str, bytearray]) -> TokenizerSpec:
-    """The tokenizer facts of a model's files: from ``tokenizer.json``, or converted from the slow files."""
-    if "tokenizer.json" in files:
-        return TokenizerSpec.from_files(files["tokenizer.json"], files.get("tokenizer_config.json"), files.get("special_tokens_map.json"))
-    # No tokenizer.json: transformers must convert the slow files; they are a few KB on temp disk.
-    from transformers import AutoTokenizer
+    """The tokenizer facts of a model's files: from ``tokenizer.json``, or converted from the slow
+    files (a version isolated before tokenizer.json was derived at isolation; no ``sentencepiece``).
 
-    log.info("No tokenizer.json in the version: converting the tokenizer from its vocabulary files")
-    with tempfile.TemporaryDirectory(prefix="qa-tokenizer-") as folder:
-        for name in _TOKENIZER_FILES:
-            if name in files:
-                Path(folder, name).write_bytes(bytes(files[name]))
-        Path(folder, "config.json").write_bytes(bytes(files["config.json"]))
-        return TokenizerSpec.from_transformers(AutoTokenizer.from_pretrained(folder, trust_remote_code=False))
+    Raises:
+        UnsafeModelError: no tokenizer.json and the slow files cannot be converted.
+    """
+    tokenizer_json = files.get("tokenizer.json")
+    if tokenizer_json is None:
+        log.info("No tokenizer.json in the version: converting the tokenizer from its vocabulary files")
+        tokenizer_json = bytearray(derive_tokenizer_json(files).data)
+    return TokenizerSpec.from_files(tokenizer_json, files.get("tokenizer_config.json"), files.get("special_tokens_map.json"))

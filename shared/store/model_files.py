@@ -32,10 +32,13 @@ ALLOWED_NAMES = frozenset(
         "vocab.json",
         "merges.txt",
         "spiece.model",
+        "spm.model",
         "sentencepiece.bpe.model",
         "added_tokens.json",
     }
 )
+# files a tokenizer is read from, or converted from at isolation (DeBERTa-v3 ships only spm.model)
+_TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model", "sentencepiece.bpe.model")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.pkl", "*.pickle")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REVISION_RE = re.compile(r"^([0-9a-f]{40}|local-[0-9a-f]{16})$")
@@ -120,8 +123,8 @@ def select_files(names: list[str], *, where: str) -> list[str]:
         )
     if "config.json" not in chosen:
         raise UnsafeModelError(f"{where} has no config.json")
-    if "tokenizer.json" not in chosen and "vocab.txt" not in chosen and "vocab.json" not in chosen:
-        raise UnsafeModelError(f"{where} has no tokenizer files (tokenizer.json, vocab.txt or vocab.json)")
+    if not any(n in chosen for n in _TOKENIZER_VOCABULARIES):
+        raise UnsafeModelError(f"{where} has no tokenizer files ({', '.join(_TOKENIZER_VOCABULARIES)})")
     return chosen
 
 
@@ -176,6 +179,9 @@ class Manifest:
     task: str = TASK
     libraries: dict[str, str] = field(default_factory=library_versions)
     format: int = FORMAT_VERSION
+    # files made at isolation rather than copied (a tokenizer.json converted from the slow
+    # tokenizer's files): name -> {"from": [source files], "by": "transformers X.Y.Z", ...}
+    derived: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -212,6 +218,7 @@ class Manifest:
                 task=str(data.get("task", TASK)),
                 libraries=dict(data.get("libraries", {})),
                 format=int(data.get("format", FORMAT_VERSION)),
+                derived={str(name): dict(facts) for name, facts in data.get("derived", {}).items()},
             )
         except IntegrityError:
             raise
@@ -219,6 +226,8 @@ class Manifest:
             raise IntegrityError(f"manifest.json of version {revision} is malformed") from err
         if manifest.revision != revision:
             raise IntegrityError(f"manifest.json under {revision} names revision {manifest.revision}")
+        if not set(manifest.derived) <= {f.name for f in files}:
+            raise IntegrityError(f"manifest.json of version {revision} marks a file derived that it does not list")
         if len({f.name for f in files}) != len(files):
             raise IntegrityError(f"manifest.json of version {revision} lists a file twice")
         for entry in files:

@@ -1,0 +1,124 @@
+"""What can be served, decided from a source's small files before any weight is copied.
+
+A model is refused in one line when transformers does not know its type, when it is generative,
+when its checkpoint has no question-answering head (a base or classification model, whose span
+head would be random), when its tokenizer's ids run past its embedding, or when it has no
+``tokenizer.json`` and its slow tokenizer cannot be converted. A model that ships only its slow
+tokenizer gets a ``tokenizer.json`` derived once here (:mod:`shared.engine.tokenizer_conversion`),
+stored in the version as a file the manifest marks derived, so serving never converts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from typing import Any
+
+from ..engine.tokenizer_conversion import TOKENIZER_SOURCE_FILES, derive_tokenizer_json
+from ..errors import UnsafeModelError
+from ..store.model_files import FileEntry
+
+log = logging.getLogger(__name__)
+
+_SMALL_FILES = ("config.json", "tokenizer.json", *TOKENIZER_SOURCE_FILES)
+_SMALL_LIMIT = 64 << 20  # a SentencePiece model of a large multilingual vocabulary is a few MB
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+
+
+def check_servable(files: Mapping[str, bytes | bytearray], *, where: str) -> None:
+    """Refuse a model this app cannot serve, from its ``config.json`` (and tokenizer files).
+
+    Raises:
+        UnsafeModelError: one line saying what the model is and what is needed instead.
+    """
+    from transformers import CONFIG_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING, __version__
+
+    try:
+        config = json.loads(bytes(files["config.json"]))
+        assert isinstance(config, dict)
+    except (KeyError, ValueError, AssertionError) as err:
+        raise UnsafeModelError(f"{where}: config.json is missing or not a JSON object") from err
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise UnsafeModelError(
+            f"{where}: model type {model_type!r} is not known to transformers {__version__} (the version this app pins); "
+            "it cannot be served (remote code is never run)"
+        )
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    qa_heads = [a for a in architectures if a.endswith("ForQuestionAnswering")]
+    if architectures and not qa_heads:
+        generative = [a for a in architectures if a.endswith(_GENERATIVE_SUFFIXES)]
+        kind = "a generative model" if generative else "not an extractive question-answering checkpoint"
+        raise UnsafeModelError(
+            f"{where}: {kind} ({', '.join(architectures)}): it has no question-answering head, so its answers would come "
+            "from random weights; pick a checkpoint fine-tuned for extractive QA (architectures ...ForQuestionAnswering)"
+        )
+    config_class = CONFIG_MAPPING[model_type]
+    if config_class not in MODEL_FOR_QUESTION_ANSWERING_MAPPING:
+        raise UnsafeModelError(f"{where}: transformers {__version__} has no question-answering model for model type {model_type!r}")
+    check_vocabulary(files, config, where=where)
+
+
+def check_vocabulary(files: Mapping[str, bytes | bytearray], config: Mapping[str, Any], *, where: str) -> None:
+    """A tokenizer whose ids reach past the embedding fails on the first such token (IndexError)."""
+    rows = config.get("vocab_size")
+    raw = files.get("tokenizer.json")
+    if not isinstance(rows, int) or raw is None:
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_str(bytes(raw).decode("utf-8")).get_vocab_size(with_added_tokens=True)
+    except Exception as err:
+        raise UnsafeModelError(f"{where}: tokenizer.json cannot be read ({type(err).__name__})") from err
+    if size > rows:
+        raise UnsafeModelError(
+            f"{where}: the tokenizer has {size} tokens but the model's embedding has {rows} rows (vocab_size): "
+            "the tokenizer does not belong to these weights"
+        )
+
+
+class CheckedSource:
+    """A source whose snapshot is checked (:func:`check_servable`) and completed with a derived
+    ``tokenizer.json`` when it has none, before isolation copies anything."""
+
+    def __init__(self, source: Any) -> None:
+        """``source``: an :class:`shared.build.isolation.Source` (typed loosely: isolation imports this module)."""
+        self.source = source
+        self._snapshot: Any = None
+        self._derived: dict[str, bytes] = {}
+
+    def revision(self) -> str:
+        return self.source.revision()
+
+    def snapshot(self) -> Any:
+        if self._snapshot is None:
+            self._snapshot = self._check(self.source.snapshot())
+        return self._snapshot
+
+    def open(self, entry: FileEntry) -> Iterator[bytes]:
+        if entry.name in self._derived:
+            yield self._derived[entry.name]
+            return
+        yield from self.source.open(entry)
+
+    def _check(self, snapshot: Any) -> Any:
+        where = f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
+        small = {entry.name: self._read(entry) for entry in snapshot.files if entry.name in _SMALL_FILES and entry.size <= _SMALL_LIMIT}
+        if "tokenizer.json" in small:
+            check_servable(small, where=where)
+            return snapshot
+        derived = derive_tokenizer_json(small)
+        small["tokenizer.json"] = derived.data
+        check_servable(small, where=where)
+        self._derived["tokenizer.json"] = derived.data
+        entry = FileEntry(name="tokenizer.json", size=len(derived.data), sha256=hashlib.sha256(derived.data).hexdigest())
+        log.info("Derived tokenizer.json from %s with %s (%s)", ", ".join(derived.sources), derived.converter, derived.library)
+        files = tuple(sorted((*snapshot.files, entry), key=lambda e: e.name))
+        return replace(snapshot, files=files, derived={**snapshot.derived, "tokenizer.json": derived.describe()})
+
+    def _read(self, entry: FileEntry) -> bytes:
+        return b"".join(self.source.open(entry))

@@ -1,0 +1,122 @@
+"""Isolating the families of issue 19 into Azurite: a derived tokenizer.json for a model that ships
+only its SentencePiece model, one-line refusals before any weight is copied, and the model id of
+a ``--from-dir`` folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.build.isolation import LocalDirSource, isolate
+from shared.engine.torch_model import engine_from_files
+from shared.errors import UnsafeModelError
+from shared.store.model_store import ModelStore
+from tests.unit.test_question_answering_golden import RECORDS, ROOMY, assert_same, item
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "tests" / "fixtures" / "models"
+
+
+def copy_model(name: str, tmp_path: Path) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(MODELS / name, folder)
+    return folder
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def test_a_sentencepiece_only_model_gets_a_derived_tokenizer_json(store: ModelStore) -> None:
+    result = isolate(store, LocalDirSource(MODELS / "deberta-v3", block_size=store.block_size), explicit=True, keep_versions=5)
+    assert result.outcome == "published" and result.revision is not None
+    manifest = store.require_manifest(result.revision)
+    names = {f.name for f in manifest.files}
+    assert {"spm.model", "tokenizer.json", "added_tokens.json"} <= names
+    derived = manifest.derived["tokenizer.json"]
+    assert derived["from"][0] == "spm.model" and derived["by"].startswith("transformers ")
+    assert derived["converter"] == "DebertaV2Converter"
+    assert set(store.read_manifest(result.revision).derived) == {"tokenizer.json"}  # type: ignore[union-attr]
+    assert store.verify_version(result.revision) == []
+    # the stored version answers as the 4.57.6 pipeline did (which converted with sentencepiece)
+    files = {entry.name: store.read_file(result.revision, entry) for entry in manifest.files}
+    qa = engine_from_files(files, limits=ROOMY)
+    for record in [r for r in RECORDS if r["model"] == "deberta-v3"][:24]:
+        assert_same(qa.answer([item(record)])[0], record["answers"], str(record["question"]))
+    again = isolate(store, LocalDirSource(MODELS / "deberta-v3", block_size=store.block_size), explicit=True, keep_versions=5)
+    assert again.outcome == "up_to_date" and again.bytes_moved == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"architectures": ["BertForSequenceClassification"]}, r"not an extractive question-answering checkpoint \(BertForSeq"),
+        ({"architectures": ["BertModel"]}, r"no question-answering head"),
+        ({"model_type": "not-a-model"}, r"model type 'not-a-model' is not known to transformers"),
+        ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, r"a generative model \(GPT2LMHeadModel\)"),
+        ({"vocab_size": 116}, r"the tokenizer has 254 tokens but the model's embedding has 116 rows"),
+    ],
+)
+def test_unservable_models_are_refused_before_any_weight_is_copied(
+    store: ModelStore, tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    folder = copy_model("bert", tmp_path)
+    edit_config(folder, **change)
+    with pytest.raises(UnsafeModelError, match=message) as raised:
+        isolate(store, LocalDirSource(folder, block_size=store.block_size), explicit=True, keep_versions=5)
+    assert "\n" not in raised.value.message
+    assert not [b.name for b in store.container.list_blobs() if "/versions/" in b.name]  # nothing copied
+    assert store.read_pointer() is None
+
+
+def test_a_slow_only_tokenizer_that_cannot_be_converted_is_refused(store: ModelStore, tmp_path: Path) -> None:
+    folder = copy_model("roberta", tmp_path)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UnsafeModelError, match=r"cannot be converted.*found: tokenizer_config\.json"):
+        isolate(store, LocalDirSource(folder, block_size=store.block_size), explicit=True, keep_versions=5)
+    deberta = copy_model("deberta-v3", tmp_path)
+    (deberta / "spm.model").unlink()
+    (deberta / "vocab.txt").write_text("[UNK]\n")  # a tokenizer file, but not the one DeBERTa-v3 needs
+    with pytest.raises(UnsafeModelError, match=r"needs its SentencePiece model \(spm\.model or spiece\.model"):
+        isolate(store, LocalDirSource(deberta, block_size=store.block_size), explicit=True, keep_versions=5)
+    assert not [b.name for b in store.container.list_blobs() if "/versions/" in b.name]
+
+
+def run_cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, object], str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared", *args, "--json"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_a_folder_naming_another_model_needs_model_id(azurite: str, container_name: str, tmp_path: Path) -> None:
+    folder = copy_model("electra", tmp_path)
+    edit_config(folder, _name_or_path="deepset/electra-base-squad2")
+    env = {
+        "MODEL_STORAGE": azurite,
+        "MODEL_CONTAINER": container_name,
+        "MODEL_ID": "google-bert/bert-large-uncased-whole-word-masking-finetuned-squad",
+        "MODEL_ARTIFACTS": "none",
+        "MODEL_CANARY": json.dumps({"question": "Who won?", "context": "The Denver Broncos won the game."}),
+    }
+    code, out, err = run_cli(env, "isolate", "--from-dir", str(folder))
+    assert code == 1 and out["error"]["code"] == "bad_request"  # type: ignore[index]
+    assert "names model 'deepset/electra-base-squad2'" in err and "pass --model-id deepset/electra-base-squad2" in err
+    assert "Traceback" not in err
+    code, out, err = run_cli(env, "isolate", "--from-dir", str(folder), "--model-id", "deepset/electra-base-squad2")
+    assert code == 0 and out["outcome"] == "published" and out["model_id"] == "deepset/electra-base-squad2", err
+    code, out, _ = run_cli({**env, "MODEL_ID": "deepset/electra-base-squad2"}, "isolate", "--from-dir", str(folder))
+    assert code == 0 and out["outcome"] == "up_to_date"  # the same id in MODEL_ID: no --model-id needed
