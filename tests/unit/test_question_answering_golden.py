@@ -21,7 +21,7 @@ ROOMY = Limits(max_context_chars=100_000, max_question_tokens=512, max_windows=1
 
 
 @cache
-def engine(model: str, batch_windows: int = 8) -> QAEngine:
+def engine(model: str, batch_windows: int | str = 8) -> QAEngine:
     return QAEngine.from_dir(FIXTURES / "models" / model, limits=ROOMY, batch_windows=batch_windows)
 
 
@@ -62,10 +62,11 @@ def test_one_at_a_time_matches_the_pipeline(model: str) -> None:
         assert_same(qa.answer([item(record)])[0], record["answers"], f"{model} #{index}: {record['options']}")
 
 
+@pytest.mark.parametrize("batch_windows", [8, "auto"])
 @pytest.mark.parametrize("model", ["bert", "distilbert", "roberta", "bert-squad2"])
-def test_batched_requests_match_the_pipeline(model: str) -> None:
+def test_batched_requests_match_the_pipeline(model: str, batch_windows: int | str) -> None:
     records = [r for r in RECORDS if r["model"] == model]
-    qa = engine(model, batch_windows=8)
+    qa = engine(model, batch_windows=batch_windows)
     for first in range(0, len(records), 16):
         chunk = records[first : first + 16]
         results = qa.answer([item(r) for r in chunk])
