@@ -26,8 +26,10 @@ AUTO: Literal["auto"] = "auto"
 BatchWindows = int | Literal["auto"]
 
 # Tokens (rows x width) of one run under ``auto``: one 384-token window alone, or up to 3 windows
-# of 170 tokens. AVX2: 2 x 384 per run was 10% slower than 1 (issue 20). AVX-512: bench/engine.py
-# prints auto against 8 per run in one run (README, "Windows per run").
+# of 170 tokens. AVX2: 2 x 384 per run was 10% slower than 1 (issue 20). AVX-512 (a 2-core Xeon
+# with VNNI and AMX, onnx fp32, alternated in one process): this bound and 8 per run were within
+# the noise of each other on both multi-window scenarios (README, "Windows per run"), so the same
+# bound until a quieter measurement says otherwise; bench/engine.py prints auto against 8 per run.
 AVX2_RUN_TOKENS = 512
 AVX512_RUN_TOKENS = 512
 
