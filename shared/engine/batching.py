@@ -3,7 +3,8 @@
 A fixed count (an integer) takes the windows, shortest first, that many at a time. ``auto`` (the
 default) bounds the tokens of a run instead: the windows, shortest first, join a run while its
 rows times its width (the longest member's length: every row is padded to it) stay within
-:func:`auto_run_tokens`, and a window longer than that runs alone. The windows of one run are
+:func:`auto_run_tokens` (and the run within :data:`MAX_AUTO_WINDOWS`), and a window longer than
+that runs alone. The windows of one run are
 padded only to their longest member, so the short last window of a long context never grows to
 384 tokens, and short windows (many questions over one paragraph) still share runs.
 
@@ -25,13 +26,15 @@ from .cpu import has_avx512
 AUTO: Literal["auto"] = "auto"
 BatchWindows = int | Literal["auto"]
 
-# Tokens (rows x width) of one run under ``auto``: one 384-token window alone, or up to 3 windows
-# of 170 tokens. AVX2: 2 x 384 per run was 10% slower than 1 (issue 20). AVX-512 (a 2-core Xeon
-# with VNNI and AMX, onnx fp32, alternated in one process): this bound and 8 per run were within
-# the noise of each other on both multi-window scenarios (README, "Windows per run"), so the same
-# bound until a quieter measurement says otherwise; bench/engine.py prints auto against 8 per run.
+# Tokens (rows x width) of one run under ``auto``, and at most MAX_AUTO_WINDOWS windows.
+# AVX2: one 384-token window alone, or up to 3 windows of 170 tokens; 2 x 384 per run was 10%
+# slower than 1 (issue 20). AVX-512 (a 2-core Xeon with VNNI and AMX, onnx fp32): alternated in
+# one process, 512 tokens and 8 per run were within the noise of each other; in a sequential run
+# 8 per run was 11% faster on the long context (README, "Windows per run"). Until a quieter
+# measurement separates them, AVX-512 keeps the former grouping: 8 windows of 384 tokens.
 AVX2_RUN_TOKENS = 512
-AVX512_RUN_TOKENS = 512
+AVX512_RUN_TOKENS = 8 * 384
+MAX_AUTO_WINDOWS = 8
 
 
 def auto_run_tokens() -> int:
@@ -55,7 +58,7 @@ def plan_runs(lengths: Sequence[int], batch_windows: BatchWindows, *, run_tokens
         bound = run_tokens if run_tokens is not None else auto_run_tokens()
         runs: list[list[int]] = []
         for k in order:
-            if runs and (len(runs[-1]) + 1) * lengths[k] <= bound:
+            if runs and len(runs[-1]) < MAX_AUTO_WINDOWS and (len(runs[-1]) + 1) * lengths[k] <= bound:
                 runs[-1].append(k)
             else:
                 runs.append([k])

@@ -36,6 +36,11 @@ def test_a_window_over_the_bound_runs_alone() -> None:
     assert plan_runs([600, 700], AUTO, run_tokens=512) == [[0], [1]]
 
 
+def test_auto_runs_hold_at_most_max_auto_windows() -> None:
+    runs = plan_runs([10] * 20, AUTO, run_tokens=10_000)
+    assert [len(run) for run in runs] == [batching.MAX_AUTO_WINDOWS] * 2 + [20 - 2 * batching.MAX_AUTO_WINDOWS]
+
+
 def test_a_fixed_count_takes_that_many_shortest_first() -> None:
     lengths = [384, 120, 384, 90, 384]
     assert plan_runs(lengths, 2) == [[3, 1], [0, 2], [4]]
