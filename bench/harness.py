@@ -94,7 +94,7 @@ def table(rows: list[tuple[str, dict[str, Any]]], columns: list[tuple[str, str, 
 def cpu_line() -> str:
     """The CPU this run measured on: model, vector flags that decide kernel speed, CPUs usable."""
     sys.path.insert(0, str(ROOT))
-    from shared.build.onnx_export import cpu_facts
+    from shared.engine.cpu import cpu_facts
     from shared.engine.onnx_runner import cpu_quota
 
     facts = cpu_facts()

@@ -109,6 +109,17 @@ def parse_choice(name: str, raw: str | None, choices: tuple[str, ...], default: 
     return value
 
 
+def parse_batch_windows(name: str, raw: str | None) -> int | Literal["auto"]:
+    """Parse ``QA_BATCH_WINDOWS``: ``auto`` (the default: runs sized for this CPU by the engine)
+    or a fixed number of windows per run, at least 1."""
+    if raw is None or raw.strip().lower() in ("", "auto"):
+        return "auto"
+    try:
+        return parse_int(name, raw, 1)
+    except SettingsError:
+        raise SettingsError(f"{name} must be auto or a whole number of at least 1, got {raw!r}") from None
+
+
 def parse_model_id(name: str, raw: str | None, default: str) -> str:
     """Parse a Hub model id (``owner/name`` or ``name``); it becomes a blob path prefix."""
     value = default if raw is None or raw.strip() == "" else raw.strip()
@@ -273,7 +284,7 @@ class Settings:
     max_question_tokens: int = 64
     max_items: int = 32
     max_windows: int = 48
-    batch_windows: int = 8
+    batch_windows: int | Literal["auto"] = "auto"
     max_concurrent: int = 2
     deadline_seconds: float = 60.0
     refresh_queue: str = "model-refresh"
@@ -318,7 +329,7 @@ class Settings:
             max_question_tokens=parse_int("QA_MAX_QUESTION_TOKENS", env.get("QA_MAX_QUESTION_TOKENS"), 64),
             max_items=parse_int("QA_MAX_ITEMS", env.get("QA_MAX_ITEMS"), 32),
             max_windows=parse_int("QA_MAX_WINDOWS", env.get("QA_MAX_WINDOWS"), 48),
-            batch_windows=parse_int("QA_BATCH_WINDOWS", env.get("QA_BATCH_WINDOWS"), 8),
+            batch_windows=parse_batch_windows("QA_BATCH_WINDOWS", env.get("QA_BATCH_WINDOWS")),
             max_concurrent=parse_int("QA_MAX_CONCURRENT", env.get("QA_MAX_CONCURRENT"), 2),
             deadline_seconds=parse_float("QA_DEADLINE_SECONDS", env.get("QA_DEADLINE_SECONDS"), 60.0, minimum=1.0),
             refresh_queue=parse_name("MODEL_REFRESH_QUEUE", env.get("MODEL_REFRESH_QUEUE"), "model-refresh", _QUEUE_RE, "queue"),

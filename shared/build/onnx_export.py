@@ -21,7 +21,6 @@ import gc
 import json
 import logging
 import mmap
-import platform
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engine.cpu import cpu_facts
 from ..errors import UnsafeModelError
 from ..memory import release_memory
 from .int8 import CALIBRATION_FILE, DEFAULT_RECIPE, RECIPES, calibrate, calibration_facts, linear_inputs, quantize
@@ -43,7 +43,6 @@ OUTPUT_NAMES = ("start_logits", "end_logits")
 VARIANTS = ("fp32", "int8")
 MAX_SEQ_LEN = 384
 DOC_STRIDE = 128
-_CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
 @dataclass
@@ -416,17 +415,3 @@ def _versions() -> dict[str, str]:
         "onnxscript": onnxscript.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-
-
-def cpu_facts() -> dict[str, Any]:
-    """The CPU model and the vector-instruction flags that decide int8 and fp32 kernel speed."""
-    model, flags = platform.processor() or platform.machine(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    return {"model": model, "flags": [f for f in _CPU_FLAGS if f in flags]}

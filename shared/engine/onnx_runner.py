@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import IntegrityError, UnsafeModelError
 from ..memory import large_blocks_mapped, release_free_heap
+from .batching import AUTO, BatchWindows
 from .question_answering import Limits, QAEngine, TokenizerSpec
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def onnx_engine(
     tokenizer_files: Mapping[str, bytes | bytearray],
     *,
     limits: Limits | None = None,
-    batch_windows: int = 8,
+    batch_windows: BatchWindows = AUTO,
     threads: int | None = None,
     prepack: bool = True,
 ) -> QAEngine:

@@ -4,8 +4,9 @@ transformers 5.3 removed ``pipeline("question-answering")``; this engine gives t
 transformers 4.57.6 ``QuestionAnsweringPipeline`` gave with a fast tokenizer and its defaults
 (``max_seq_len`` 384, ``doc_stride`` 128, ``align_to_words``): the same windows, masking, span
 search, word alignment and merging of identical answers found in several windows. It differs in
-how the work runs: every window of every item of a request goes through the model in as few
-padded forward passes as ``batch_windows`` allows, and it is safe to call from many threads.
+how the work runs: the windows of every item of a request go through the model in runs grouped by
+length (``batch_windows``: a fixed count, or ``auto`` for this CPU), and it is safe to call from
+many threads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import DeadlineExceededError, InputError, TooLargeError
+from .batching import AUTO, BatchWindows, plan_runs
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -403,7 +405,8 @@ class QAEngine:
             :class:`TorchRunner`).
         tokenizer: its fast tokenizer, as a :class:`TokenizerSpec`.
         limits: request budgets.
-        batch_windows: windows per forward pass.
+        batch_windows: windows per forward pass, or ``"auto"``: runs bounded in tokens for this
+            CPU (:mod:`shared.engine.batching`).
         quantize: what the runner computes in (``none`` or ``int8``); for a torch model,
             ``int8`` quantizes its Linear layers in place at build time.
         max_seq_len, doc_stride: window geometry (pipeline defaults: 384 and 128).
@@ -415,7 +418,7 @@ class QAEngine:
         tokenizer: TokenizerSpec,
         *,
         limits: Limits | None = None,
-        batch_windows: int = 8,
+        batch_windows: BatchWindows = AUTO,
         quantize: str = "none",
         max_seq_len: int | None = None,
         doc_stride: int | None = None,
@@ -425,6 +428,7 @@ class QAEngine:
         self.runner: Runner = model if isinstance(model, Runner) else TorchRunner(model, quantize=quantize)
         self.quantize = quantize
         self.limits = limits or Limits()
+        plan_runs((), batch_windows)  # a bad value fails here, not at the first request
         self.batch_windows = batch_windows
         self.max_seq_len = max_seq_len or min(tokenizer.model_max_length, 384)
         self.doc_stride = doc_stride or min(self.max_seq_len // 2, 128)
@@ -528,14 +532,13 @@ class QAEngine:
         return p_mask
 
     def _run(self, windows: list[_Window], deadline: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Logits of every window, in the windows' order. Windows are batched by length so that a
-        pass pads as little as possible; each window's logits are cut back to its own length."""
+        """Logits of every window, in the windows' order. Windows are grouped into runs by length
+        (:func:`~shared.engine.batching.plan_runs`) so that a run pads as little as possible; each
+        window's logits are cut back to its own length."""
         results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(windows)
-        order = sorted(range(len(windows)), key=lambda k: len(windows[k].encoding.ids))
-        for first in range(0, len(order), self.batch_windows):
+        for batch in plan_runs([len(w.encoding.ids) for w in windows], self.batch_windows):
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceededError("The request ran out of time; send a shorter context or fewer questions")
-            batch = order[first : first + self.batch_windows]
             width = max(len(windows[k].encoding.ids) for k in batch)
             ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
             mask = np.zeros((len(batch), width), dtype=np.int64)

@@ -35,7 +35,7 @@ DEFAULT_IS_RIGHT = {
     "QA_MAX_QUESTION_TOKENS": "request limits: the README's defaults",
     "QA_MAX_ITEMS": "request limits: the README's defaults",
     "QA_MAX_WINDOWS": "request limits: the README's defaults",
-    "QA_BATCH_WINDOWS": "8 windows per forward pass",
+    "QA_BATCH_WINDOWS": "auto: runs sized for the instance's CPU (an integer overrides)",
     "QA_DEADLINE_SECONDS": "60 s, well under the 230 s HTTP limit",
     "HF_ENDPOINT": "the Hub itself",
 }

@@ -170,6 +170,18 @@ def test_every_recipe_builds_and_answers(recipe: str) -> None:
     assert CONTEXT[best.start : best.end] == best.answer
 
 
+@pytest.mark.parametrize(("recipe", "fits_int16"), [(None, False), ("per-channel, all int8, static, reduce_range", True)])
+def test_reduce_range_keeps_avx2_pair_sums_within_int16(recipe: str | None, fits_int16: bool) -> None:
+    """AVX2 without VNNI adds two u8 x s8 products in int16 (saturating); 7-bit weights keep every
+    pair within it, 8-bit ones do not (their answers may then differ on such CPUs)."""
+    built = artifact("bert", "int8", recipe)
+    graph = onnx.load_from_string(bytes(built.files[MODEL_FILE]))
+    views = initializer_views(graph, built.files[WEIGHTS_FILE])
+    weights = {n.input[1] for n in graph.graph.node if n.op_type == "MatMulIntegerToFloat"}
+    largest = max(int(np.abs(views[name].astype(np.int32)).max()) for name in weights)
+    assert (2 * 255 * largest <= 32767) is fits_int16
+
+
 # --- serving without torch ----------------------------------------------------------------------
 
 _NO_TORCH_CHILD = """

@@ -29,12 +29,12 @@ MODELS = ["bert", "distilbert", "roberta", "bert-squad2", "xlm-roberta", "debert
 
 
 @cache
-def engine(model: str, batch_windows: int = 8) -> QAEngine:
+def engine(model: str, batch_windows: int | str = 8) -> QAEngine:
     return QAEngine.from_dir(FIXTURES / "models" / model, limits=ROOMY, batch_windows=batch_windows)
 
 
 @cache
-def memory_engine(model: str, batch_windows: int = 8) -> QAEngine:
+def memory_engine(model: str, batch_windows: int | str = 8) -> QAEngine:
     files = {p.name: bytearray(p.read_bytes()) for p in (FIXTURES / "models" / model).iterdir()}
     return engine_from_files(files, limits=ROOMY, batch_windows=batch_windows)
 
@@ -79,10 +79,11 @@ def test_one_at_a_time_matches_the_pipeline(model: str) -> None:
         assert_same(qa.answer([item(record)])[0], record["answers"], f"{model} #{index}: {record['options']}")
 
 
+@pytest.mark.parametrize("batch_windows", [8, "auto"])
 @pytest.mark.parametrize("model", MODELS)
-def test_batched_requests_match_the_pipeline(model: str) -> None:
+def test_batched_requests_match_the_pipeline(model: str, batch_windows: int | str) -> None:
     records = [r for r in RECORDS if r["model"] == model]
-    qa = memory_engine(model, batch_windows=8)
+    qa = memory_engine(model, batch_windows=batch_windows)
     for first in range(0, len(records), 16):
         chunk = records[first : first + 16]
         results = qa.answer([item(r) for r in chunk])

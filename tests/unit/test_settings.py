@@ -19,6 +19,7 @@ def test_defaults_without_any_setting() -> None:
     assert settings.reload == "replace"
     assert settings.poll_seconds == 60.0
     assert settings.quantize == "none"
+    assert settings.batch_windows == "auto"
     with pytest.raises(SettingsError, match="MODEL_STORAGE"):
         settings.require_storage()
 
@@ -41,6 +42,8 @@ def test_defaults_without_any_setting() -> None:
         ("MODEL_CANARY", "{not json"),
         ("MODEL_CANARY", '{"question": "q"}'),
         ("MODEL_TRANSFER_CONCURRENCY", "64"),
+        ("QA_BATCH_WINDOWS", "0"),
+        ("QA_BATCH_WINDOWS", "automatic"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str) -> None:
@@ -116,3 +119,12 @@ def test_backend_artifacts_and_threads() -> None:
         Settings.from_env({"QA_BACKEND": "tensorrt"})
     with pytest.raises(SettingsError, match="QA_THREADS"):
         Settings.from_env({"QA_THREADS": "0"})
+
+
+def test_batch_windows_is_auto_or_a_fixed_count() -> None:
+    assert Settings.from_env({"QA_BATCH_WINDOWS": " Auto "}).batch_windows == "auto"
+    assert Settings.from_env({"QA_BATCH_WINDOWS": ""}).batch_windows == "auto"
+    assert Settings.from_env({"QA_BATCH_WINDOWS": "8"}).batch_windows == 8
+    assert Settings.from_env({"QA_BATCH_WINDOWS": "1"}).batch_windows == 1
+    with pytest.raises(SettingsError, match="QA_BATCH_WINDOWS must be auto or a whole number"):
+        Settings.from_env({"QA_BATCH_WINDOWS": "many"})
