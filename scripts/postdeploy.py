@@ -38,6 +38,7 @@ def refresh_message(reason: str = "postdeploy") -> str:
         "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "repair": False,
         "build_artifacts": False,
+        "unpin": False,
     }
     return base64.b64encode(json.dumps(body).encode()).decode("ascii")
 
