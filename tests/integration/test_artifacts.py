@@ -34,6 +34,7 @@ from shared.serving.holder import ModelHolder
 from shared.settings import Settings
 from shared.store.model_store import ModelStore
 from tests.conftest import ROOT
+from tests.fixtures.cli_runs import run_cli
 
 pytestmark = pytest.mark.integration
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game against Carolina."
@@ -285,12 +286,7 @@ def test_record_round_trip_and_refusals() -> None:
 
 
 def cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "shared", *args, "--json"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    return run_cli(env, *args, inherit_env=False, timeout=600)
 
 
 @pytest.fixture

@@ -19,19 +19,11 @@ from shared.settings import Settings
 from shared.store.model_store import ModelStore
 from shared.store.refresh_queue import RefreshRequest
 from tests.conftest import AZURITE_KEY, ROOT
+from tests.fixtures.cli_runs import run_cli as cli
 from tests.fixtures.fake_hub import FakeHubServer
 
 pytestmark = pytest.mark.integration
 REPO = "org/tiny-bert"
-
-
-def cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, object], str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "shared", *args, "--json"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 @pytest.fixture

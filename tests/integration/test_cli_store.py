@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from shared.settings import Settings
 from shared.store.model_store import ModelStore
+from tests.fixtures.cli_runs import run_cli as run
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(env: dict[str, str], *args: str) -> tuple[int, dict[str, object], str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "shared", *args, "--json"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    last = proc.stdout.strip().splitlines()[-1]
-    return proc.returncode, json.loads(last), proc.stderr
 
 
 @pytest.fixture

@@ -5,10 +5,7 @@ a ``--from-dir`` folder."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from shared.build.isolation import LocalDirSource, isolate
 from shared.engine.torch_model import engine_from_files
 from shared.errors import UnsafeModelError
 from shared.store.model_store import ModelStore
+from tests.fixtures.cli_runs import run_cli
 from tests.unit.test_question_answering_golden import RECORDS, ROOMY, assert_same, item
 
 pytestmark = pytest.mark.integration
@@ -88,18 +86,6 @@ def test_a_slow_only_tokenizer_that_cannot_be_converted_is_refused(store: ModelS
     with pytest.raises(UnsafeModelError, match=r"needs its SentencePiece model \(spm\.model or spiece\.model"):
         isolate(store, LocalDirSource(deberta, block_size=store.block_size), explicit=True, keep_versions=5)
     assert not [b.name for b in store.container.list_blobs() if "/versions/" in b.name]
-
-
-def run_cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, object], str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "shared", *args, "--json"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 def test_a_folder_naming_another_model_needs_model_id(azurite: str, container_name: str, tmp_path: Path) -> None:
