@@ -144,7 +144,8 @@ def _check_folder_model_id(folder: str, model_id: str) -> None:
     if named.lower() != model_id.lower():
         raise InputError(
             f"{folder}/config.json names model {named!r} but it would be stored and reported as MODEL_ID {model_id!r}: "
-            f"pass --model-id {named} (or the id you want it stored under)"
+            f"pass --model-id {named} (or the id you want it stored under), and set MODEL_ID to the same id where the app "
+            "serves it (local.settings.json, or the app settings)"
         )
 
 
