@@ -76,9 +76,9 @@ def test_storage_precedence_and_identity() -> None:
 
 
 def test_storage_repr_hides_the_key() -> None:
-    conn = parse_storage({"MODEL_STORAGE": "AccountName=a;AccountKey=SECRETKEY=="})
+    conn = parse_storage({"MODEL_STORAGE": "AccountName=a;AccountKey=SECRETKEYXYZ"})
     assert "SECRETKEY" not in repr(conn)
-    assert "SECRETKEY" not in repr(Settings.from_env({"MODEL_STORAGE": "AccountName=a;AccountKey=SECRETKEY==", "HF_TOKEN": "hf_x"}))
+    assert "SECRETKEY" not in repr(Settings.from_env({"MODEL_STORAGE": "AccountName=a;AccountKey=SECRETKEYXYZ", "HF_TOKEN": "hf_x"}))
     assert "hf_x" not in repr(Settings.from_env({"HF_TOKEN": "hf_x"}))
 
 
