@@ -18,7 +18,6 @@ import bisect
 import collections
 import contextlib
 import gc
-import json
 import logging
 import mmap
 import warnings
@@ -163,10 +162,9 @@ def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
     export can free them one by one as they move into ``weights.bin``.
     """
     import torch
-    from transformers import CONFIG_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
     from transformers.utils import logging as hf_logging
 
-    from ..engine.torch_model import tokenizer_spec_from_files
+    from ..engine.torch_model import question_answering_config, tokenizer_spec_from_files
 
     weight_files = sorted(model_dir.glob("*.safetensors"))
     if not weight_files:
@@ -178,17 +176,7 @@ def _load(model_dir: Path) -> tuple[Any, Any, bytes]:
         for path in model_dir.iterdir()
         if path.is_file() and path.suffix in (".json", ".txt") and path.stat().st_size < 64 << 20
     }
-    try:
-        config_dict = json.loads(bytes(small["config.json"]))
-    except ValueError as err:
-        raise UnsafeModelError(f"config.json is not valid JSON ({err}): truncated or damaged?") from None
-    try:
-        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
-    except (KeyError, ValueError, TypeError) as err:
-        raise UnsafeModelError("config.json has no known model_type for transformers") from err
-    model_class: Any = MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None)
-    if model_class is None:
-        raise UnsafeModelError(f"transformers has no question-answering head for model type {config.model_type!r}")
+    model_class, config, config_dict = question_answering_config(small)
     check_vocabulary(small, config_dict, where=str(model_dir))
     state_dict: dict[str, Any] = {}
     for path in weight_files:

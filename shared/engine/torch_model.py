@@ -208,16 +208,16 @@ def engine_from_files(files: Mapping[str, bytearray], *, quantize: str = "none",
     return QAEngine(model_from_files(files), tokenizer_spec_from_files(files), quantize=quantize, **options)
 
 
-def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, Any] | None = None) -> Any:
-    """The fp32 ``AutoModelForQuestionAnswering`` of in-memory files; its tensors share the
-    safetensors buffers (no copy), so those buffers live as long as the model. With
-    ``state_dict`` (tensors already read, e.g. by :class:`SafetensorsStream`), ``files`` needs
-    only ``config.json``; the dictionary is emptied as the model takes the tensors over."""
-    import torch
-    from transformers import CONFIG_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
-    from transformers.utils import logging as hf_logging
+def question_answering_config(files: Mapping[str, bytes | bytearray]) -> tuple[Any, Any, dict[str, Any]]:
+    """The ``...ForQuestionAnswering`` class, the transformers config and the raw ``config.json`` of a
+    model's files, read before any weight is.
 
-    hf_logging.disable_progress_bar()
+    Raises:
+        UnsafeModelError: config.json is not JSON, names no known model type, or that type has no
+            question-answering head in transformers.
+    """
+    from transformers import CONFIG_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
+
     try:
         config_dict = json.loads(bytes(files["config.json"]))
     except ValueError as err:
@@ -230,6 +230,19 @@ def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, An
     model_class: Any = MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None)
     if model_class is None:
         raise UnsafeModelError(f"transformers has no question-answering head for model type {model_type!r}")
+    return model_class, config, config_dict
+
+
+def model_from_files(files: Mapping[str, bytearray], *, state_dict: dict[str, Any] | None = None) -> Any:
+    """The fp32 ``AutoModelForQuestionAnswering`` of in-memory files; its tensors share the
+    safetensors buffers (no copy), so those buffers live as long as the model. With
+    ``state_dict`` (tensors already read, e.g. by :class:`SafetensorsStream`), ``files`` needs
+    only ``config.json``; the dictionary is emptied as the model takes the tensors over."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model_class, config, _ = question_answering_config(files)
     if state_dict is None:
         state_dict = {}
         for name in sorted(files):
