@@ -6,7 +6,7 @@
 ``--local`` times each backend from PROCESS START (interpreter and imports included) to the first
 answer, the files read from local disk into buffers as a memory-mode download leaves them (no
 storage in the way): the torch fp32 path (``engine_from_files``) against the ONNX fp32 and int8
-artifacts (``onnx_engine``, built by ``bench/artifacts.py`` on first use), and whether torch was
+artifacts (``onnx_engine``, built by ``bench/onnx_build_load.py`` on first use), and whether torch was
 imported.
 
 A bert-large-shaped model (random fp32 weights, 1.34 GB) is published to Azurite once, and its
@@ -55,7 +55,8 @@ def _clock_after_imports() -> float:
 
 
 def simple(container: str, revision: str) -> dict[str, Any]:
-    from shared.engine.question_answering import QAEngine, QAItem
+    from shared.engine.question_answering import QAItem
+    from shared.engine.torch_model import engine_from_dir
     from shared.store.model_store import ModelStore
 
     began = _clock_after_imports()
@@ -65,7 +66,7 @@ def simple(container: str, revision: str) -> dict[str, Any]:
         for blob in store.container.list_blobs(name_starts_with=store.version_prefix(revision)):
             name = blob.name.rsplit("/", 1)[-1]
             (folder / name).write_bytes(store.container.get_blob_client(blob.name).download_blob().readall())
-        engine = QAEngine.from_dir(folder)
+        engine = engine_from_dir(folder)
         answer = engine.answer([QAItem(QUESTION, CONTEXT)])[0][0]
     finally:
         shutil.rmtree(folder)
@@ -85,7 +86,7 @@ def project(container: str, revision: str, mode: str, cache_dir: str = "") -> di
 
 
 def publish(folder: str, container: str) -> dict[str, Any]:
-    from shared.build.isolation import LocalDirSource, isolate
+    from shared.refresh.isolation import LocalDirSource, isolate
     from shared.store.model_store import ModelStore
 
     store = ModelStore.from_settings(_settings(container))
@@ -97,7 +98,7 @@ def publish(folder: str, container: str) -> dict[str, Any]:
 def build(container: str, revision: str) -> dict[str, Any]:
     """The version's ONNX artifacts, as ``python -m shared build-artifacts`` builds them (no canary:
     random weights have no right answer to check)."""
-    from shared.build.artifacts import build_artifacts
+    from shared.refresh.artifact_builds import build_artifacts
     from shared.store.model_store import ModelStore
 
     settings = _settings(container, MODEL_ARTIFACTS="fp32,int8")
@@ -110,7 +111,7 @@ def build(container: str, revision: str) -> dict[str, Any]:
 def serving(container: str, backend: str, quantize: str) -> dict[str, Any]:
     """The first answer of a serving process, from process start, through the app's own holder."""
     from shared.engine.question_answering import QAItem
-    from shared.loading.artifacts import load_artifact
+    from shared.loading.onnx_artifacts import load_artifact
     from shared.serving.holder import ModelHolder
 
     settings = _settings(container, MODEL_LOAD_MODE="memory", QA_BACKEND=backend, QA_QUANTIZE=quantize)
@@ -161,7 +162,7 @@ def local_torch(model_dir: str) -> dict[str, Any]:
 
 
 def local_onnx(model_dir: str, variant: str) -> dict[str, Any]:
-    from bench.artifacts import ARTIFACTS
+    from bench.onnx_build_load import ARTIFACTS
     from shared.engine.onnx_runner import default_threads, onnx_engine
     from shared.engine.question_answering import QAItem
 
@@ -186,8 +187,8 @@ VARIANTS = {
 
 
 def main_local() -> None:
-    from bench.artifacts import ensure_artifacts
     from bench.harness import cpu_line
+    from bench.onnx_build_load import ensure_artifacts
 
     folder = str(bert_large())
     ensure_artifacts()

@@ -5,7 +5,7 @@ on a bert-large-shaped model.
 
 ``--no-reference`` leaves the pipeline out (it needs ``.golden-venv``); ratios are then to the torch
 fp32 engine. The ONNX artifacts come from ``bench/out/onnx-bert-large/`` (built by
-``bench/artifacts.py`` on first use). Every engine runs with ``QA_BATCH_WINDOWS=auto`` (the
+``bench/onnx_build_load.py`` on first use). Every engine runs with ``QA_BATCH_WINDOWS=auto`` (the
 default); the ONNX rows are also run with the former fixed 8 windows per run ("before"), unless
 ``--no-before``.
 
@@ -69,16 +69,17 @@ def _time(run: Any, repeats: dict[str, int]) -> dict[str, Any]:
 
 
 def engine(model_dir: str, quantize: str, repeats: dict[str, int], batch_windows: int | str = "auto") -> dict[str, Any]:
-    from shared.engine.question_answering import Limits, QAEngine, QAItem
+    from shared.engine.question_answering import Limits, QAItem
+    from shared.engine.torch_model import engine_from_dir
 
-    qa = QAEngine.from_dir(model_dir, quantize=quantize, limits=Limits(max_windows=64), batch_windows=batch_windows)
+    qa = engine_from_dir(model_dir, quantize=quantize, limits=Limits(max_windows=64), batch_windows=batch_windows)
     return _time(lambda items: qa.answer([QAItem(q, c) for q, c in items]), repeats)
 
 
 def onnx(model_dir: str, variant: str, repeats: dict[str, int], batch_windows: int | str = "auto") -> dict[str, Any]:
     import json
 
-    from bench.artifacts import ARTIFACTS
+    from bench.onnx_build_load import ARTIFACTS
     from shared.engine.onnx_runner import default_threads, onnx_engine
     from shared.engine.question_answering import Limits, QAItem
 
@@ -113,9 +114,9 @@ BEFORE = 8  # the former fixed QA_BATCH_WINDOWS
 
 
 def main() -> None:
-    from bench.artifacts import ensure_artifacts
     from bench.fixtures import bert_large
     from bench.harness import cpu_line
+    from bench.onnx_build_load import ensure_artifacts
 
     long_repeats = int(sys.argv[sys.argv.index("--repeats-long") + 1]) if "--repeats-long" in sys.argv else 3
     repeats = {"a_short": 10, "b_2000_words": long_repeats, "c_16_questions": long_repeats}
@@ -187,7 +188,7 @@ def goals(results: dict[str, dict[str, Any]], scenarios: list[str], *, reference
         rss = now["peak_rss_mb"] <= before["peak_rss_mb"]
         lines.append(
             f"  onnx {variant} peak RSS auto {now['peak_rss_mb']:.0f} MB vs {BEFORE}/run {before['peak_rss_mb']:.0f} MB: "
-            f"{'not above' if rss else 'ABOVE'} (load peak and steady RSS: bench/artifacts.py --load-only)"
+            f"{'not above' if rss else 'ABOVE'} (load peak and steady RSS: bench/onnx_build_load.py --load-only)"
         )
     return lines
 

@@ -5,7 +5,7 @@ recipes) against the 4.57.6 pipeline.
 
 ``--no-reference`` compares with the torch fp32 engine instead of the pipeline (the golden tests
 hold the two equal; the pipeline needs ``.golden-venv``); ``--recipes`` adds every int8 recipe of
-``shared.build.int8.RECIPES``, each against ONNX fp32 (F1 and EM loss with a paired-bootstrap 95%
+``shared.refresh.int8.RECIPES``, each against ONNX fp32 (F1 and EM loss with a paired-bootstrap 95%
 interval, share of answers identical).
 
 Uses ``../shared/squad/squad-v1.1-dev-part-B.json`` (CC BY-SA 4.0) and the small real model
@@ -41,7 +41,7 @@ def load_questions(shared: Path, limit: int) -> list[dict[str, Any]]:
 
 
 def f1(prediction: str, truth: str) -> float:
-    from shared.build.refresh import normalize_answer as normalize  # here: the reference venv has no Azure SDK
+    from shared.refresh.worker import normalize_answer as normalize  # here: the reference venv has no Azure SDK
 
     pred, gold = normalize(prediction).split(), normalize(truth).split()
     common = collections.Counter(pred) & collections.Counter(gold)
@@ -53,7 +53,7 @@ def f1(prediction: str, truth: str) -> float:
 
 
 def scores(predictions: list[dict[str, Any]], questions: list[dict[str, Any]]) -> tuple[float, float]:
-    from shared.build.refresh import normalize_answer as normalize
+    from shared.refresh.worker import normalize_answer as normalize
 
     em = sum(max(float(normalize(p["answer"]) == normalize(g)) for g in q["answers"]) for p, q in zip(predictions, questions, strict=True))
     f = sum(max(f1(p["answer"], g) for g in q["answers"]) for p, q in zip(predictions, questions, strict=True))
@@ -61,10 +61,11 @@ def scores(predictions: list[dict[str, Any]], questions: list[dict[str, Any]]) -
 
 
 def engine(model_dir: str, questions_file: str, quantize: str) -> dict[str, Any]:
-    from shared.engine.question_answering import Limits, QAEngine, QAItem
+    from shared.engine.question_answering import Limits, QAItem
+    from shared.engine.torch_model import engine_from_dir
 
     questions = json.loads(Path(questions_file).read_text())
-    qa = QAEngine.from_dir(model_dir, quantize=quantize, limits=Limits(max_items=64, max_windows=256), batch_windows=16)
+    qa = engine_from_dir(model_dir, quantize=quantize, limits=Limits(max_items=64, max_windows=256), batch_windows=16)
     began = time.monotonic()
     predictions = []
     for first in range(0, len(questions), 16):
@@ -75,10 +76,10 @@ def engine(model_dir: str, questions_file: str, quantize: str) -> dict[str, Any]
 
 
 def onnx(model_dir: str, questions_file: str, variant: str, recipe: str | None = None) -> dict[str, Any]:
-    from shared.build.int8 import DEFAULT_RECIPE
-    from shared.build.onnx_export import build_onnx
     from shared.engine.onnx_runner import default_threads, onnx_engine
     from shared.engine.question_answering import Limits, QAItem
+    from shared.refresh.int8 import DEFAULT_RECIPE
+    from shared.refresh.onnx_export import build_onnx
 
     questions = json.loads(Path(questions_file).read_text())
     artifact = build_onnx(Path(model_dir), variant, recipe=recipe or DEFAULT_RECIPE)
@@ -126,7 +127,7 @@ def per_question_f1(predictions: list[dict[str, Any]], questions: list[dict[str,
 
 
 def per_question_em(predictions: list[dict[str, Any]], questions: list[dict[str, Any]]) -> list[float]:
-    from shared.build.refresh import normalize_answer as normalize
+    from shared.refresh.worker import normalize_answer as normalize
 
     return [max(float(normalize(p["answer"]) == normalize(g)) for g in q["answers"]) for p, q in zip(predictions, questions, strict=True)]
 
@@ -149,7 +150,7 @@ def main() -> int:
     if not (shared / "squad").is_dir() or not model_dir.is_dir():
         print(f"skipped: {shared} has no squad/ data or models/minilm-squad (they ship only with the team's workspace)")
         return 0
-    from shared.build.int8 import DEFAULT_RECIPE, RECIPES
+    from shared.refresh.int8 import DEFAULT_RECIPE, RECIPES
 
     questions = load_questions(shared, limit)
     questions_file = ROOT / "bench" / "out" / "quality-questions.json"

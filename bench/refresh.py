@@ -69,7 +69,7 @@ def seed(container: str, endpoint: str) -> dict[str, Any]:
 def project(container: str, endpoint: str, canary: bool, artifacts: str = "none") -> dict[str, Any]:
     import dataclasses
 
-    from shared.build.refresh import run_refresh
+    from shared.refresh.worker import run_refresh
     from shared.store.refresh_queue import RefreshRequest
 
     settings = _settings(container, endpoint, MODEL_ARTIFACTS=artifacts)

@@ -56,7 +56,7 @@ def child(mode: str, container: str) -> None:
 
 
 def main() -> None:
-    from shared.build.isolation import LocalDirSource, isolate
+    from shared.refresh.isolation import LocalDirSource, isolate
     from shared.settings import Settings
     from shared.store.model_store import ModelStore
 

@@ -33,7 +33,7 @@ def _store(container: str) -> Any:
 
 
 def project_publish(folder: str, container: str) -> dict[str, Any]:
-    from shared.build.isolation import LocalDirSource, isolate
+    from shared.refresh.isolation import LocalDirSource, isolate
 
     store = _store(container)
     result = isolate(store, LocalDirSource(folder), explicit=True, keep_versions=3)

@@ -412,7 +412,7 @@ resource metricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' =
   }
 }
 
-// The HF_TOKEN Key Vault reference (keyVaultReferenceIdentity), read by shared/build/hub.py's downloads.
+// The HF_TOKEN Key Vault reference (keyVaultReferenceIdentity), read by shared/refresh/hub.py's downloads.
 resource keyVaultSecretsUser 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (useKeyVault) {
   name: guid(keyVault.id, identity.id, roles.keyVaultSecretsUser)
   scope: keyVault

@@ -92,7 +92,7 @@ def store(azurite: str, container_name: str) -> Iterator[object]:
 @pytest.fixture
 def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
     """Put a fresh :class:`~shared.serving.holder.ModelHolder` built from an environment in
-    ``function_app.engine`` for one test: ``install(env, **holder_options)`` returns it; every
+    ``function_app.holder`` for one test: ``install(env, **holder_options)`` returns it; every
     holder made is closed afterwards."""
     import function_app
     from shared.serving.holder import ModelHolder
@@ -100,14 +100,14 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
 
     holders: list[ModelHolder] = []
 
-    from shared.loading.artifacts import load_artifact
+    from shared.loading.onnx_artifacts import load_artifact
 
     def make(env: dict[str, str], **options: Any) -> ModelHolder:
-        # as function_app.engine: the ONNX artifact first when QA_BACKEND=onnx, then torch
+        # as function_app.holder: the ONNX artifact first when QA_BACKEND=onnx, then torch
         options.setdefault("artifact_loader", load_artifact)
         holder = ModelHolder(lambda: Settings.from_env(env), backoff_seconds=0.2, **options)
         holders.append(holder)
-        monkeypatch.setattr(function_app, "engine", holder)
+        monkeypatch.setattr(function_app, "holder", holder)
         return holder
 
     yield make
@@ -285,7 +285,7 @@ def response_mismatches(doc: dict[str, Any], route: str, method: str, response: 
 
 class ValidatedFunction:
     """A registered HTTP function whose user function checks each response against the document
-    built from the serving holder's settings (``function_app.engine``), as ``/api/openapi.json``
+    built from the serving holder's settings (``function_app.holder``), as ``/api/openapi.json``
     serves it. Mismatches fail the test (see ``pytest_runtest_call``)."""
 
     def __init__(self, function: Any, trigger: dict[str, Any]) -> None:
@@ -310,7 +310,7 @@ def _serving_settings() -> Any:
     from shared.settings import Settings
 
     try:
-        return function_app.engine.settings
+        return function_app.holder.settings
     except Exception:  # noqa: BLE001 - bad settings give a 500 the document also describes
         return Settings()
 

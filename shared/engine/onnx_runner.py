@@ -1,4 +1,4 @@
-"""Serve an ONNX artifact (see :mod:`shared.build.onnx_export`) with ONNX Runtime, without torch or transformers.
+"""Serve an ONNX artifact (see :mod:`shared.refresh.onnx_export`) with ONNX Runtime, without torch or transformers.
 
 The session is built from the verified in-memory download: ``weights.bin`` is handed to ONNX
 Runtime as the contents of the external-data file (ONNX Runtime copies each initializer out of

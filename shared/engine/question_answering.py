@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,48 +372,23 @@ class Runner(Protocol):
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class TorchRunner:
-    """An ``AutoModelForQuestionAnswering`` through torch (``quantize="int8"``: dynamic int8)."""
-
-    def __init__(self, model: Any, *, quantize: str = "none") -> None:
-        import inspect
-
-        import torch
-
-        self.model = quantize_model(model.eval(), quantize)
-        accepted = inspect.signature(model.forward).parameters
-        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted)
-        if getattr(model.config, "type_vocab_size", 2) < 2:
-            # one token type or none (RoBERTa, XLM-R, DeBERTa-v3): type 1 of the context would index
-            # past the embedding (IndexError) or be ignored; the model is fed what it was trained on
-            self.input_names = tuple(n for n in self.input_names if n != "token_type_ids")
-        self._torch = torch
-
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            output = self.model(**{name: torch.from_numpy(array) for name, array in inputs.items()})
-        return output.start_logits.float().numpy(), output.end_logits.float().numpy()
-
-
 class QAEngine:
     """Answers questions with one loaded model; thread safe.
 
     Args:
-        model: a :class:`Runner`, or an ``AutoModelForQuestionAnswering`` (run through a
-            :class:`TorchRunner`).
+        model: the :class:`Runner` of a model (torch: :class:`shared.engine.torch_model.TorchRunner`;
+            ONNX Runtime: :class:`shared.engine.onnx_runner.OnnxRunner`).
         tokenizer: its fast tokenizer, as a :class:`TokenizerSpec`.
         limits: request budgets.
         batch_windows: windows per forward pass, or ``"auto"``: runs bounded in tokens for this
             CPU (:mod:`shared.engine.batching`).
-        quantize: what the runner computes in (``none`` or ``int8``); for a torch model,
-            ``int8`` quantizes its Linear layers in place at build time.
+        quantize: what the runner computes in (``none`` or ``int8``), as reported.
         max_seq_len, doc_stride: window geometry (pipeline defaults: 384 and 128).
     """
 
     def __init__(
         self,
-        model: Runner | Any,
+        model: Runner,
         tokenizer: TokenizerSpec,
         *,
         limits: Limits | None = None,
@@ -425,14 +399,14 @@ class QAEngine:
     ) -> None:
         from tokenizers import Tokenizer
 
-        self.runner: Runner = model if isinstance(model, Runner) else TorchRunner(model, quantize=quantize)
+        self.runner: Runner = model
         self.quantize = quantize
         self.limits = limits or Limits()
         plan_runs((), batch_windows)  # a bad value fails here, not at the first request
         self.batch_windows = batch_windows
         self.max_seq_len = max_seq_len or min(tokenizer.model_max_length, 384)
         self.doc_stride = doc_stride or min(self.max_seq_len // 2, 128)
-        # token_type_ids follow the model (TorchRunner, the ONNX record), not the tokenizer class:
+        # token_type_ids follow the model (the torch model's forward, the ONNX record), not the tokenizer class:
         # transformers 5 dropped them from ALBERT's model_input_names, which 4.57.6 passed
         self.input_names = [n for n in self.runner.input_names if n in tokenizer.input_names or n == "token_type_ids"]
         self.cls_token_id = tokenizer.cls_token_id
@@ -446,23 +420,6 @@ class QAEngine:
         self._questions = Tokenizer.from_str(serialized)
         self._questions.no_padding()
         self._questions.no_truncation()
-
-    # --- building ---------------------------------------------------------------------------
-
-    @classmethod
-    def from_dir(cls, model_dir: Path | str, *, quantize: str = "none", **kwargs: Any) -> QAEngine:
-        """Load a model folder (safetensors only, no remote code) and build the engine."""
-        from transformers import AutoModelForQuestionAnswering
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a bar per load is noise in function logs
-        # the tokenizer from its files, as in memory mode: transformers 5's tokenizer classes
-        # rebuild SentencePiece pipelines (XLM-R, ALBERT) that tokenize unlike their tokenizer.json
-        tokenizer = TokenizerSpec.from_dir(model_dir)
-        model = AutoModelForQuestionAnswering.from_pretrained(
-            str(model_dir), use_safetensors=True, trust_remote_code=False, dtype="float32"
-        )
-        return cls(model, tokenizer, quantize=quantize, **kwargs)
 
     # --- answering --------------------------------------------------------------------------
 
@@ -580,19 +537,3 @@ class QAEngine:
             answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
         best = sorted(answers, key=lambda a: a["score"], reverse=True)[: item.top_k]
         return [Answer(answer=a["answer"], score=float(a["score"]), start=a["start"], end=a["end"]) for a in best]
-
-
-def quantize_model(model: Any, quantize: str) -> Any:
-    """Dynamic int8 quantization of the Linear layers, in place (no second copy of the weights).
-
-    Scores may move slightly against fp32; answers rarely change.
-    """
-    if quantize == "none":
-        return model
-    if quantize != "int8":
-        raise ValueError(f"unknown quantization {quantize!r}")
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in torch 2.13 but present
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

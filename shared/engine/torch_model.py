@@ -1,4 +1,5 @@
-"""A fp32 torch question-answering model from a version's files held in memory.
+"""The torch side of the engine: a question-answering model from a version's files held in memory
+(or a local folder), and the runner that feeds it windows (dynamic int8 on request).
 
 Safetensors are parsed in place (tensors share the download buffers, no copy) or streamed into
 tensors of their own (:class:`SafetensorsStream`); the tokenizer comes from ``tokenizer.json``, or is
@@ -10,9 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import IntegrityError, UnsafeModelError
 from .question_answering import QAEngine, TokenizerSpec
@@ -205,7 +209,8 @@ def _numel(shape: list[int]) -> int:
 
 def engine_from_files(files: Mapping[str, bytearray], *, quantize: str = "none", **options: Any) -> QAEngine:
     """Build the engine from file contents in memory (config, safetensors, tokenizer)."""
-    return QAEngine(model_from_files(files), tokenizer_spec_from_files(files), quantize=quantize, **options)
+    runner = TorchRunner(model_from_files(files), quantize=quantize)
+    return QAEngine(runner, tokenizer_spec_from_files(files), quantize=quantize, **options)
 
 
 def question_answering_config(files: Mapping[str, bytes | bytearray]) -> tuple[Any, Any, dict[str, Any]]:
@@ -267,3 +272,58 @@ def tokenizer_spec_from_files(files: Mapping[str, bytearray]) -> TokenizerSpec:
         log.info("No tokenizer.json in the version: converting the tokenizer from its vocabulary files")
         tokenizer_json = bytearray(derive_tokenizer_json(files).data)
     return TokenizerSpec.from_files(tokenizer_json, files.get("tokenizer_config.json"), files.get("special_tokens_map.json"))
+
+
+def engine_from_dir(model_dir: Path | str, *, quantize: str = "none", **options: Any) -> QAEngine:
+    """Load a model folder (safetensors only, no remote code) and build the engine."""
+    from transformers import AutoModelForQuestionAnswering
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load is noise in function logs
+    # the tokenizer from its files, as in memory mode: transformers 5's tokenizer classes
+    # rebuild SentencePiece pipelines (XLM-R, ALBERT) that tokenize unlike their tokenizer.json
+    tokenizer = TokenizerSpec.from_dir(model_dir)
+    model = AutoModelForQuestionAnswering.from_pretrained(
+        str(model_dir), use_safetensors=True, trust_remote_code=False, dtype="float32"
+    )
+    return QAEngine(TorchRunner(model, quantize=quantize), tokenizer, quantize=quantize, **options)
+
+
+class TorchRunner:
+    """An ``AutoModelForQuestionAnswering`` through torch (``quantize="int8"``: dynamic int8)."""
+
+    def __init__(self, model: Any, *, quantize: str = "none") -> None:
+        import inspect
+
+        import torch
+
+        self.model = quantize_model(model.eval(), quantize)
+        accepted = inspect.signature(model.forward).parameters
+        self.input_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted)
+        if getattr(model.config, "type_vocab_size", 2) < 2:
+            # one token type or none (RoBERTa, XLM-R, DeBERTa-v3): type 1 of the context would index
+            # past the embedding (IndexError) or be ignored; the model is fed what it was trained on
+            self.input_names = tuple(n for n in self.input_names if n != "token_type_ids")
+        self._torch = torch
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            output = self.model(**{name: torch.from_numpy(array) for name, array in inputs.items()})
+        return output.start_logits.float().numpy(), output.end_logits.float().numpy()
+
+
+def quantize_model(model: Any, quantize: str) -> Any:
+    """Dynamic int8 quantization of the Linear layers, in place (no second copy of the weights).
+
+    Scores may move slightly against fp32; answers rarely change.
+    """
+    if quantize == "none":
+        return model
+    if quantize != "int8":
+        raise ValueError(f"unknown quantization {quantize!r}")
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in torch 2.13 but present
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

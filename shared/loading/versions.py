@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.question_answering import Limits, QAEngine
-from ..engine.torch_model import engine_from_files
+from ..engine.torch_model import engine_from_dir, engine_from_files
 from ..errors import IntegrityError
 from ..settings import Settings
 from ..store.model_files import Manifest, hash_file, utc_now
@@ -83,7 +83,7 @@ def load_version(
     if mode == "disk":
         assert settings.cache_dir is not None
         folder = cached_version(store, manifest, Path(settings.cache_dir))
-        engine = QAEngine.from_dir(folder, quantize=settings.quantize, **options)
+        engine = engine_from_dir(folder, quantize=settings.quantize, **options)
     else:
         files = {entry.name: store.read_file(revision, entry) for entry in manifest.files}
         engine = engine_from_files(files, quantize=settings.quantize, **options)

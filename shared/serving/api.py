@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 from ..engine.question_answering import Answer, QAItem, decode_utf8
 from ..errors import InputError, QAError, TooLargeError
-from ..loading import artifacts
+from ..loading import onnx_artifacts
 from ..settings import Settings
 from ..telemetry import log_event
+from .body_size import OPERATOR_BODY_MAX_BYTES, ask_body_max_bytes
 from .holder import ModelHolder
-from .limits import OPERATOR_BODY_LIMIT, ask_body_limit
 from .openapi import document
 from .playground import FileResponse
 from .validation import check_body, check_query
@@ -99,7 +99,7 @@ def _shape(answers: list[Answer], top_k: int) -> dict[str, Any]:
 
 
 def max_body_bytes(holder: ModelHolder) -> int:
-    return ask_body_limit(holder.settings)
+    return ask_body_max_bytes(holder.settings)
 
 
 @dataclass
@@ -179,7 +179,7 @@ def health(holder: ModelHolder, *, params: Mapping[str, str]) -> ApiResponse:
 
 def model_status(holder: ModelHolder) -> ApiResponse:
     """``GET /api/model``: pointer, versions, last refresh, and what this instance loaded."""
-    return ApiResponse(200, {**artifacts.status(holder.store), "instance": holder.describe()})
+    return ApiResponse(200, {**onnx_artifacts.status(holder.store), "instance": holder.describe()})
 
 
 def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
@@ -214,7 +214,7 @@ def rollback(holder: ModelHolder, body: bytes) -> ApiResponse:
 
 def _small_json_body(body: bytes) -> dict[str, Any]:
     """The optional JSON object of an operator route (empty body: ``{}``)."""
-    return parse_json_object(body, max_bytes=OPERATOR_BODY_LIMIT) if body.strip() else {}
+    return parse_json_object(body, max_bytes=OPERATOR_BODY_MAX_BYTES) if body.strip() else {}
 
 
 def openapi_document(holder: ModelHolder, *, params: Mapping[str, str], url: str) -> ApiResponse:

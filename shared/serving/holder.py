@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import BusyError, ModelNotReadyError, QAError, SettingsError
-from ..loading.artifacts import record_etag
+from ..loading.onnx_artifacts import record_etag
 from ..loading.versions import LoadedModel, load_version
 from ..settings import Settings
 from ..store.model_files import Pointer, utc_now

@@ -20,7 +20,7 @@ from .. import errors
 from ..engine.question_answering import MAX_ANSWER_LEN, MAX_TOP_K, MIN_ANSWER_LEN, MIN_TOP_K, QAItem
 from ..settings import Settings
 from ..store.refresh_queue import REVISION_RE
-from .limits import OPERATOR_BODY_LIMIT, ask_body_limit
+from .body_size import OPERATOR_BODY_MAX_BYTES, ask_body_max_bytes
 from .playground import CONTENT_SECURITY_POLICY, PLAYGROUND_FILES
 
 VERSIONS = ("3.1", "3.0")
@@ -296,7 +296,7 @@ def request_schemas(settings: Settings) -> dict[str, Any]:
     )
     windows = (
         f"A request may need at most {settings.max_windows} windows of the model's sequence length "
-        f"over all its items, and its body at most {ask_body_limit(settings)} bytes; over a budget is 413 `too_large`. "
+        f"over all its items, and its body at most {ask_body_max_bytes(settings)} bytes; over a budget is 413 `too_large`. "
         "A question or context needs a letter or digit (the `pattern`: those of the Basic Multilingual Plane that "
         "the model's tokenizer reads); without one it is a 400 naming the field."
     )
@@ -312,12 +312,12 @@ def request_schemas(settings: Settings) -> dict[str, Any]:
                 "build_artifacts": _optional({"type": "boolean", "default": False, "description": "build missing ONNX artifacts"}),
             },
             optional=("revision", "unpin", "repair", "build_artifacts"),
-            description=f"`{{}}` or an empty body refreshes to MODEL_REVISION; at most {OPERATOR_BODY_LIMIT} bytes",
+            description=f"`{{}}` or an empty body refreshes to MODEL_REVISION; at most {OPERATOR_BODY_MAX_BYTES} bytes",
         ),
         "RollbackRequest": _obj(
             {"to": _optional({"type": "string", "description": "a stored revision"})},
             optional=("to",),
-            description=f"`{{}}` or an empty body rolls back to the previous version; at most {OPERATOR_BODY_LIMIT} bytes",
+            description=f"`{{}}` or an empty body rolls back to the previous version; at most {OPERATOR_BODY_MAX_BYTES} bytes",
         ),
     }
 
@@ -701,8 +701,8 @@ def limits(settings: Settings) -> dict[str, int]:
         "max_windows": settings.max_windows,
         "max_top_k": MAX_TOP_K,
         "max_answer_len": MAX_ANSWER_LEN,
-        "max_ask_body_bytes": ask_body_limit(settings),
-        "max_operator_body_bytes": OPERATOR_BODY_LIMIT,
+        "max_ask_body_bytes": ask_body_max_bytes(settings),
+        "max_operator_body_bytes": OPERATOR_BODY_MAX_BYTES,
     }
 
 

@@ -4,7 +4,7 @@ Layout (DESIGN.md)::
 
     {model_id}/versions/{revision}/{file}      the files; each blob's metadata keeps its sha256
     {model_id}/versions/{revision}/manifest.json  written last: without it a version is incomplete
-    {model_id}/versions/{revision}/onnx/{variant}/...  serving artifacts (shared.loading.artifacts), not in the manifest
+    {model_id}/versions/{revision}/onnx/{variant}/...  serving artifacts (shared.loading.onnx_artifacts), not in the manifest
     {model_id}/current.json                    the pointer, replaced with If-Match on its ETag
     {model_id}/refresh.lock                    leased by the one writer at work
     {model_id}/last-refresh.json               outcome of the last refresh

@@ -1,6 +1,6 @@
 """The refresh queue's message: what a refresh is asked to do, parsed from an HTTP body or a queue
 message, and putting one on ``MODEL_REFRESH_QUEUE`` (base64 JSON, as the Functions queue trigger
-expects). The serving side enqueues; the worker (``shared.build.refresh``) consumes.
+expects). The serving side enqueues; the worker (``shared.refresh.worker``) consumes.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 import function_app
-from shared.build.isolation import LocalDirSource, isolate
-from shared.engine.question_answering import QAEngine, QAItem
+from shared.engine.question_answering import QAItem
+from shared.engine.torch_model import engine_from_dir
+from shared.refresh.isolation import LocalDirSource, isolate
 from shared.serving.holder import ModelHolder
 from shared.serving.openapi import CONTENT_SECURITY_POLICY
 from shared.settings import Settings
@@ -75,7 +76,7 @@ def served(azurite: str, container_name: str, tiny_bert_dir: Path, monkeypatch: 
     store.ensure_container()
     isolate(store, LocalDirSource(tiny_bert_dir, block_size=store.block_size), explicit=True, keep_versions=3)
     holder = ModelHolder(lambda: Settings.from_env(env), backoff_seconds=0.2)
-    monkeypatch.setattr(function_app, "engine", holder)
+    monkeypatch.setattr(function_app, "holder", holder)
     try:
         with serve(registered_functions(), keys={KEY}) as host:
             yield host
@@ -232,7 +233,7 @@ def test_playground_in_headless_chromium(served: FunctionsHost, browser: Any, ti
     assert driver.execute_script("return document.getElementById('error').hidden") is True
 
     # the answers are the model's: the same engine on the same files, offsets in code points
-    expected = QAEngine.from_dir(tiny_bert_dir).answer([QAItem(QUESTION, CONTEXT, top_k=TOP_K)])[0]
+    expected = engine_from_dir(tiny_bert_dir).answer([QAItem(QUESTION, CONTEXT, top_k=TOP_K)])[0]
     best = expected[0]
     assert best.start >= 2, "the tiny model must answer after the emoji for this test to mean anything"
     marks = driver.execute_script("return Array.from(document.querySelectorAll('#highlight mark')).map((m) => m.textContent)")
@@ -354,7 +355,7 @@ def test_playground_edges(served: FunctionsHost, browser: Any, monkeypatch: pyte
     assert 1 <= len(driver.find_elements(By.CSS_SELECTOR, "#answers li")) <= 2
 
     # scores as the 4.57.6 pipeline sums them over overlapping windows: above 1 is shown as is
-    with function_app.engine.model(time.monotonic() + 30) as loaded:
+    with function_app.holder.model(time.monotonic() + 30) as loaded:
         engine = loaded.engine
     start = CONTEXT.replace("🏈🎉 ", "").index("Denver Broncos")
     canned = [[Answer("Denver Broncos", 1.78, start, start + 14), Answer("Carolina", 0.31, start + 40, start + 48)]]

@@ -14,12 +14,10 @@ from typing import Any
 
 import pytest
 
-from shared.build.artifacts import build_artifacts
-from shared.build.isolation import LocalDirSource, isolate
-from shared.build.refresh import artifact_builder
 from shared.engine.question_answering import QAEngine, QAItem
+from shared.engine.torch_model import engine_from_dir
 from shared.errors import IntegrityError, NotFoundError, ValidationFailedError
-from shared.loading.artifacts import (
+from shared.loading.onnx_artifacts import (
     ARTIFACT_RECORD,
     ArtifactRecord,
     artifact_blob,
@@ -28,7 +26,10 @@ from shared.loading.artifacts import (
     read_record,
     recorded_variants,
 )
-from shared.loading.artifacts import status as artifacts_status
+from shared.loading.onnx_artifacts import status as artifacts_status
+from shared.refresh.artifact_builds import build_artifacts
+from shared.refresh.isolation import LocalDirSource, isolate
+from shared.refresh.worker import artifact_builder
 from shared.serving import api
 from shared.serving.holder import ModelHolder
 from shared.settings import Settings
@@ -116,7 +117,7 @@ def test_fp32_artifact_answers_as_the_torch_engine(built: tuple[ModelStore, str,
     manifest = store.require_manifest(revision)
     loaded = load_artifact(store, manifest, "fp32", Settings.from_env({}))
     assert (loaded.backend, loaded.variant, loaded.revision) == ("onnx", "fp32", revision)
-    reference = QAEngine.from_dir(outcomes["folder"])
+    reference = engine_from_dir(outcomes["folder"])
     got, want = loaded.engine.answer(QUESTIONS), reference.answer(QUESTIONS)
     assert spans(got) == spans(want)
     for g, w in zip(got, want, strict=True):
@@ -350,7 +351,7 @@ def test_isolate_repair_rebuilds_a_damaged_artifact(env: dict[str, str], store: 
 
 
 def test_a_refresh_with_repair_rebuilds_a_damaged_artifact(env: dict[str, str], store: ModelStore, tiny_bert_dir: Path) -> None:
-    from shared.build.refresh import handle_message
+    from shared.refresh.worker import handle_message
     from shared.store.refresh_queue import RefreshRequest
     from tests.fixtures.fake_hub import FakeHubServer
 

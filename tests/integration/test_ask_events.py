@@ -99,4 +99,4 @@ def test_every_ask_outcome_leaves_one_event_line(
     status, body, _ = call("ask", body={"question": "Who won?", "context": CONTEXT})
     assert (status, body["error"]["code"]) == (500, "internal_error")
     one_event(caplog, 500, "internal_error")
-    assert function_app.engine is holder
+    assert function_app.holder is holder

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.build.refresh import handle_message, run_refresh
 from shared.errors import QAError
+from shared.refresh.worker import handle_message, run_refresh
 from shared.settings import Settings
 from shared.store.model_store import ModelStore
 from shared.store.refresh_queue import RefreshRequest

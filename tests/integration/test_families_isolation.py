@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.build.isolation import LocalDirSource, isolate
 from shared.engine.torch_model import engine_from_files
 from shared.errors import UnsafeModelError
+from shared.refresh.isolation import LocalDirSource, isolate
 from shared.store.model_store import ModelStore
 from tests.fixtures.cli_runs import run_cli
 from tests.unit.test_question_answering_golden import RECORDS, ROOMY, assert_same, item

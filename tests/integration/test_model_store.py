@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.build.isolation import IsolationResult, LocalDirSource, Snapshot, isolate
 from shared.errors import IntegrityError, NotFoundError, RefreshAlreadyRunningError, UnsafeModelError
+from shared.refresh.isolation import IsolationResult, LocalDirSource, Snapshot, isolate
 from shared.store.model_files import FileEntry
 from shared.store.model_store import ModelStore
 

@@ -21,7 +21,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from shared import errors
-from shared.engine.question_answering import Limits, QAEngine, QAItem
+from shared.engine.question_answering import Limits, QAItem
+from shared.engine.torch_model import engine_from_dir
 from shared.serving.holder import ModelHolder
 from shared.serving.openapi import CONTENT_SECURITY_POLICY, OPERATIONS, PLAYGROUND_FILES, document, error_codes
 from shared.settings import Settings
@@ -268,7 +269,7 @@ def test_window_limit_at_and_one_past(
     limit = status_and_json(respond("openapi"))[1]["info"]["x-limits"]["max_windows"]
     assert limit == 2
     # the fewest words that need one window more than the limit, found with the same engine code
-    engine = QAEngine.from_dir(tiny_bert_dir, limits=Limits(max_windows=limit))
+    engine = engine_from_dir(tiny_bert_dir, limits=Limits(max_windows=limit))
 
     def fits(words: int) -> bool:
         try:

@@ -16,7 +16,6 @@ import azure.functions as func
 import pytest
 
 import function_app
-from shared.build.refresh import handle_message, run_refresh
 from shared.errors import (
     IntegrityError,
     NotFoundError,
@@ -25,6 +24,7 @@ from shared.errors import (
     UnsafeModelError,
     ValidationFailedError,
 )
+from shared.refresh.worker import handle_message, run_refresh
 from shared.serving.holder import ModelHolder
 from shared.settings import Settings
 from shared.store.model_store import ModelStore
@@ -282,10 +282,10 @@ def test_hf_token_is_sent_but_never_logged(
 
 @pytest.fixture
 def holder(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelHolder]:
-    engine = ModelHolder(lambda: Settings.from_env(env))
-    monkeypatch.setattr(function_app, "engine", engine)
-    yield engine
-    engine.close()
+    made = ModelHolder(lambda: Settings.from_env(env))
+    monkeypatch.setattr(function_app, "holder", made)
+    yield made
+    made.close()
 
 
 def http(name: str, body: bytes = b"") -> tuple[int, dict[str, Any], dict[str, str]]:

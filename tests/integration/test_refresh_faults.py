@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
-from shared.build.isolation import IsolationResult, LocalDirSource
-from shared.engine.question_answering import QAEngine, QAItem
+from shared.engine.question_answering import QAItem
+from shared.engine.torch_model import engine_from_dir
 from shared.errors import RefreshAlreadyRunningError, StorageUnavailableError
+from shared.refresh.isolation import IsolationResult, LocalDirSource
 from shared.store.model_store import ModelStore
 from tests.conftest import ROOT
 from tests.fixtures.function_calls import call
@@ -90,7 +91,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Model]:
     found = []
     for seed in (41, 42, 43):
         folder = build_bert(tmp_path_factory.mktemp(f"faults-v{seed}"), seed=seed)
-        [best] = QAEngine.from_dir(folder).answer([QAItem(QUESTION, CONTEXT)])[0]
+        [best] = engine_from_dir(folder).answer([QAItem(QUESTION, CONTEXT)])[0]
         found.append(Model(folder, LocalDirSource(folder).revision(), (best.answer, best.start, best.end)))
     return found
 

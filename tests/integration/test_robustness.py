@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from shared.build.isolation import LocalDirSource, isolate
-from shared.build.refresh import handle_message
 from shared.errors import NotFoundError, SourceUnavailableError
+from shared.refresh.isolation import LocalDirSource, isolate
+from shared.refresh.worker import handle_message
 from shared.serving.holder import ModelHolder
 from shared.settings import Settings
 from shared.store.model_store import ModelStore

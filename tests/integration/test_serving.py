@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from shared.build.isolation import LocalDirSource
-from shared.engine.question_answering import QAEngine, QAItem
+from shared.engine.question_answering import QAItem
+from shared.engine.torch_model import engine_from_dir
 from shared.loading.versions import LoadedModel, load_version
+from shared.refresh.isolation import LocalDirSource
 from shared.serving.holder import ModelHolder
 from shared.settings import Settings
 from shared.store.model_store import ModelStore
@@ -72,7 +73,7 @@ def test_answers_come_from_the_published_model(
     caplog.set_level(logging.INFO, logger="shared")
     revision = publish(store, tiny_bert_dir)
     install(env)
-    reference = QAEngine.from_dir(tiny_bert_dir)
+    reference = engine_from_dir(tiny_bert_dir)
     status, body, _ = call("ask", body={"question": "Who won the game?", "context": CONTEXT})
     assert status == 200
     [want] = reference.answer([QAItem("Who won the game?", CONTEXT)])[0]

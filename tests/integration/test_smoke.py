@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from shared.build.isolation import LocalDirSource, isolate
+from shared.refresh.isolation import LocalDirSource, isolate
 from shared.store.model_store import ModelStore
 from tests.conftest import ROOT, registered_functions
 from tests.fixtures.functions_host import FunctionsHost, serve

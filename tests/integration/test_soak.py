@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from shared.engine.question_answering import QAEngine, QAItem
+from shared.engine.question_answering import QAItem
+from shared.engine.torch_model import engine_from_dir
 from shared.store.model_store import ModelStore
 from tests.fixtures.function_calls import call
 from tests.fixtures.storage_proxy import StorageProxy
@@ -50,7 +51,7 @@ class Reply:
 
 
 def golden_answers(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    engine = QAEngine.from_dir(folder)
+    engine = engine_from_dir(folder)
     found = []
     for question, context in ITEMS:
         [best] = engine.answer([QAItem(question, context)])[0]

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from shared.build.onnx_export import OnnxArtifact, build_onnx
 from shared.engine.onnx_runner import onnx_engine
 from shared.engine.question_answering import QAEngine, QAItem
 from shared.engine.tokenizer_conversion import derive_tokenizer_json
+from shared.engine.torch_model import engine_from_dir
 from shared.errors import UnsafeModelError
+from shared.refresh.onnx_export import OnnxArtifact, build_onnx
 from tests.fixtures.tiny_models import build_bert
 
 from .test_question_answering_golden import RECORDS, ROOMY, assert_same, item
@@ -122,7 +123,7 @@ def test_int8_builds_on_small_and_odd_shapes(tmp_path: Path, layers: int, hidden
         key = "bert.embeddings.token_type_embeddings.weight"
         weights[key] = weights[key][:type_vocab_size].clone()
         safetensors.torch.save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    torch_answer = QAEngine.from_dir(folder).answer([QAItem("who won?", CONTEXT)])[0]
+    torch_answer = engine_from_dir(folder).answer([QAItem("who won?", CONTEXT)])[0]
     built = build_onnx(folder, "int8", progress=lambda _line: None)
     tokenizer = {p.name: bytearray(p.read_bytes()) for p in folder.iterdir() if p.name.startswith("tokenizer")}
     qa = onnx_engine({k: bytearray(v) for k, v in built.files.items()}, built.record, tokenizer, threads=1)

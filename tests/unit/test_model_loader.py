@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared.engine.question_answering import QAEngine, QAItem
-from shared.engine.torch_model import engine_from_files, safetensors_in_place
+from shared.engine.torch_model import engine_from_dir, engine_from_files, safetensors_in_place
 from shared.errors import IntegrityError, UnsafeModelError
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
@@ -30,7 +30,7 @@ def spans(engine: QAEngine) -> list[list[tuple[str, int, int, float]]]:
 @pytest.mark.parametrize("model", ["bert", "distilbert", "roberta", "bert-squad2"])
 def test_memory_engine_answers_like_a_folder_engine(model: str) -> None:
     folder = MODELS / model
-    assert spans(engine_from_files(files_of(folder))) == spans(QAEngine.from_dir(folder))
+    assert spans(engine_from_files(files_of(folder))) == spans(engine_from_dir(folder))
 
 
 def test_weights_share_the_downloaded_buffer() -> None:
@@ -52,12 +52,12 @@ def test_sharded_weights(tmp_path: Path) -> None:
     shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     files = files_of(MODELS / "bert", without=("model.safetensors",)) | files_of(tmp_path, without=("config.json",))
-    assert spans(engine_from_files(files)) == spans(QAEngine.from_dir(MODELS / "bert"))
+    assert spans(engine_from_files(files)) == spans(engine_from_dir(MODELS / "bert"))
 
 
 def test_without_tokenizer_json_the_vocabulary_is_converted() -> None:
     files = files_of(MODELS / "bert", without=("tokenizer.json",))
-    assert spans(engine_from_files(files)) == spans(QAEngine.from_dir(MODELS / "bert"))
+    assert spans(engine_from_files(files)) == spans(engine_from_dir(MODELS / "bert"))
 
 
 def _safetensors(header: dict[str, object], data: bytes = b"") -> bytearray:

@@ -13,13 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
-from shared.build.int8 import RECIPES
-from shared.build.onnx_export import OnnxArtifact, build_onnx
-from shared.build.onnx_weights import EXTERNAL_MIN_BYTES, MODEL_FILE, WEIGHTS_FILE, initializer_views
 from shared.engine import onnx_runner
 from shared.engine.onnx_runner import default_threads, onnx_engine
 from shared.engine.question_answering import Answer, QAEngine, QAItem
 from shared.errors import IntegrityError, UnsafeModelError
+from shared.refresh.int8 import RECIPES
+from shared.refresh.onnx_export import OnnxArtifact, build_onnx
+from shared.refresh.onnx_weights import EXTERNAL_MIN_BYTES, MODEL_FILE, WEIGHTS_FILE, initializer_views
 
 from .test_question_answering_golden import RECORDS, ROOMY, assert_same, item
 

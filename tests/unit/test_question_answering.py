@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.engine.question_answering import Limits, QAEngine, QAItem, TorchRunner, decode_spans
+from shared.engine.question_answering import Limits, QAEngine, QAItem, decode_spans
+from shared.engine.torch_model import TorchRunner, engine_from_dir
 from shared.errors import DeadlineExceededError, InputError, TooLargeError
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
@@ -18,7 +19,7 @@ CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos
 
 @pytest.fixture(scope="module")
 def qa() -> QAEngine:
-    return QAEngine.from_dir(MODELS / "bert", limits=Limits(max_context_chars=5000, max_question_chars=200, max_windows=6, max_items=4))
+    return engine_from_dir(MODELS / "bert", limits=Limits(max_context_chars=5000, max_question_chars=200, max_windows=6, max_items=4))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_budgets_are_413_naming_the_field(qa: QAEngine) -> None:
 
 
 def test_question_leaving_no_room_is_an_input_error_not_a_crash() -> None:
-    roomy = QAEngine.from_dir(MODELS / "bert", limits=Limits(max_question_chars=10_000, max_question_tokens=10_000))
+    roomy = engine_from_dir(MODELS / "bert", limits=Limits(max_question_chars=10_000, max_question_tokens=10_000))
     with pytest.raises(InputError, match="too long") as info:  # tokenizers: a plain Exception
         roomy.answer([QAItem(" ".join(["what"] * 500), CONTEXT)])
     assert info.value.field == "question"
@@ -168,8 +169,8 @@ def test_threads_get_the_same_answers_as_serial_calls(qa: QAEngine) -> None:
 
 
 def test_int8_quantization_gives_valid_spans() -> None:
-    fp32 = QAEngine.from_dir(MODELS / "bert")
-    int8 = QAEngine.from_dir(MODELS / "bert", quantize="int8")
+    fp32 = engine_from_dir(MODELS / "bert")
+    int8 = engine_from_dir(MODELS / "bert", quantize="int8")
     import torch
 
     assert isinstance(int8.runner, TorchRunner)
@@ -183,6 +184,6 @@ def test_int8_quantization_gives_valid_spans() -> None:
 
 
 def test_deadline_stops_between_forward_passes() -> None:
-    qa = QAEngine.from_dir(MODELS / "bert", batch_windows=1)
+    qa = engine_from_dir(MODELS / "bert", batch_windows=1)
     with pytest.raises(DeadlineExceededError):
         qa.answer([QAItem("who?", "the city of paris " * 200)], deadline=time.monotonic() - 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from shared.engine.question_answering import Limits, QAEngine, QAItem
-from shared.engine.torch_model import engine_from_files
+from shared.engine.torch_model import engine_from_dir, engine_from_files
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 GOLDEN = json.loads((FIXTURES / "golden.json").read_text(encoding="utf-8"))
@@ -30,7 +30,7 @@ MODELS = ["bert", "distilbert", "roberta", "bert-squad2", "xlm-roberta", "debert
 
 @cache
 def engine(model: str, batch_windows: int | str = 8) -> QAEngine:
-    return QAEngine.from_dir(FIXTURES / "models" / model, limits=ROOMY, batch_windows=batch_windows)
+    return engine_from_dir(FIXTURES / "models" / model, limits=ROOMY, batch_windows=batch_windows)
 
 
 @cache

@@ -1,5 +1,5 @@
 """ONNX serving artifacts of a stored version: their records, where they live, and loading them
-without torch or transformers (``shared.build.artifacts`` builds them).
+without torch or transformers (``shared.refresh.artifact_builds`` builds them).
 
 Layout, under a version's prefix (the manifest's ``files`` never list these, so code that
 predates artifacts reads new versions unchanged)::
@@ -10,7 +10,7 @@ predates artifacts reads new versions unchanged)::
 
 The record holds the size and sha256 of both blobs, what the artifact was built from (the
 version's files by sha256, the exporter's versions, opset, recipe, CPU flags; see
-:func:`shared.build.onnx_export.build_onnx`) and whether it is usable. An artifact that does not answer
+:func:`shared.refresh.onnx_export.build_onnx`) and whether it is usable. An artifact that does not answer
 the canary, or a model the exporter cannot handle, gets a record with ``usable: false`` and the
 reason, so serving falls back to torch without retrying the build on every load. The record's own
 sha256 is kept in its blob metadata: a changed byte in the record, in the graph or in the weights

@@ -123,7 +123,7 @@ Validator = Callable[[ModelStore, Manifest], None]
 
 
 class ArtifactBuilder(Protocol):
-    """Builds a version's serving artifacts (:func:`shared.build.artifacts.build_artifacts`): per variant
+    """Builds a version's serving artifacts (:func:`shared.refresh.artifact_builds.build_artifacts`): per variant
     ``built``, ``rebuilt``, ``exists``, ``unusable: ...`` or ``damaged: ...``."""
 
     def __call__(self, store: ModelStore, manifest: Manifest, *, rebuild: bool = False, build_missing: bool = True) -> dict[str, str]: ...
@@ -238,7 +238,7 @@ def isolate(
             again every file whose bytes differ from the source, and rebuild its damaged or
             unusable artifacts (outcome ``repaired``).
         reason: why it runs (``schedule``, ``http``, ``cli``), for the operators' event line.
-        build: builds the serving artifacts of a version (:func:`shared.build.artifacts.build_artifacts`):
+        build: builds the serving artifacts of a version (:func:`shared.refresh.artifact_builds.build_artifacts`):
             for a new version after its files are validated and before the pointer moves; a
             variant that cannot be built is recorded as unusable, never a failed refresh.
         build_existing: also run ``build`` when the revision was already stored (the only way an

@@ -1,5 +1,5 @@
 """Build a version's ONNX serving artifacts from its verified files, check each with the canary,
-and store it with its record (``shared.loading.artifacts`` describes the layout and loads them).
+and store it with its record (``shared.loading.onnx_artifacts`` describes the layout and loads them).
 
 A failure of one variant never fails the version: a model the exporter cannot handle, or an
 artifact that does not answer the canary, gets a record with ``usable: false`` and the reason, so
@@ -18,7 +18,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from ..engine.question_answering import QAEngine
 from ..errors import QAError, StorageUnavailableError, UnsafeModelError
-from ..loading.artifacts import (
+from ..loading.onnx_artifacts import (
     ARTIFACT_FILES,
     ARTIFACT_RECORD,
     ARTIFACTS_FOLDER,

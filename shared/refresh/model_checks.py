@@ -86,7 +86,7 @@ class CheckedSource:
     ``tokenizer.json`` when it has none, before isolation copies anything."""
 
     def __init__(self, source: Any) -> None:
-        """``source``: an :class:`shared.build.isolation.Source` (typed loosely: isolation imports this module)."""
+        """``source``: an :class:`shared.refresh.isolation.Source` (typed loosely: isolation imports this module)."""
         self.source = source
         self._snapshot: Any = None
         self._derived: dict[str, bytes] = {}

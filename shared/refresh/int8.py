@@ -57,7 +57,7 @@ RECIPES = {
         Int8Recipe("per-channel, all int8, static, reduce_range", ffn_output_fp32=False, reduce_range=True),
     )
 }
-# Chosen by bench/quality.py and bench/artifacts.py (README, "ONNX serving artifacts"): on all
+# Chosen by bench/quality.py and bench/onnx_build_load.py (README, "ONNX serving artifacts"): on all
 # 5,609 SQuAD part-B questions it loses 0.81 F1 against fp32 (95% interval 0.30-1.33) with 85.7%
 # of answers identical, and bert-large serves in about 0.6 GiB. Keeping the FFN outputs in fp32
 # loses less (0.73 F1, 89.9% identical) but its 733 MB of weights serve in just over 1 GiB.
@@ -104,7 +104,8 @@ def calibrate(model: Any, spec: Any, facts: Mapping[str, Any]) -> tuple[dict[str
     """
     import torch
 
-    from ..engine.question_answering import Limits, QAEngine, TorchRunner
+    from ..engine.question_answering import Limits, QAEngine
+    from ..engine.torch_model import TorchRunner
 
     ranges: dict[str, tuple[float, float]] = {}
     seen = {"windows": 0}

@@ -1,6 +1,6 @@
 """Building and loading the ONNX artifacts of a bert-large-shaped model: time, memory, temp disk.
 
-    .venv/bin/python bench/artifacts.py [--variants fp32,int8] [--load-only]
+    .venv/bin/python bench/onnx_build_load.py [--variants fp32,int8] [--load-only]
 
 Each step runs in a fresh process. ``build``: ``build_onnx`` from the model folder (whole
 process peak RSS, bytes written to disk during the build, which must stay under Flex
@@ -29,7 +29,7 @@ ARTIFACTS = OUT / "onnx-bert-large"
 
 
 def build(model_dir: str, variant: str) -> dict[str, Any]:
-    from shared.build.onnx_export import build_onnx
+    from shared.refresh.onnx_export import build_onnx
 
     written = io_write_bytes()
     began = time.monotonic()

@@ -3,7 +3,7 @@
 ``fp32`` is the model's ``AutoModelForQuestionAnswering`` exported by ``torch.onnx.export``
 (dynamo) with dynamic batch and sequence axes; only the exporter's own exact rewrites (constant
 folding, dead code) are applied, so spans stay those of the torch engine. ``int8`` is that graph
-quantized by :mod:`shared.build.int8` (calibrated on the fp32 torch model before the export, then
+quantized by :mod:`shared.refresh.int8` (calibrated on the fp32 torch model before the export, then
 one initializer at a time, with no temporary file).
 
 An artifact is two files: ``model.onnx`` (the graph; every initializer points into
@@ -253,7 +253,7 @@ def _rehome(model: Any) -> list[tuple[int, int, mmap.mmap]]:
 
 def _serving_facts(model: Any, spec: Any) -> dict[str, Any]:
     """What the runner needs besides the graph, as the torch engine would compute it."""
-    from ..engine.question_answering import TorchRunner
+    from ..engine.torch_model import TorchRunner
 
     max_seq_len = min(spec.model_max_length, MAX_SEQ_LEN)
     return {

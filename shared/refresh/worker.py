@@ -111,7 +111,7 @@ def artifact_builder(settings: Settings) -> ArtifactBuilder | None:
     answer the canary as the version did, else it is recorded unusable (the version still publishes)."""
     if not settings.artifacts:
         return None
-    from .artifacts import build_artifacts
+    from .artifact_builds import build_artifacts
 
     def build(store: ModelStore, manifest: Manifest, *, rebuild: bool = False, build_missing: bool = True) -> dict[str, str]:
         return build_artifacts(

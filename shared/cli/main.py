@@ -1,0 +1,81 @@
+"""The parser and the entry point: one handler per command, one ``error:`` line for any failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import QAError
+from ..settings import Settings
+from . import answer_commands, isolate_commands, store_commands
+from .common import Handler
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __doc__ as description
+
+    parser = argparse.ArgumentParser(prog="python -m shared", description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        cmd.set_defaults(handler=handler)
+        return cmd
+
+    isolate_commands.add_parsers(add)
+    store_commands.add_parsers(add)
+    answer_commands.add_parsers(add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 failed check or error, 2 bad usage)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        settings = Settings.from_env()
+        code, data, text = args.handler(args, settings)
+    except QAError as err:
+        err = _named(err)
+        log.debug("command failed", exc_info=True)
+        print(f"error: {err.message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": err.code, "message": err.message}}))
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug must still end in one line, not a traceback
+        log.debug("command failed", exc_info=True)
+        print(f"error: unexpected {type(err).__name__} (a bug; please report it with the command you ran)", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": "internal_error", "message": f"unexpected {type(err).__name__}"}}))
+        return 1
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(data, default=str))
+    else:
+        # a streaming command owns stdout; its summary goes to stderr
+        print(text, file=sys.stderr if getattr(args, "stream", False) else sys.stdout)
+    return code
+
+
+def _named(err: QAError) -> QAError:
+    """A storage outage names the endpoint (and, for a local one, how to start Azurite)."""
+    from ..errors import StorageUnavailableError
+
+    if not isinstance(err, StorageUnavailableError):
+        return err
+    try:
+        from ..store.storage import with_endpoint
+
+        conn = Settings.from_env().storage
+        return err if conn is None else with_endpoint(err, conn)
+    except QAError:
+        return err
