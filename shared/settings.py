@@ -136,7 +136,12 @@ def parse_name(name: str, raw: str | None, default: str, pattern: re.Pattern[str
     return value
 
 
-ARTIFACT_VARIANTS = ("fp32", "int8")
+ARTIFACT_VARIANTS = ("fp32", "int8")  # the ONNX artifact variants: the one list of them
+
+
+def variant_for(quantize: str) -> str:
+    """The variant a ``QA_QUANTIZE`` value serves: ``int8`` for ``int8``, else ``fp32``."""
+    return "int8" if quantize == "int8" else "fp32"
 
 
 def parse_artifacts(name: str, raw: str | None) -> tuple[str, ...]:
@@ -277,7 +282,7 @@ class Settings:
     canary: Canary | None = field(default_factory=lambda: Canary(**DEFAULT_CANARY))
     quantize: str = "none"
     backend: str = "onnx"
-    artifacts: tuple[str, ...] = ("fp32", "int8")
+    artifacts: tuple[str, ...] = ARTIFACT_VARIANTS
     threads: int | None = None
     max_context_chars: int = 25_000
     max_question_chars: int = 1_000
@@ -338,6 +343,11 @@ class Settings:
             transfer_concurrency=parse_int("MODEL_TRANSFER_CONCURRENCY", env.get("MODEL_TRANSFER_CONCURRENCY"), 4, maximum=32),
             block_size=parse_int("MODEL_BLOCK_SIZE_MB", env.get("MODEL_BLOCK_SIZE_MB"), 8, maximum=100) * 1024 * 1024,
         )
+
+    @property
+    def variant(self) -> str:
+        """The ONNX artifact variant (and torch precision) these settings serve (:func:`variant_for`)."""
+        return variant_for(self.quantize)
 
     @property
     def hf_token(self) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..engine.question_answering import MAX_TOP_K
 from ..errors import QAError
-from ..settings import Settings
+from ..settings import Settings, variant_for
 from .common import Add, count
 
 
@@ -132,7 +132,7 @@ def _onnx_engine_from_dir(folder: str, quantize: str, settings: Settings) -> Any
     from ..engine.question_answering import Limits
     from ..refresh.onnx_export import build_onnx
 
-    variant = "int8" if quantize == "int8" else "fp32"
+    variant = variant_for(quantize)
     artifact = build_onnx(Path(folder), variant, progress=lambda line: print(line, file=sys.stderr))
     tokenizer_files = {
         path.name: bytearray(path.read_bytes())

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from ..errors import InputError
-from ..settings import Settings, parse_model_id
+from ..settings import ARTIFACT_VARIANTS, Settings, parse_model_id
 from .common import Add, BarProgress, open_store, revision_or_current
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[i
     store = open_store(settings, args)
     revision = revision_or_current(store, args.revision, "build artifacts for")
     manifest = store.require_manifest(revision)
-    variants = tuple(args.variant) if args.variant else settings.artifacts or ("fp32", "int8")
+    variants = tuple(args.variant) if args.variant else settings.artifacts or ARTIFACT_VARIANTS
     with store.lock():  # one writer at a time, as for a refresh
         outcomes = build_artifacts(
             store,
@@ -168,7 +168,7 @@ def add_parsers(add: Add) -> None:
 
     build = add("build-artifacts", cmd_build_artifacts, "build the ONNX artifacts an existing version lacks (exit 1 if one is unusable)")
     build.add_argument("--revision", help="default: the current one")
-    build.add_argument("--variant", action="append", choices=("fp32", "int8"), help="repeat for both (default: MODEL_ARTIFACTS)")
+    build.add_argument("--variant", action="append", choices=ARTIFACT_VARIANTS, help="repeat for both (default: MODEL_ARTIFACTS)")
     build.add_argument("--skip-canary", action="store_true", help="record the artifacts without answering MODEL_CANARY")
     build.add_argument("--rebuild", action="store_true", help="build again the damaged or unusable artifacts (their records are replaced)")
     build.add_argument("--model-id")

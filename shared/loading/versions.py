@@ -104,7 +104,7 @@ def load_version(
         mode=mode,
         bytes=manifest.total_bytes,
         load_seconds=seconds,
-        variant="int8" if settings.quantize == "int8" else "fp32",
+        variant=settings.variant,
     )
 
 

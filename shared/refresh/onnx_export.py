@@ -31,6 +31,7 @@ import numpy as np
 from ..engine.cpu import cpu_facts
 from ..errors import UnsafeModelError
 from ..memory import release_memory
+from ..settings import ARTIFACT_VARIANTS
 from .int8 import CALIBRATION_FILE, DEFAULT_RECIPE, RECIPES, calibrate, calibration_facts, linear_inputs, quantize
 from .model_checks import check_vocabulary
 from .onnx_weights import EXTERNAL_MIN_BYTES, MODEL_FILE, WEIGHTS_FILE, WeightsWriter
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = 1
 OUTPUT_NAMES = ("start_logits", "end_logits")
-VARIANTS = ("fp32", "int8")
 MAX_SEQ_LEN = 384
 DOC_STRIDE = 128
 
@@ -90,8 +90,8 @@ def build_onnx(
         UnsafeModelError: the folder has no safetensors, no question-answering head, no
             ``tokenizer.json``, or the exporter cannot trace the model.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown ONNX variant {variant!r}; expected one of {VARIANTS}")
+    if variant not in ARTIFACT_VARIANTS:
+        raise ValueError(f"unknown ONNX variant {variant!r}; expected one of {ARTIFACT_VARIANTS}")
     if recipe not in RECIPES:
         raise ValueError(f"unknown int8 recipe {recipe!r}")
     say = progress or (lambda line: log.info("%s", line))

@@ -49,7 +49,7 @@ def candidates(store: ModelStore, pointer: Pointer) -> Iterator[str]:
 
 def backends(settings: Settings, *, onnx: bool) -> list[tuple[str, str]]:
     """The (backend, variant) pairs to try for one version, in order; ``onnx``: an artifact loader exists."""
-    variant = "int8" if settings.quantize == "int8" else "fp32"
+    variant = settings.variant
     if settings.backend == "onnx" and onnx:
         return [("onnx", variant), ("torch", variant)]
     return [("torch", variant)]

@@ -18,14 +18,13 @@ from typing import Any
 
 from .. import errors
 from ..engine.question_answering import MAX_ANSWER_LEN, MAX_TOP_K, MIN_ANSWER_LEN, MIN_TOP_K, QAItem
-from ..settings import Settings
+from ..settings import ARTIFACT_VARIANTS, Settings
 from ..store.refresh_queue import REVISION_RE
 from .body_size import OPERATOR_BODY_MAX_BYTES, ask_body_max_bytes
 from .playground import CONTENT_SECURITY_POLICY, PLAYGROUND_FILES
 
 VERSIONS = ("3.1", "3.0")
 BACKENDS = ("onnx", "torch")
-VARIANTS = ("fp32", "int8")
 HEALTH_STATES = ("ready", "loading", "empty", "error")
 REFRESH_OUTCOMES = ("published", "made_current", "up_to_date", "repaired", "failed")
 
@@ -342,7 +341,7 @@ def _schemas(settings: Settings) -> dict[str, Any]:
         "model_id": {"type": "string"},
         "revision": {"type": "string", "description": "the stored version that answered"},
         "backend": {"type": "string", "enum": list(BACKENDS)},
-        "variant": {"type": "string", "enum": list(VARIANTS)},
+        "variant": {"type": "string", "enum": list(ARTIFACT_VARIANTS)},
     }
     answers = {"type": "array", "items": _ref("Answer"), "maxItems": MAX_TOP_K, "description": "best first"}
     schemas: dict[str, Any] = {
