@@ -113,6 +113,8 @@ class _StepWatch:
     def _watch(self) -> None:
         while not self._stop.wait(0.1):
             self.samples.append((time.monotonic(), rss_mb()))
+            if len(self.samples) % 50 == 0:  # every 5 s to stderr: what a killed process was doing
+                print(f"rss {self.samples[-1][1]:.0f} MiB during: {self.lines[-1][1]}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> None:
         import logging
@@ -202,9 +204,7 @@ def main() -> None:
                 rows["project, full refresh (canary)"] = measure(
                     __file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True
                 )
-                rows["project, no-op refresh"] = measure(
-                    __file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True
-                )
+                rows["project, no-op refresh"] = measure(__file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True)
             rows["project, refresh + ONNX fp32,int8"] = measure(
                 __file__, "project", container=containers[3], endpoint=hub.endpoint, canary=True, artifacts="fp32,int8"
             )

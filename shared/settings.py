@@ -284,6 +284,7 @@ class Settings:
     backend: str = "onnx"
     artifacts: tuple[str, ...] = ARTIFACT_VARIANTS
     threads: int | None = None
+    memory_mb: int | None = None
     max_context_chars: int = 25_000
     max_question_chars: int = 1_000
     max_question_tokens: int = 64
@@ -329,6 +330,7 @@ class Settings:
             backend=parse_choice("QA_BACKEND", env.get("QA_BACKEND"), ("onnx", "torch"), "onnx"),
             artifacts=parse_artifacts("MODEL_ARTIFACTS", env.get("MODEL_ARTIFACTS")),
             threads=parse_int("QA_THREADS", env.get("QA_THREADS"), 0, maximum=256) or None,
+            memory_mb=parse_int("QA_MEMORY_MB", env.get("QA_MEMORY_MB"), 0, minimum=0, maximum=1 << 20) or None,
             max_context_chars=parse_int("QA_MAX_CONTEXT_CHARS", env.get("QA_MAX_CONTEXT_CHARS"), 25_000),
             max_question_chars=parse_int("QA_MAX_QUESTION_CHARS", env.get("QA_MAX_QUESTION_CHARS"), 1_000),
             max_question_tokens=parse_int("QA_MAX_QUESTION_TOKENS", env.get("QA_MAX_QUESTION_TOKENS"), 64),

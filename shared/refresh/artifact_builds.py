@@ -17,7 +17,7 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
 from ..engine.question_answering import QAEngine
-from ..errors import QAError, StorageUnavailableError, UnsafeModelError
+from ..errors import IntegrityError, QAError, StorageUnavailableError, UnsafeModelError
 from ..loading.onnx_artifacts import (
     ARTIFACT_FILES,
     ARTIFACT_RECORD,
@@ -28,6 +28,7 @@ from ..loading.onnx_artifacts import (
     artifact_engine,
     artifact_state,
     repair_command,
+    stored_artifact,
 )
 from ..memory import release_memory
 from ..settings import Settings
@@ -126,35 +127,37 @@ def _build_one(
     canary: CanaryCheck | None,
     progress: Callable[[str], None] | None,
 ) -> str:
-    from ..engine.torch_model import SafetensorsStream
-    from .onnx_export import InMemoryModel, build_onnx
+    from .onnx_export import OnnxArtifact, build_fp32, build_int8
 
     began = time.monotonic()
     say = progress or (lambda _: None)
     say(f"exporting {variant}")
-    # The version's files, sha256-checked, straight into memory: no temporary copy on disk (Flex
-    # has 0.8 GB of it); each weight in memory of its own, so the export can free them one by one.
-    # A staged version has no manifest blob yet, so go by ``manifest``.
-    model = InMemoryModel(files={}, state_dict={})
-    for entry in manifest.files:
-        if entry.name.endswith(".safetensors"):
-            stream = SafetensorsStream(entry.name)
-            store.stream_file(manifest.revision, entry, stream, restart=stream.restart)
-            model.state_dict.update(stream.tensors)
-            del stream
-        else:
-            model.files[entry.name] = store.read_file(manifest.revision, entry)
+    # Straight from storage, sha256-checked as the bytes stream in: no temporary copy on disk (Flex
+    # has 0.8 GB of it). fp32: the graph is exported over placeholder weights and weights.bin written
+    # as the checkpoint streams in (one copy of the weights). int8: from the version's fp32 artifact
+    # when it has a usable one (just built, before it), else from an fp32 build held in memory only.
     try:
-        artifact = build_onnx(model, variant, progress=progress)
-    except MemoryError:
-        raise
+        if variant == "fp32":
+            artifact = build_fp32(_store_source(store, manifest), say)
+        else:
+            fp32 = _stored_fp32(store, manifest, say)
+            if fp32 is None:
+                fp32 = build_fp32(_store_source(store, manifest), say)
+            tokenizer_json = next((store.read_file(manifest.revision, f) for f in manifest.files if f.name == "tokenizer.json"), None)
+            if tokenizer_json is None:
+                raise UnsafeModelError("the version has no tokenizer.json; the ONNX path reads the tokenizer from it alone")
+            artifact = build_int8(fp32, tokenizer_json, progress=say)
+            del fp32
+    except (MemoryError, StorageUnavailableError, IntegrityError):
+        raise  # as before the weights streamed during the build: storage, not the model
     except UnsafeModelError as err:  # the model itself: the same every time, so record it
         return _write_unusable(store, manifest, variant, f"the exporter cannot handle this model: {err.message}")
     except Exception as err:
         log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
         return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
     finally:
-        del model
+        release_memory()
+    assert isinstance(artifact, OnnxArtifact)
     engine_record = artifact.record
     entries = []
     for name in ARTIFACT_FILES:
@@ -171,7 +174,7 @@ def _build_one(
         # the canary reads back what was stored, through the serving loader's own path
         say(f"answering the canary with {variant}")
         try:
-            # without prepacking: its extra copy of the weights would set the refresh's peak
+            # the weights served from the download itself: a repacked copy would set the refresh's peak
             canary(artifact_engine(store, manifest, record, settings, prepack=False), manifest)
         except StorageUnavailableError:
             raise
@@ -188,6 +191,46 @@ def _build_one(
         variant, manifest.model_id, manifest.revision, record.total_bytes, time.monotonic() - began,
     )  # fmt: skip
     return outcome
+
+
+def _store_source(store: ModelStore, manifest: Manifest) -> Any:
+    """The version's files as the export reads them: the small ones in memory, each ``.safetensors``
+    streamed from storage (its header read first, by range; the whole file sha256-checked as it flows).
+
+    Raises:
+        StorageUnavailableError: storage could not be read.
+        IntegrityError: a small file does not match its sha256.
+    """
+    from .onnx_export import ModelSource, WeightFile
+    from .onnx_weights import header_length
+
+    source = ModelSource(files={}, where=f"version {manifest.revision}")
+    for entry in manifest.files:
+        if not entry.name.endswith(".safetensors"):
+            source.files[entry.name] = store.read_file(manifest.revision, entry)
+            continue
+        blob = store.file_blob(manifest.revision, entry.name)
+        with storage_errors(f"reading the header of {entry.name}"):
+            length = header_length(blob.download_blob(offset=0, length=8).readall())
+            header = blob.download_blob(offset=8, length=length).readall()
+
+        def stream(sink: Callable[[memoryview], object], restart: Callable[[], object], entry: FileEntry = entry) -> None:
+            store.stream_file(manifest.revision, entry, sink, restart=restart)
+
+        source.weights.append(WeightFile(entry.name, header, stream))
+    return source
+
+
+def _stored_fp32(store: ModelStore, manifest: Manifest, say: Callable[[str], None]) -> Any:
+    """The version's usable fp32 artifact, read back (verified) into memory the int8 build may spend."""
+    from .onnx_export import OnnxArtifact
+
+    found = stored_artifact(store, manifest, "fp32")
+    if found is None:
+        return None
+    record, files = found
+    say("reading the fp32 artifact back for int8")
+    return OnnxArtifact(files=dict(files), record=dict(record.engine))
 
 
 def _write_unusable(store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()) -> str:

@@ -361,12 +361,19 @@ class ModelStore:
         return buffer
 
     def stream_file(
-        self, revision: str, entry: FileEntry, sink: Callable[[memoryview], object], *, restart: Callable[[], object]
+        self,
+        revision: str,
+        entry: FileEntry,
+        sink: Callable[[memoryview], object],
+        *,
+        restart: Callable[[], object],
+        blob: BlobClient | None = None,
     ) -> None:
-        """Feed one file's bytes, in order, to ``sink``; sha256 is checked once all have flowed (a
-        mismatch raises :class:`IntegrityError` after the sink saw them: discard what it built).
-        ``restart`` is called before the file is read again (it changed meanwhile)."""
-        self._fetch(revision, entry, sink=sink, restart=restart)
+        """Feed one file's bytes (or ``blob``'s, an artifact's), in order, to ``sink``; sha256 is
+        checked once all have flowed (a mismatch raises :class:`IntegrityError` after the sink saw
+        them: discard what it built). ``restart`` is called before the file is read again (it
+        changed meanwhile)."""
+        self._fetch(revision, entry, sink=sink, restart=restart, blob=blob)
 
     def download_file(self, revision: str, entry: FileEntry, dest_dir: Path, *, progress: Progress = _noop) -> Path:
         """Stream one file to ``dest_dir/name`` through a temp name; verified before the rename."""
