@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -121,3 +122,21 @@ def test_windows_hooks_run_the_same_scripts() -> None:
         command = f". '{ROOT / 'scripts' / 'python.ps1'}'; Find-Python"
         done = subprocess.run(["pwsh", "-NoProfile", "-Command", command], capture_output=True, text=True, check=False)
         assert done.returncode == 0 and done.stdout.strip(), done.stderr
+
+
+def test_windows_hooks_keep_a_one_element_interpreter_whole() -> None:
+    """PowerShell unrolls a function's array output: `$python = Find-Python` with a one-element
+    answer ($env:PYTHON, the .venv, python on PATH) is a bare string, and `& $python[0]` runs its
+    first character (every branch but `py -3` broke `azd up` at prepackage). The callers wrap the
+    call in @() so that the answer is always an array (checked as text: no pwsh here)."""
+    finder = (ROOT / "scripts" / "python.ps1").read_text()
+    assert "function Find-Python" in finder
+    for name in ("package", "postdeploy"):
+        ps1 = (ROOT / "scripts" / f"{name}.ps1").read_text()
+        assert re.search(r"^\$python = @\(Find-Python\)", ps1, re.M), f"{name}.ps1 must call @(Find-Python)"
+        assert not re.search(r"=\s*Find-Python\b", ps1), f"{name}.ps1 assigns Find-Python's output unwrapped"
+        assert "& $python[0] @($python | Select-Object -Skip 1)" in ps1
+    for path in (ROOT / "scripts").glob("*.ps1"):
+        calls = re.findall(r"^(?!\s*#).*\bFind-Python\b.*$", path.read_text(), re.M)
+        unwrapped = [c for c in calls if "function Find-Python" not in c and "@(Find-Python)" not in c]
+        assert not unwrapped, f"{path.name}: {unwrapped}"
