@@ -537,7 +537,8 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
     displayName: 'Isolated QA operations'
     category: 'workbook'
     sourceId: applicationInsights.id
-    serializedData: loadTextContent('workbook.json')
+    // Opened from Azure Monitor > Workbooks too, its queries run against this Application Insights.
+    serializedData: string(union(loadJsonContent('workbook.json'), { fallbackResourceIds: [applicationInsights.id] }))
   }
 }
 

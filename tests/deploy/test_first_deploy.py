@@ -289,10 +289,23 @@ def test_workbook_charts_read_the_event_lines_of_the_contract(resources: dict[st
         assert chart["resourceType"] == "microsoft.insights/components" and chart["queryType"] == 0
     # shipped with the app: a workbook resource loading this file, on the app's Application Insights
     wb = body(resources["workbook"])
-    loaded = json.dumps(wb["properties"]["serializedData"])
-    assert "load_text_content" in loaded and "workbook.json" in loaded, loaded
     source = {"operator": {"type": "property_accessor", "operands": {"operand_1": "applicationInsights", "operand_2": "id"}}}
     assert wb["properties"]["sourceId"] == source
+
+
+def test_workbook_opened_from_azure_monitor_queries_the_apps_application_insights(resources: dict[str, Any]) -> None:
+    """``fallbackResourceIds`` is what a workbook opened outside its resource (Azure Monitor >
+    Workbooks) queries: the app's Application Insights (set by Bicep, the id being known only
+    there), not the placeholder "Azure Monitor", under which every query had no resource."""
+    assert "fallbackResourceIds" not in workbook(), "set by infra/resources.bicep from the resource id"
+    serialized = body(resources["workbook"])["properties"]["serializedData"]["function"]
+    assert serialized["type"] == "string"
+    merged = serialized["parameters"]["value_to_convert"]["function"]
+    assert merged["type"] == "union"
+    loaded, added = merged["parameters"]["arg_1"]["function"], merged["parameters"]["arg_2"]
+    assert loaded["type"] == "load_json_content" and loaded["parameters"]["file_path"] == "workbook.json"
+    app_insights = {"operator": {"type": "property_accessor", "operands": {"operand_1": "applicationInsights", "operand_2": "id"}}}
+    assert added == {"fallbackResourceIds": [app_insights]}
 
 
 def test_readme_queries_are_the_workbooks() -> None:
