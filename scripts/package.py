@@ -8,8 +8,10 @@ step: install the deployment's locked dependencies the way Azure's Linux workers
 - Linux x86_64 (manylinux_2_17 .. 2_28), CPython 3.11 wheels only (``--only-binary=:all:``): what
   Flex Consumption's Python 3.11 workers run, whatever machine builds the package.
 - PyTorch's CPU wheel index as an extra index, for ``torch==X+cpu``; ``TORCH_INDEX_URL`` overrides
-  it (a mirror). Where it cannot be reached, pip's own configuration (a find-links folder holding
-  the CPU wheel) must provide the file, and its sha256 must still match the lock.
+  it (a mirror). pip itself reaches it, with its own proxy and certificate settings; where it
+  cannot, pip's configuration (a find-links folder holding the CPU wheel) may still provide the
+  file, whose sha256 must match the lock. When the install fails, the error names the cause pip
+  reported: an index it could not reach (and why), or a file that differs from the locked one.
 - Then checks the result (CPU-only, every locked version installed), builds the zip azd would
   upload (the project folder minus ``.funcignore``) and prints its size, unzipped and zipped.
 
@@ -27,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -140,14 +142,54 @@ def platform_args() -> list[str]:
     return [*args, "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none"]
 
 
-def torch_index_args() -> list[str]:
-    url = os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
-    try:
-        urllib.request.urlopen(url.rstrip("/") + "/torch/", timeout=15).close()
-    except OSError:
-        print(f"warning: {url} cannot be reached; the CPU torch wheel must come from pip's configuration (find-links)", file=sys.stderr)
-        return []
-    return ["--extra-index-url", url]
+def torch_index_url() -> str:
+    return os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu").rstrip("/")
+
+
+UNREACHABLE = re.compile(
+    r"Could not fetch URL|NameResolutionError|Failed to resolve|Name or service not known|SSLError|CERTIFICATE_VERIFY_FAILED"
+    r"|ProxyError|Tunnel connection failed|Connection refused|connection broken|timed out|Max retries exceeded",
+    re.IGNORECASE,
+)
+
+
+def install_failure(output: str, exit_code: int, index: str) -> str:
+    """The error line for a failed ``pip install`` whose messages were ``output``: the cause pip
+    reported (an index it could not reach, a distribution it did not find, a file that differs
+    from the locked one), with what to do about it."""
+    lines = output.splitlines()
+    if "DO NOT MATCH THE HASHES" in output:
+        return (
+            f"error: pip could not install {LOCK} (exit {exit_code}): a downloaded file differs from the one locked (its sha256 "
+            "above). Rebuild the lock with scripts/lock where the intended indexes are reachable (README, Deploy)."
+        )
+    unreachable = [line.strip() for line in lines if UNREACHABLE.search(line)]
+    if unreachable:
+        where = urllib.parse.urlsplit(index)
+        about_index = [line for line in unreachable if (where.hostname or "") in line and where.path in line]
+        cause = (about_index or unreachable)[-1]
+        return (
+            f"error: pip could not install {LOCK} (exit {exit_code}): it could not reach {index if about_index else 'an index'}: "
+            f"{cause[:400]}\nThe CPU torch wheel comes only from PyTorch's index. Behind a proxy or TLS inspection give pip "
+            "its settings (HTTPS_PROXY, PIP_CERT or pip.conf); else set TORCH_INDEX_URL to a mirror, or PIP_FIND_LINKS to a "
+            "folder holding the wheel (its sha256 must match the lock)."
+        )
+    missing = [line.strip() for line in lines if "No matching distribution" in line or "Could not find a version" in line]
+    if missing:
+        return f"error: pip could not install {LOCK} (exit {exit_code}): {missing[-1][:400]}"
+    return f"error: pip could not install {LOCK} (exit {exit_code}): its messages above say why."
+
+
+def run_pip(command: list[str], cwd: Path) -> tuple[int, str]:
+    """Run pip, passing its output through as it comes; returns (exit code, output)."""
+    lines = []
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line)
+    return proc.returncode, "".join(lines)
 
 
 def install(root: Path, python: str) -> Path:
@@ -155,17 +197,15 @@ def install(root: Path, python: str) -> Path:
     shutil.rmtree(root / ".python_packages", ignore_errors=True)
     site.mkdir(parents=True)
     print(f"Installing {LOCK} into {TARGET.as_posix()} (manylinux x86_64, cp311, binary wheels, --require-hashes)", flush=True)
+    index = torch_index_url()
     command = [
         python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
         "--require-hashes", "--no-deps", "--only-binary=:all:", "--target", str(site),
-        *platform_args(), *torch_index_args(), "-r", str(root / LOCK),
+        *platform_args(), "--extra-index-url", index, "-r", str(root / LOCK),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=root, check=False)
-    if done.returncode != 0:
-        raise SystemExit(
-            f"error: pip could not install {LOCK} (exit {done.returncode}). A hash mismatch means a file differs from the "
-            "one locked: rebuild the lock with scripts/lock where the intended indexes are reachable (README, Deploy)."
-        )
+    exit_code, output = run_pip(command, root)
+    if exit_code != 0:
+        raise SystemExit(install_failure(output, exit_code, index))
     # Nothing the app needs at run time: pip's console scripts, bytecode caches, and torch's C++
     # unit-test binaries and headers (used only to compile C++ extensions / torch.compile, which
     # the app never does): about 145 MB less to upload and unpack on every cold start.
