@@ -15,7 +15,7 @@ step: install the deployment's locked dependencies the way Azure's Linux workers
 - Then checks the result (CPU-only, every locked version installed), builds the zip azd would
   upload (the project folder minus ``.funcignore``) and prints its size, unzipped and zipped.
 
-Standard library only: it runs before any environment of the project exists.
+Standard library only: it runs before any environment of the project exists (Python 3.9 or newer).
 Usage: python scripts/package.py [--zip PATH]
 """
 
@@ -32,6 +32,9 @@ import tempfile
 import urllib.parse
 import zipfile
 from pathlib import Path
+
+if sys.version_info < (3, 9):  # noqa: UP036 - the one line a too-old python3 gets instead of a traceback
+    sys.exit(f"error: the prepackage hook needs Python 3.9 or newer, this is {sys.version.split()[0]}: set PYTHON to a newer one")
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = Path(".python_packages") / "lib" / "site-packages"

@@ -29,6 +29,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
+if sys.version_info < (3, 9):  # noqa: UP036 - the one line a too-old python3 gets instead of a traceback
+    sys.exit(f"error: the postdeploy hook needs Python 3.9 or newer, this is {sys.version.split()[0]}: set PYTHON to a newer one")
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/azure_cli.py, even under python -I or -P
 from azure_cli import cannot_succeed, last_line, propagating, subscription_args
 
@@ -41,7 +44,7 @@ def refresh_message(reason: str = "postdeploy") -> str:
         "revision": None,
         "explicit": False,
         "reason": reason,
-        "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "requested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 - its UTC alias is Python 3.11+
         "repair": False,
         "build_artifacts": False,
         "unpin": False,

@@ -4,6 +4,7 @@ encoded as the host's queue trigger reads it."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import importlib.machinery
 import importlib.util
@@ -215,3 +216,48 @@ def test_smoke_lists_the_key_in_the_deployments_subscription_waiting_while_keys_
     with pytest.raises(SystemExit, match="gave no key in 0 s"):
         smoke.host_key("rg", "func-x", subscription=None, wait=0, interval=0)
     assert "--subscription" not in log.read_text()
+
+
+# --- the Python versions the hooks can meet ------------------------------------------------------
+
+HOOK_SCRIPTS = ("scripts/postdeploy.py", "scripts/azure_cli.py", "scripts/smoke", "scripts/package.py")
+NEWER_THAN_3_9 = {  # what the hooks must not use: (pattern, since)
+    r"\b(dt|datetime)\.UTC\b": "3.11",
+    r"\bzip\([^)]*strict=": "3.10",
+    r"\bimport tomllib\b": "3.11",
+    r"\bStrEnum\b": "3.11",
+    r"\bExceptionGroup\b|except\*": "3.11",
+    r"\bkw_only=|\bslots=True": "3.10",
+}
+
+
+def test_hook_scripts_run_on_python_3_9() -> None:
+    """azd's posix hooks fall back to python3, which is 3.9 on some macOS: no 3.10+ syntax or
+    standard-library names (datetime.UTC was one: a traceback and no first refresh), and a one-line
+    refusal below 3.9."""
+    for name in HOOK_SCRIPTS:
+        source = (ROOT / name).read_text()
+        ast.parse(source, filename=name, feature_version=(3, 9))
+        for pattern, since in NEWER_THAN_3_9.items():
+            assert not re.search(pattern, source), f"{name} uses {pattern} (Python {since})"
+        if name != "scripts/azure_cli.py":
+            assert "sys.version_info < (3, 9)" in source, f"{name} must refuse an older Python in one line"
+
+
+def _python_3_9() -> str | None:
+    """A Python 3.9 that runs (pyenv's shims answer for versions they do not activate)."""
+    candidates = [*sorted(Path.home().glob(".pyenv/versions/3.9*/bin/python3.9")), shutil.which("python3.9")]
+    for candidate in candidates:
+        if candidate and subprocess.run([str(candidate), "-c", "pass"], capture_output=True, check=False).returncode == 0:
+            return str(candidate)
+    return None
+
+
+def test_postdeploy_hook_queues_with_python_3_9_where_one_is_installed(fresh_clone: Path, bin_dir: Path, tmp_path: Path) -> None:
+    python39 = _python_3_9()
+    if python39 is None:
+        pytest.skip("no Python 3.9 here (test_hook_scripts_run_on_python_3_9 checks the source)")
+    done, calls = run_hook(fresh_clone, bin_dir, tmp_path, PYTHON=python39)
+    assert done.returncode == 0, done.stderr
+    request = json.loads(base64.b64decode(calls[0][calls[0].index("--content") + 1]))
+    assert request["requested_at"].endswith("+00:00")
