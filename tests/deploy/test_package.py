@@ -223,6 +223,7 @@ def test_the_app_imports_from_the_zip_alone(package: tuple[zipfile.ZipFile, str,
     code = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
         "import function_app, torch, transformers, onnxruntime, azure.identity\n"
+        "import opentelemetry.sdk._logs, azure.monitor.opentelemetry.exporter  # the event export (shared/telemetry/export.py)\n"
         "assert function_app.__file__.startswith(sys.argv[2]), function_app.__file__\n"
         "assert torch.__file__.startswith(sys.argv[1]), torch.__file__\n"
         "print(torch.__version__, len(function_app.app.get_functions()))"
