@@ -8,7 +8,7 @@ that runs alone. The windows of one run are
 padded only to their longest member, so the short last window of a long context never grows to
 384 tokens, and short windows (many questions over one paragraph) still share runs.
 
-Why a token bound (README, "Windows per run"): on 2 cores a bert-large run is bound by its
+Why a token bound (docs/benchmarks.md, "Windows per run"): on 2 cores a bert-large run is bound by its
 matrix products, and bigger runs only pay when the rows are few. On an AVX2-only CPU
 (issue 20's 2-core AMD EPYC, ONNX Runtime fp32, a 2,000-word context) one 384-token window per
 run took 24.6 s, two 27.0 s, eight 30.7 s (int8: 17.4, 18.8, 18.7 s); the transformers pipeline
@@ -30,7 +30,7 @@ BatchWindows = int | Literal["auto"]
 # AVX2: one 384-token window alone, or up to 3 windows of 170 tokens; 2 x 384 per run was 10%
 # slower than 1 (issue 20). AVX-512 (a 2-core Xeon with VNNI and AMX, onnx fp32): alternated in
 # one process, 512 tokens and 8 per run were within the noise of each other; in a sequential run
-# 8 per run was 11% faster on the long context (README, "Windows per run"). Until a quieter
+# 8 per run was 11% faster on the long context (docs/benchmarks.md, "Windows per run"). Until a quieter
 # measurement separates them, AVX-512 keeps the former grouping: 8 windows of 384 tokens.
 AVX2_RUN_TOKENS = 512
 AVX512_RUN_TOKENS = 8 * 384
