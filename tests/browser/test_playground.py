@@ -303,7 +303,7 @@ def _ask_requests(host: FunctionsHost) -> int:
 
 
 def test_playground_edges(served: FunctionsHost, browser: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 18: the trailing-slash URL, top_k checked in the page as the API checks it, the answer
+    """The playground's edges: the trailing-slash URL, top_k checked in the page as the API checks it, the answer
     brought into view on a 375 px phone, and scores above 1 shown as what they are."""
     import time
 

@@ -1,4 +1,4 @@
-"""The first deploy and the days after it (issue 17): what azd, ARM and the platform would accept or
+"""The first deploy and the days after it: what azd, ARM and the platform would accept or
 do, checked offline against azure.yaml, infra/, host.json and the settings code. Each test names
 the defect it guards against."""
 

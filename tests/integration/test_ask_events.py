@@ -1,4 +1,4 @@
-"""One ``event=ask`` line for every ``/api/ask`` request, whatever its outcome (issue 18; the
+"""One ``event=ask`` line for every ``/api/ask`` request, whatever its outcome (the
 contract of the KQL in docs/operations.md): ``status`` and ``error_code`` always, the model's fields when a
 model answered, ``-`` for none."""
 
