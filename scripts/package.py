@@ -164,7 +164,7 @@ def install_failure(output: str, exit_code: int, index: str) -> str:
     if "DO NOT MATCH THE HASHES" in output:
         return (
             f"error: pip could not install {LOCK} (exit {exit_code}): a downloaded file differs from the one locked (its sha256 "
-            "above). Rebuild the lock with scripts/lock where the intended indexes are reachable (README, Deploy)."
+            "above). Rebuild the lock with scripts/lock where the intended indexes are reachable (docs/development.md, The lock)."
         )
     unreachable = [line.strip() for line in lines if UNREACHABLE.search(line)]
     if unreachable:
