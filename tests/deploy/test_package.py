@@ -1,5 +1,5 @@
 """scripts/package.py (azd's prepackage hook) installs the locked, hashed dependency set, CPU-only,
-under the 1 GB limit; the zip it builds the way azd does (the folder minus .funcignore) holds the
+under the project's 1 GB budget; the zip it builds the way azd does (the folder minus .funcignore) holds the
 app and imports on its own."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.deploy.conftest import ROOT
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 SITE = ".python_packages/lib/site-packages/"
-LIMIT = 1_000_000_000  # Flex Consumption's deployment package limit, 1 GB (docs/deploy.md, The package)
+LIMIT = 1_000_000_000  # the project's own package budget, 1 GB (docs/deploy.md, The package)
 
 
 def normalize(name: str) -> str:
