@@ -7,11 +7,13 @@ step: install the deployment's locked dependencies the way Azure's Linux workers
   nothing resolved here. The deployed set is the locked set, which is also what ``.venv`` runs.
 - Linux x86_64 (manylinux_2_17 .. 2_28), CPython 3.11 wheels only (``--only-binary=:all:``): what
   Flex Consumption's Python 3.11 workers run, whatever machine builds the package.
-- PyTorch's CPU wheel index as an extra index, for ``torch==X+cpu``; ``TORCH_INDEX_URL`` overrides
-  it (a mirror). pip itself reaches it, with its own proxy and certificate settings; where it
-  cannot, pip's configuration (a find-links folder holding the CPU wheel) may still provide the
-  file, whose sha256 must match the lock. When the install fails, the error names the cause pip
-  reported: an index it could not reach (and why), or a file that differs from the locked one.
+- PyTorch's CPU wheel index as an extra index for the ``+cpu`` builds only (a pip run of their
+  own: pip would otherwise ask it for every distribution, and retry each where it cannot be
+  reached); ``TORCH_INDEX_URL`` overrides it (a mirror). pip itself reaches it, with its own proxy
+  and certificate settings; where it cannot, pip's configuration (a find-links folder holding the
+  CPU wheel) may still provide the file, whose sha256 must match the lock. When the install fails,
+  the error names the cause pip reported: an index it could not reach (and why), or a file that
+  differs from the locked one.
 - Then checks the result (CPU-only, every locked version installed), builds the zip azd would
   upload (the project folder minus ``.funcignore``) and prints its size, unzipped and zipped.
 
@@ -195,20 +197,42 @@ def run_pip(command: list[str], cwd: Path) -> tuple[int, str]:
     return proc.returncode, "".join(lines)
 
 
+def split_lock(text: str) -> tuple[str, str]:
+    """The lock's entries (a ``name==version`` line and its ``--hash`` lines) in two parts: the
+    ``+cpu`` builds, which only PyTorch's index serves, and everything else (PyPI's)."""
+    entries: list[list[str]] = []
+    for line in text.splitlines():
+        if re.match(r"^[A-Za-z0-9]", line):
+            entries.append([line])
+        elif entries and line.startswith((" ", "\t")):
+            entries[-1].append(line)
+    cpu = ["\n".join(e) for e in entries if "+cpu" in e[0].split()[0]]
+    rest = ["\n".join(e) for e in entries if "+cpu" not in e[0].split()[0]]
+    return "\n".join(cpu) + "\n", "\n".join(rest) + "\n"
+
+
 def install(root: Path, python: str) -> Path:
     site = root / TARGET
     shutil.rmtree(root / ".python_packages", ignore_errors=True)
     site.mkdir(parents=True)
     print(f"Installing {LOCK} into {TARGET.as_posix()} (manylinux x86_64, cp311, binary wheels, --require-hashes)", flush=True)
     index = torch_index_url()
-    command = [
+    base = [
         python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-        "--require-hashes", "--no-deps", "--only-binary=:all:", "--target", str(site),
-        *platform_args(), "--extra-index-url", index, "-r", str(root / LOCK),
+        "--require-hashes", "--no-deps", "--only-binary=:all:", "--upgrade", "--target", str(site), *platform_args(),
     ]  # fmt: skip
-    exit_code, output = run_pip(command, root)
-    if exit_code != 0:
-        raise SystemExit(install_failure(output, exit_code, index))
+    cpu, rest = split_lock((root / LOCK).read_text(encoding="utf-8"))
+    # Two runs: PyTorch's index is asked for the +cpu builds only (pip would otherwise ask it for
+    # every one of the lock's distributions, and retry each where it cannot be reached).
+    with tempfile.TemporaryDirectory() as parts:
+        for name, entries, extra in (("pypi", rest, []), ("cpu", cpu, ["--extra-index-url", index])):
+            if not entries.strip():
+                continue
+            requirements = Path(parts) / f"{name}.txt"
+            requirements.write_text(entries, encoding="utf-8")
+            exit_code, output = run_pip([*base, *extra, "-r", str(requirements)], root)
+            if exit_code != 0:
+                raise SystemExit(install_failure(output, exit_code, index))
     # Nothing the app needs at run time: pip's console scripts, bytecode caches, and torch's C++
     # unit-test binaries and headers (used only to compile C++ extensions / torch.compile, which
     # the app never does): about 145 MB less to upload and unpack on every cold start.
