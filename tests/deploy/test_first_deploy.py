@@ -253,13 +253,33 @@ def workbook_queries() -> list[str]:
     return [item["content"]["query"] for item in workbook()["items"] if item["type"] == 3]
 
 
-# The event-line contract (shared/telemetry.log_event; docs/operations.md, "Event lines"): the
+# The event-line contract (shared/telemetry/events.py, log_event; docs/operations.md, "Event lines"): the
 # fields a query may parse from each event.
 EVENT_FIELDS = {
     "ask": {"status", "error_code", "items", "windows", "seconds", "model_ms", "model_id", "revision", "backend", "variant"},
     "model_load": {"model_id", "revision", "backend", "variant", "mode", "bytes", "seconds", "outcome", "error_code"},
     "refresh": {"outcome", "model_id", "revision", "bytes", "seconds", "error_code", "reason"},
 }
+
+
+def logged_fields() -> dict[str, set[str]]:
+    """event name -> the fields the code passes to log_event (every call in shared/, by its AST)."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "shared").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "log_event":
+                name = node.args[1] if len(node.args) > 1 else None
+                assert isinstance(name, ast.Constant), f"{path.name}:{node.lineno}: an event name must be a literal"
+                found.setdefault(name.value, set()).update(k.arg for k in node.keywords if k.arg not in (None, "level"))
+    return found
+
+
+def test_the_event_contract_is_what_the_code_logs() -> None:
+    """The queries are checked against EVENT_FIELDS; EVENT_FIELDS is what the code sends (the
+    exported records carry the same fields as the line, tests/integration/test_event_delivery.py)."""
+    assert logged_fields() == EVENT_FIELDS
 
 
 def parsed_fields(query: str) -> set[str]:
