@@ -328,6 +328,19 @@ def test_workbook_opened_from_azure_monitor_queries_the_apps_application_insight
     assert added == {"fallbackResourceIds": [app_insights]}
 
 
+def test_alerts_read_the_event_lines_of_the_contract(resources: dict[str, Any]) -> None:
+    alerts = [body(r) for r in resources.values() if r["type"] == "Microsoft.Insights/scheduledQueryRules"]
+    events = 0
+    for alert in alerts:
+        query = alert["properties"]["criteria"]["allOf"][0]["query"]
+        event = re.search(r'startswith "event=(\w+) "', query)
+        if event:
+            events += 1
+            unknown = parsed_fields(query) - EVENT_FIELDS[event.group(1)]
+            assert not unknown, f"{alert['properties']['displayName']} parses {sorted(unknown)}, not fields of event={event.group(1)}"
+    assert events >= 1, "no alert reads an event line"
+
+
 def test_documented_queries_are_the_workbooks() -> None:
     """The saved queries of docs/operations.md are the workbook's, word for word (no second copy to drift)."""
     operations_doc = (ROOT / "docs" / "operations.md").read_text()
