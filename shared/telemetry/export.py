@@ -12,10 +12,10 @@ go through the host (``propagate`` off), so each is sent once. An event's fields
 dimensions (:mod:`.events`), an exception as an ``exceptions`` row. Without a connection string
 (local runs, tests) nothing is imported, nothing changes, nothing leaves the machine.
 
-Starting costs about 0.4 s (importing OpenTelemetry's SDK and the exporter, making the exporter):
-off the cold start's path, it runs in a thread of its own while the app goes on, and the records
-logged meanwhile are held, then sent (bench/telemetry.py measures both). OpenTelemetry is imported
-here only, when export starts; the rest of the app never imports it.
+Starting takes a few tenths of a second (importing OpenTelemetry's SDK and the exporter, making
+the exporter): off the cold start's path, it runs in a thread of its own while the app goes on,
+and the records logged meanwhile are held, then sent (bench/telemetry.py measures both ways).
+OpenTelemetry is imported here only, when export starts; the rest of the app never imports it.
 """
 
 from __future__ import annotations
