@@ -216,7 +216,8 @@ def test_a_damaged_current_version_serves_the_previous_one_until_repaired(
     second_dir = build_bert(tmp_path / "v2", seed=31)
     second = publish(store, second_dir)
     corrupt(store, second)
-    holder = install(env, damage_backoff_seconds=0.3, max_damage_backoff_seconds=1.0)
+    # published without artifacts, and none expected: degraded only by the damaged version
+    holder = install({**env, "MODEL_ARTIFACTS": "none"}, damage_backoff_seconds=0.3, max_damage_backoff_seconds=1.0)
 
     status, body, _ = call("ask", body=QUESTION)
     assert status == 200 and body["revision"] == first
