@@ -202,7 +202,7 @@ class Manifest:
         """The sealed record (:mod:`shared.store.records`)."""
         data = asdict(self)
         data["files"] = [asdict(f) for f in self.files]
-        return seal(data)
+        return seal(data, kind="manifest")
 
     @classmethod
     def from_json(cls, raw: bytes, *, revision: str, repair: str = "") -> Manifest:
@@ -214,7 +214,7 @@ class Manifest:
         """
         record = f"manifest.json of version {revision}"
         repair = repair or version_repair(revision)
-        data = unseal(raw, record=record, repair=repair).data
+        data = unseal(raw, kind="manifest", record=record, repair=repair).data
         try:
             files = tuple(FileEntry(name=f["name"], size=f["size"], sha256=f["sha256"]) for f in data["files"])
             manifest = cls(
@@ -280,7 +280,7 @@ class Pointer:
             "pinned": self.pinned,
             "updated_at": self.updated_at,
         }
-        return seal(data)
+        return seal(data, kind="pointer")
 
     @classmethod
     def from_json(cls, raw: bytes, *, etag: str | None, record: str = "current.json") -> Pointer:
@@ -289,16 +289,16 @@ class Pointer:
         Raises:
             RecordDamagedError: damaged bytes, a checksum that does not match, or another shape.
         """
-        data = unseal(raw, record=record, repair=POINTER_REPAIR).data
+        data = unseal(raw, kind="pointer", record=record, repair=POINTER_REPAIR).data
         try:
-            previous = data.get("previous", [])
-            if not isinstance(previous, list) or not isinstance(data.get("pinned", False), bool):
+            previous = data["previous"]  # every pointer this app wrote has both
+            if not isinstance(previous, list) or not isinstance(data["pinned"], bool) or "files" in data:
                 raise TypeError("previous or pinned")
             return cls(
                 model_id=str(data["model_id"]),
                 revision=check_revision(data["revision"]),
                 previous=tuple(check_revision(r) for r in previous),
-                pinned=data.get("pinned", False),
+                pinned=data["pinned"],
                 updated_at=str(data.get("updated_at", "")),
                 etag=etag,
             )

@@ -375,7 +375,7 @@ class ModelStore:
         if found is None:
             return None, None
         try:
-            record = unseal(found[0], record=LAST_REFRESH, repair=LAST_REFRESH_REPAIR).data
+            record = unseal(found[0], kind="last-refresh", record=LAST_REFRESH, repair=LAST_REFRESH_REPAIR).data
         except RecordDamagedError as err:
             log.warning("last-refresh.json of %s is damaged: %s", self.model_id, err.message)
             return None, RecordDamage(LAST_REFRESH, err.message, err.repair)
@@ -391,7 +391,8 @@ class ModelStore:
         """Write ``last-refresh.json`` (sealed); ``fast``: one attempt with short timeouts, for a record
         written after storage already failed (the command must end, not retry for minutes)."""
         with storage_errors("writing last-refresh.json"):
-            self.container.get_blob_client(self._path(LAST_REFRESH)).upload_blob(seal(record), overwrite=True, **(QUICK if fast else {}))
+            blob = self.container.get_blob_client(self._path(LAST_REFRESH))
+            blob.upload_blob(seal(record, kind="last-refresh"), overwrite=True, **(QUICK if fast else {}))
 
     # --- versions --------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 content, so that damage (a flipped byte, a truncated or emptied blob, JSON of another shape) is found
 and named rather than parsed into an error or, worse, into a wrong value.
 
-A sealed record is a JSON object with one extra top-level field, ``"checksum": "sha256:<hex>"``:
-the sha256 of the canonical JSON of every other field (keys sorted, no spaces, ASCII only). A record
-without that field was written by an older version of the app and still reads (its shape is checked
-as before); the next write seals it.
+A sealed record is a JSON object with two extra top-level fields: ``"record"``, its kind (``pointer``,
+``manifest``, ``last-refresh``), so that one record copied over another is named as such, and
+``"checksum": "sha256:<hex>"``: the sha256 of the canonical JSON of every other field (keys sorted, no
+spaces, ASCII only). A record without a checksum was written by an older version of the app and still
+reads (its shape is checked as before); the next write seals it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from ..errors import RecordDamagedError
 
 CHECKSUM = "checksum"
+KIND = "record"
 _PREFIX = "sha256:"
 
 
@@ -33,32 +35,33 @@ def checksum(data: Mapping[str, Any]) -> str:
     return _PREFIX + hashlib.sha256(canonical(body)).hexdigest()
 
 
-def seal(data: Mapping[str, Any]) -> bytes:
-    """``data`` as the bytes of a sealed record (indented JSON, keys sorted, with its checksum)."""
-    body = {key: value for key, value in data.items() if key != CHECKSUM}
+def seal(data: Mapping[str, Any], *, kind: str) -> bytes:
+    """``data`` as the bytes of a sealed record of ``kind`` (indented JSON, keys sorted, with its checksum)."""
+    body = {**{key: value for key, value in data.items() if key != CHECKSUM}, KIND: kind}
     return json.dumps({**body, CHECKSUM: checksum(body)}, indent=2, sort_keys=True).encode()
 
 
 @dataclass(frozen=True)
 class Unsealed:
-    """A record's fields (without ``checksum``), and whether it carried one (``False``: written by
-    an older version of the app, whose damage can only be found by its shape)."""
+    """A record's fields (without ``checksum`` and ``record``), and whether it carried a checksum
+    (``False``: written by an older version of the app, whose damage can only be found by its shape)."""
 
     data: dict[str, Any]
     sealed: bool
 
 
-def unseal(raw: bytes, *, record: str, repair: str) -> Unsealed:
-    """Read a record and check it against its own checksum.
+def unseal(raw: bytes, *, kind: str, record: str, repair: str) -> Unsealed:
+    """Read a record of ``kind`` and check it against its own checksum.
 
     Args:
         raw: the blob's bytes.
+        kind: the kind it must be (``pointer``, ``manifest``, ``last-refresh``).
         record: what it is, for messages ("current.json", "manifest.json of version X").
         repair: the command that brings it back, for messages.
 
     Raises:
-        RecordDamagedError: empty, not UTF-8, not JSON, not an object, or its content does not
-            match its checksum.
+        RecordDamagedError: empty, not UTF-8, not JSON, not an object, its content does not match
+            its checksum, or it is a record of another kind.
     """
     if not raw.strip():
         raise RecordDamagedError(f"{record} is empty", record=record, repair=repair)
@@ -77,6 +80,8 @@ def unseal(raw: bytes, *, record: str, repair: str) -> Unsealed:
     if not isinstance(data, dict):
         raise RecordDamagedError(f"{record} is damaged: it is not a JSON object", record=record, repair=repair)
     if CHECKSUM not in data:
+        if any(_one_byte_from(key, CHECKSUM) for key in data):  # the name of its own checksum field changed
+            raise RecordDamagedError(f"{record} is damaged: the name of its checksum field changed", record=record, repair=repair)
         return Unsealed(data, sealed=False)
     claimed = data.pop(CHECKSUM)
     try:
@@ -89,7 +94,15 @@ def unseal(raw: bytes, *, record: str, repair: str) -> Unsealed:
             record=record,
             repair=repair,
         )
+    found = data.pop(KIND, None)
+    if found != kind:
+        raise RecordDamagedError(f"{record} is damaged: it holds a {found} record, not a {kind}", record=record, repair=repair)
     return Unsealed(data, sealed=True)
+
+
+def _one_byte_from(key: str, name: str) -> bool:
+    """Whether ``key`` is ``name`` with exactly one character changed."""
+    return len(key) == len(name) and sum(a != b for a, b in zip(key, name, strict=True)) == 1
 
 
 def shape_error(record: str, repair: str, what: str) -> RecordDamagedError:
