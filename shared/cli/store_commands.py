@@ -75,9 +75,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     lines: list[str] = []
     if manifest is None:
         if manifest_damage is None:
-            from ..errors import NotFoundError
-
-            raise NotFoundError(f"Version {revision} of {store.model_id} is not a complete version in this container")
+            lines.append(f"{revision}: not a complete version in this container (python -m shared status lists them)")
+            return 1, data, _with_records("\n".join(lines), records)
         data["repair"] = manifest_damage.repair
         lines.append(
             f"{revision}: DAMAGED: {manifest_damage.message}\nRepair it (rewrites it from its source, verified): {manifest_damage.repair}"
@@ -124,7 +123,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
 
 def _record_damage(store: Any) -> list[dict[str, str]]:
     """The damaged records of the store other than a version's artifacts: the pointer, every
-    manifest, last-refresh.json (each with its repair); reads a few KB per version."""
+    manifest, last-refresh.json, a lease nobody releases (each with its repair); a few KB per version."""
     state = store.read_pointer_state()
     found = [] if state.damage is None else [state.damage.to_dict()]
     if state.pointer is not None and state.pointer.revision not in {m.revision for m in store.intact_versions()}:
@@ -139,9 +138,9 @@ def _record_damage(store: Any) -> list[dict[str, str]]:
         damage = store.manifest_state(revision)[1]
         if damage is not None:
             found.append(damage.to_dict())
-    damage = store.last_refresh_state()[1]
-    if damage is not None:
-        found.append(damage.to_dict())
+    for damage in (store.last_refresh_state()[1], store.lock_damage()):
+        if damage is not None:
+            found.append(damage.to_dict())
     return found
 
 

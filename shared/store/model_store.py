@@ -320,7 +320,9 @@ class ModelStore:
     def require_manifest(self, revision: str) -> Manifest:
         manifest = self.read_manifest(revision)
         if manifest is None:
-            raise NotFoundError(f"Version {revision} of {self.model_id} is not a complete version in this container")
+            raise NotFoundError(
+                f"Version {revision} of {self.model_id} is not a complete version in this container (python -m shared status lists them)"
+            )
         return manifest
 
     def write_manifest(self, manifest: Manifest, *, replacing_etag: str | None = None) -> None:
@@ -379,7 +381,7 @@ class ModelStore:
         except RecordDamagedError as err:
             log.warning("last-refresh.json of %s is damaged: %s", self.model_id, err.message)
             return None, RecordDamage(LAST_REFRESH, err.message, err.repair)
-        if not isinstance(record.get("outcome", ""), (str, type(None))) or not isinstance(record.get("model_id", ""), str):
+        if not _is_refresh_record(record):
             return None, RecordDamage(LAST_REFRESH, f"{LAST_REFRESH} is damaged: it is not a refresh record", LAST_REFRESH_REPAIR)
         return record, None
 
@@ -666,7 +668,10 @@ class ModelStore:
                     earlier = order[order.index(base.revision) + 1 :]
                 if not earlier:
                     what = base.revision if base is not None else "the current version"
-                    raise NotFoundError(f"There is no complete version isolated before {what}: nothing earlier to roll back to")
+                    raise NotFoundError(
+                        f"There is no intact complete version isolated before {what}: nothing earlier to roll back to "
+                        "(python -m shared status lists the versions, and the repair of a damaged one)"
+                    )
                 target = earlier[0]
             else:
                 target = check_revision_arg(to)
@@ -674,7 +679,9 @@ class ModelStore:
                     _, damage = self.manifest_state(target)
                     if damage is not None:
                         raise ConflictError(f"Version {target} cannot be made current: {damage.message}; repair it first: {damage.repair}")
-                    raise NotFoundError(f"Version {target} is not a complete version of {self.model_id}")
+                    raise NotFoundError(
+                        f"Version {target} is not a complete version of {self.model_id} (python -m shared status lists them)"
+                    )
             moved = Pointer(model_id=self.model_id, revision=target, pinned=True) if base is None else base.moved_to(target, pinned=True)
             pointer = self.write_pointer(moved, replacing=state.pointer, etag=state.etag)
         log.info("Rolled %s back from %s to %s", self.model_id, base.revision if base else None, target)
@@ -724,6 +731,22 @@ class ModelStore:
             except (ResourceNotFoundError, ResourceModifiedError):
                 return "last-refresh.json changed meanwhile (a refresh wrote it): nothing to repair"
         return "last-refresh.json was damaged: removed (the next refresh writes a new one)"
+
+    def lock_damage(self) -> RecordDamage | None:
+        """A lease on ``refresh.lock`` that nobody will release (an infinite one: this app's last at
+        most 60 s), which keeps every writer out; ``None`` otherwise (a writer at work is no damage)."""
+        with storage_errors("checking refresh.lock"):
+            try:
+                lease = self.container.get_blob_client(self._path(LOCK)).get_blob_properties().lease
+            except ResourceNotFoundError:
+                return None
+        if lease.state == "leased" and lease.duration == "infinite":
+            return RecordDamage(
+                LOCK,
+                "refresh.lock holds an infinite lease, which this app never takes: no refresh, repair or rollback can run",
+                "python -m shared repair --break-lock (once you know no refresh is running)",
+            )
+        return None
 
     def break_lock(self) -> str:
         """Break the lease on ``refresh.lock`` (one nobody will release: an infinite lease taken by
@@ -785,7 +808,7 @@ class ModelStore:
                 if damage is not None:
                     damages[version.revision] = damage
         last, last_damage = self.last_refresh_state()
-        damage_list = [d for d in (state.damage, *damages.values(), last_damage) if d is not None]
+        damage_list = [d for d in (state.damage, *damages.values(), last_damage, self.lock_damage()) if d is not None]
         entries = []
         for v in versions:
             manifest = manifests.get(v.revision)
@@ -839,6 +862,21 @@ class ModelStore:
             "problem": problem,
             "repair": repair,
         }
+
+
+def _is_refresh_record(record: dict[str, Any]) -> bool:
+    """Whether a record has the shape every ``last-refresh.json`` this app wrote has."""
+    texts = ("revision", "previous_revision", "source", "error", "error_code", "finished", "skipped_reason", "last_skipped_at")
+    return (
+        "outcome" in record
+        and isinstance(record["outcome"], (str, type(None)))
+        and isinstance(record.get("model_id"), str)
+        and all(isinstance(record.get(name), (str, type(None))) for name in texts)
+        and all(
+            isinstance(record.get(name, 0), (int, float)) and not isinstance(record.get(name, 0), bool)
+            for name in ("seconds", "bytes_moved")
+        )
+    )
 
 
 def _history_stamp() -> str:
