@@ -109,6 +109,8 @@ def test_every_route_answers_503_fast_and_a_warm_instance_keeps_serving(
             (status, body, headers), timings[route] = timed(lambda route=route, kwargs=kwargs: call(route, **kwargs))  # type: ignore[misc]
             assert (status, body["error"]["code"]) == (503, "storage_unavailable"), route
             assert "Retry-After" in headers
+            # internal details stay in the logs: no endpoint, no local-tooling hint in an HTTP body
+            assert "127.0.0.1" not in body["error"]["message"] and "azurite" not in body["error"]["message"].lower(), body
 
         cli_env = {**os.environ, **env}
         proc, timings["cli status"] = timed(
