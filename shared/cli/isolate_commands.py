@@ -43,7 +43,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     try:
         if source is not None:
             result = isolate(
-                ModelStore.from_settings(settings),
+                ModelStore.from_settings(settings, profile="command"),
                 source,
                 explicit=True,  # a folder names its version
                 keep_versions=settings.keep_versions,
@@ -58,7 +58,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
             request = RefreshRequest(
                 revision=revision, explicit=revision is not None or args.unpin, reason="cli", repair=args.repair, unpin=args.unpin
             )
-            result = run_refresh(settings, request, progress=bar)
+            result = run_refresh(settings, request, progress=bar, profile="command")
     except SourceUnavailableError as err:
         raise SourceUnavailableError(
             f"{err.message}. Offline? Isolate a local model folder instead: python -m shared isolate --from-dir DIR"

@@ -106,7 +106,7 @@ class CheckedSource:
         yield from self.source.open(entry)
 
     def _check(self, snapshot: Any) -> Any:
-        where = f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
+        where = snapshot.label or f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
         small = {entry.name: self._read(entry) for entry in snapshot.files if entry.name in _SMALL_FILES and entry.size <= _SMALL_LIMIT}
         if "tokenizer.json" in small:
             check_servable(small, where=where)
