@@ -85,7 +85,11 @@ def onnx(model_dir: str, questions_file: str, variant: str, recipe: str | None =
     artifact = build_onnx(Path(model_dir), variant, recipe=recipe or DEFAULT_RECIPE)
     tokenizer = {p.name: p.read_bytes() for p in Path(model_dir).iterdir() if p.name.startswith("tokenizer")}
     qa = onnx_engine(
-        artifact.files, artifact.record, tokenizer, limits=Limits(max_items=64, max_windows=256), batch_windows=16,
+        artifact.files,
+        artifact.record,
+        tokenizer,
+        limits=Limits(max_items=64, max_windows=256),
+        batch_windows=16,
         threads=default_threads(None, 1),
     )
     began = time.monotonic()

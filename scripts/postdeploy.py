@@ -56,8 +56,8 @@ def later(app: str) -> str:
     name = os.environ.get("AZURE_FUNCTION_APP_NAME") or "<app>"
     return (
         "Queue the first refresh later: run this hook again (azd hooks run postdeploy), or\n"
-        f"  curl -X POST \"{app}/api/model/refresh?code=$(az functionapp function keys list -g {group} -n {name} "
-        "--function-name model_refresh --query default -o tsv)\""
+        f'  curl -X POST "{app}/api/model/refresh?code=$(az functionapp function keys list -g {group} -n {name} '
+        '--function-name model_refresh --query default -o tsv)"'
     )
 
 

@@ -246,7 +246,6 @@ class TokenizerSpec:
             input_names=input_names,
         )
 
-
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> TokenizerSpec:
         """Read the spec from a model folder's files; without ``tokenizer.json``, one is converted
@@ -423,9 +422,7 @@ class QAEngine:
 
     # --- answering --------------------------------------------------------------------------
 
-    def answer(
-        self, items: Sequence[QAItem], *, deadline: float | None = None, stats: dict[str, int] | None = None
-    ) -> list[list[Answer]]:
+    def answer(self, items: Sequence[QAItem], *, deadline: float | None = None, stats: dict[str, int] | None = None) -> list[list[Answer]]:
         """Answer every item; each gets its ``top_k`` answers, best first.
 
         Args:

@@ -57,9 +57,7 @@ def artifact_blob(store: ModelStore, revision: str, variant: str, name: str) -> 
 
 def recorded_variants(version: VersionInfo) -> tuple[str, ...]:
     """The variants of a listed version that have a record (usable or not)."""
-    return tuple(
-        v for v in ARTIFACT_VARIANTS if f"{ARTIFACTS_FOLDER}/{v}/{ARTIFACT_RECORD}" in version.folder_blobs
-    )
+    return tuple(v for v in ARTIFACT_VARIANTS if f"{ARTIFACTS_FOLDER}/{v}/{ARTIFACT_RECORD}" in version.folder_blobs)
 
 
 @dataclass(frozen=True)
@@ -411,8 +409,6 @@ def artifact_engine(
         threads=default_threads(settings.threads, settings.max_concurrent),
         prepack=prepack,
     )
-
-
 
 
 def status(store: ModelStore) -> dict[str, Any]:

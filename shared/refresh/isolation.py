@@ -109,8 +109,7 @@ class LocalDirSource:
         chosen = select_files(names, where=f"folder {self.folder}")
         check_config((self.folder / "config.json").read_bytes(), where=f"in folder {self.folder}")  # before anything is copied
         files = tuple(
-            FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name))
-            for name in chosen
+            FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name)) for name in chosen
         )
         return Snapshot(revision=local_revision(files), source="local", files=files)
 
@@ -439,9 +438,7 @@ def _repair(
     snapshot = source.snapshot()
     result.source = snapshot.source
     if {(f.name, f.size, f.sha256) for f in snapshot.files} != {(f.name, f.size, f.sha256) for f in stored.files}:
-        raise IntegrityError(
-            f"The source's files for {stored.revision} differ from the stored manifest; it cannot repair this version"
-        )
+        raise IntegrityError(f"The source's files for {stored.revision} differ from the stored manifest; it cannot repair this version")
     damaged = [entry for entry in stored.files if store.file_problem(stored.revision, entry) is not None]
     progress.plan(sum(entry.size for entry in damaged))
     for entry in damaged:

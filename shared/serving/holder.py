@@ -158,9 +158,7 @@ class ModelHolder:
     def _degraded_locked(self) -> bool:
         """Serving, but not what was asked for: an earlier version, or a fallback backend because
         an artifact failed (a version that simply has no artifact is served by torch, not degraded)."""
-        return self._current is not None and (
-            self._damaged is not None or any(f["code"] != "not_found" for f in self._fallbacks)
-        )
+        return self._current is not None and (self._damaged is not None or any(f["code"] != "not_found" for f in self._fallbacks))
 
     def describe(self) -> dict[str, Any]:
         """What this instance has loaded, is loading, and its last load error (operators only)."""

@@ -348,9 +348,7 @@ class ModelStore:
             except IntegrityError as err:
                 raise IntegrityError(f"Version {revision}: {err.message}") from err
 
-    def read_file(
-        self, revision: str, entry: FileEntry, *, progress: Progress = _noop, blob: BlobClient | None = None
-    ) -> bytearray:
+    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop, blob: BlobClient | None = None) -> bytearray:
         """The bytes of one file (or of ``blob``, an artifact's) in memory, sha256 checked while they stream in.
 
         Raises:
@@ -360,9 +358,7 @@ class ModelStore:
         self._fetch(revision, entry, into=memoryview(buffer), progress=progress, blob=blob)
         return buffer
 
-    def stream_file(
-        self, revision: str, entry: FileEntry, sink: Callable[[memoryview], object], *, restart: Callable[[], object]
-    ) -> None:
+    def stream_file(self, revision: str, entry: FileEntry, sink: Callable[[memoryview], object], *, restart: Callable[[], object]) -> None:
         """Feed one file's bytes, in order, to ``sink``; sha256 is checked once all have flowed (a
         mismatch raises :class:`IntegrityError` after the sink saw them: discard what it built).
         ``restart`` is called before the file is read again (it changed meanwhile)."""

@@ -47,9 +47,7 @@ def test_answer_lines_keep_order_and_report_errors(batch: str) -> None:
 
 @pytest.mark.slow
 def test_answer_through_onnx_matches_torch() -> None:
-    lines = "\n".join(
-        json.dumps({"question": q, "context": CONTEXT, "top_k": 2}) for q in ("who won?", "when?", "which bowl?")
-    ) + "\n"
+    lines = "\n".join(json.dumps({"question": q, "context": CONTEXT, "top_k": 2}) for q in ("who won?", "when?", "which bowl?")) + "\n"
 
     def run(*flags: str) -> list[dict[str, object]]:
         proc = subprocess.run(
