@@ -144,7 +144,6 @@ class ArtifactRecord:
 
 # --- reading --------------------------------------------------------------------------------
 
-ARTIFACT_STATES = ("ok", "unusable", "damaged", "missing")
 DAMAGED_MARK = "damaged"  # metadata of artifact.json: the blob a serving load found damaged
 
 
