@@ -11,7 +11,7 @@ from typing import Any
 from ..engine.question_answering import MAX_TOP_K
 from ..errors import QAError
 from ..settings import Settings, variant_for
-from .common import Add, count
+from .common import Add, count, nonempty
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -181,7 +181,9 @@ def add_parsers(add: Add) -> None:
     ask.add_argument("--question", required=True)
     given = ask.add_mutually_exclusive_group(required=True)
     given.add_argument("--context")
-    given.add_argument("--context-file", metavar="FILE", help="read the context from a UTF-8 text file; - reads standard input")
+    given.add_argument(
+        "--context-file", metavar="FILE", type=nonempty, help="read the context from a UTF-8 text file; - reads standard input"
+    )
     ask.add_argument("--top-k", type=count(1, MAX_TOP_K), default=1, help=f"answers to return (1-{MAX_TOP_K})")
 
     answer = add(
@@ -191,7 +193,7 @@ def add_parsers(add: Add) -> None:
         "write one JSON line {answers: [...]} or {error: {...}} per item on stdout (with --json, a summary object last). "
         "Only a local folder: it never contacts the Hub.",
     )
-    answer.add_argument("--model-dir", required=True, help="a local model folder (safetensors, config, tokenizer)")
+    answer.add_argument("--model-dir", required=True, type=nonempty, help="a local model folder (safetensors, config, tokenizer)")
     answer.add_argument("--quantize", choices=("none", "int8"), help="default: QA_QUANTIZE")
     answer.add_argument(
         "--backend",

@@ -60,6 +60,14 @@ def count(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def nonempty(raw: str) -> str:
+    """An argparse type for a path: an empty value is a usage error naming the flag, never "not
+    given" (``--from-dir "$DIR"`` with ``DIR`` unset would otherwise go to the Hub)."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("must not be empty (an unset shell variable?)")
+    return raw
+
+
 def revision_or_current(store: Any, revision: str | None, what: str) -> str:
     """``--revision`` checked, or the pointer's revision; NotFoundError on an empty store."""
     from ..errors import NotFoundError

@@ -66,6 +66,22 @@ def test_numeric_flags_are_range_checked(value: str) -> None:
     assert proc.returncode == 2 and "--top-k" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "args"),
+    [
+        ("--from-dir", ("isolate", "--from-dir")),
+        ("--model-dir", ("answer", "--model-dir")),
+        ("--context-file", ("ask", "--question", "Who won?", "--context-file")),
+    ],
+)
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_path_flag_is_a_usage_error_naming_it(flag: str, args: tuple[str, ...], value: str) -> None:
+    """``--from-dir "$DIR"`` with DIR unset must not mean "no folder" (isolate would go to the Hub)."""
+    proc = run(*args, value, env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"argument {flag}: must not be empty" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_answer_takes_json_for_a_summary_line() -> None:
     item = json.dumps({"question": "Who won?", "context": "The Denver Broncos won the game."})
     proc = run("answer", "--model-dir", str(MODEL), "--json", stdin=item + "\n")
