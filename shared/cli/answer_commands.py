@@ -11,7 +11,7 @@ from typing import Any
 from ..engine.question_answering import MAX_TOP_K
 from ..errors import QAError
 from ..settings import Settings, variant_for
-from .common import Add, count, nonempty
+from .common import Add, argv_text, count, nonempty
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -21,9 +21,10 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str
     from ..serving import api
     from ..serving.holder import ModelHolder
 
-    context = args.context if args.context_file is None else _read_text(args.context_file, "--context-file")
+    question = argv_text(args.question, "--question")
+    context = argv_text(args.context, "--context") if args.context_file is None else _read_text(args.context_file, "--context-file")
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
-    item: dict[str, Any] = {"question": args.question, "context": context, "top_k": args.top_k}
+    item: dict[str, Any] = {"question": question, "context": context, "top_k": args.top_k}
     try:
         response = api.ask(holder, json.dumps(item).encode())
     except ModelNotReadyError as err:
@@ -63,7 +64,7 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     """JSON lines of items on stdin, one JSON line of answers per item on stdout."""
     import time
 
-    from ..engine.question_answering import Limits, QAItem, decode_utf8
+    from ..engine.question_answering import Limits, QAItem, decode_utf8, wide_encoding
     from ..engine.torch_model import engine_from_dir
 
     check_model_dir(args.model_dir)
@@ -103,7 +104,7 @@ def cmd_answer(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
 
     pending: list[QAItem | dict[str, Any]] = []
     for number, raw_bytes in enumerate(sys.stdin.buffer, start=1):  # bytes: UTF-8 whatever the locale says
-        if number == 1 and (raw_bytes.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw_bytes):
+        if number == 1 and wide_encoding(raw_bytes):
             decode_utf8(raw_bytes, what="the input")  # UTF-16: the whole input is unreadable, one error says so
         if not raw_bytes.strip():
             continue

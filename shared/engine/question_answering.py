@@ -128,22 +128,46 @@ class QAItem:
 def decode_utf8(raw: bytes, *, what: str, field: str | None = None) -> str:
     """``raw`` as UTF-8 text (a leading BOM dropped), else an :class:`InputError` that says what it
     looks like instead: a lone surrogate is what Python makes of such bytes, not what the user has.
+    UTF-16 (or UTF-32) is named only when the bytes show it (a byte order mark, or NUL bytes in every
+    other position); 8-bit text is named as Latin-1 or Windows-1252; anything else is "not UTF-8".
 
     Raises:
-        InputError: ``{what} is not UTF-8 (looks like ...)``.
+        InputError: ``{what} is not UTF-8 (...)``.
     """
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:  # UTF-8 text never has NUL bytes; UTF-16 is full of them
-        looks_like = "UTF-32" if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "UTF-16"
-        how = f"convert it to UTF-8, e.g. iconv -f {looks_like} -t UTF-8"
-        raise InputError(f"{what} is not UTF-8 (looks like {looks_like}); {how}", field=field)
+    wide = wide_encoding(raw)
+    if wide is not None:
+        how = f"convert it to UTF-8, e.g. iconv -f {wide} -t UTF-8"
+        raise InputError(f"{what} is not UTF-8 (looks like {wide}); {how}", field=field)
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise InputError(
-            f"{what} is not UTF-8 (looks like Latin-1 or Windows-1252: byte 0x{raw[err.start]:02X} at offset {err.start}); "
-            "convert it to UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8",
-            field=field,
-        ) from None
+        byte = f"byte 0x{raw[err.start]:02X} at offset {err.start}"
+        if not any(b in _CONTROL_BYTES for b in raw):
+            how = "convert it to UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8"
+            raise InputError(f"{what} is not UTF-8 (looks like Latin-1 or Windows-1252: {byte}); {how}", field=field) from None
+        raise InputError(f"{what} is not UTF-8 ({byte}); it does not look like text", field=field) from None
+    if "\x00" in text:  # valid UTF-8, but no text has NUL characters
+        raise InputError(f"{what} is not UTF-8 text (a NUL byte at offset {raw.index(0)})", field=field)
+    return text
+
+
+# bytes that 8-bit text does not have (tab, line feed, form feed and carriage return aside)
+_CONTROL_BYTES = frozenset(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D}
+
+
+def wide_encoding(raw: bytes) -> str | None:
+    """``"UTF-16"`` or ``"UTF-32"`` when ``raw`` shows it (a byte order mark, or NUL bytes in every
+    other position, as text of mostly Latin letters has in UTF-16 without one), else ``None``."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = raw[:4096]
+    units = len(head) // 2
+    if units == 0:
+        return None
+    nuls = sorted((head[0::2].count(0), head[1::2].count(0)))
+    return "UTF-16" if nuls[1] >= 2 and nuls[1] * 2 >= units and nuls[0] * 16 <= units else None
 
 
 def _check_unicode(value: str, field: str) -> None:
