@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from ..errors import QAError
 from ..settings import Settings
+from ..wire import to_json
 from . import answer_commands, isolate_commands, store_commands
 from .common import Handler
 
@@ -75,7 +76,7 @@ def _run(argv: Sequence[str] | None) -> int:
         log.debug("command failed", exc_info=True)
         print(f"error: {err.message}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"error": {"code": err.code, "message": err.message}}))
+            print(json.dumps(to_json(err.body())))
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -86,7 +87,7 @@ def _run(argv: Sequence[str] | None) -> int:
         log.debug("command failed", exc_info=True)
         print(f"error: unexpected {type(err).__name__} (a bug; please report it with the command you ran)", file=sys.stderr)
         if args.json:
-            print(json.dumps({"error": {"code": "internal_error", "message": f"unexpected {type(err).__name__}"}}))
+            print(json.dumps(to_json(QAError(f"unexpected {type(err).__name__}").body())))
         return 1
     if args.json:
         print(text, file=sys.stderr)

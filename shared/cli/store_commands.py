@@ -84,9 +84,13 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
+    """What ``POST /api/model/rollback`` does, with the command profile; ``--json`` prints its body."""
+    from ..serving.shapes import RollbackResult
+    from ..wire import to_json
+
     pointer = open_store(settings, args).rollback(args.to)
-    data = {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned}
-    return 0, data, f"current: {pointer.revision} (pinned; a scheduled refresh leaves it until a refresh names a revision)"
+    text = f"current: {pointer.revision} (pinned; a scheduled refresh leaves it until a refresh names a revision)"
+    return 0, to_json(RollbackResult.of(pointer)), text
 
 
 def add_parsers(add: Add) -> None:

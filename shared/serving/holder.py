@@ -31,7 +31,9 @@ from ..loading.versions import LoadedModel, load_version
 from ..settings import Settings
 from ..store.model_files import Pointer, utc_now
 from ..store.model_store import ModelStore
+from ..wire import to_json
 from .fallback import ArtifactLoader, Loader, load_best
+from .shapes import Health, HealthState
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +123,12 @@ class ModelHolder:
     # --- state ------------------------------------------------------------------------------
 
     @property
-    def state(self) -> str:
+    def state(self) -> HealthState:
         """``ready``, ``loading``, ``empty`` (nothing loaded, nothing to load) or ``error``."""
         with self._cond:
             return self._state_locked()
 
-    def _state_locked(self) -> str:
+    def _state_locked(self) -> HealthState:
         if self._current is not None and not self._replacing:
             return "ready"
         if self._loading is not None:
@@ -141,19 +143,23 @@ class ModelHolder:
         return self._loads
 
     def health(self) -> dict[str, Any]:
-        """State as fixed codes, for the anonymous health route (no reasons, no settings)."""
+        """State as fixed codes, for the anonymous health route (no reasons, no settings): the
+        JSON of :class:`~shared.serving.shapes.Health`."""
         with self._cond:
-            state = self._state_locked()
-            body: dict[str, Any] = {"state": state, "degraded": self._degraded_locked()}
-            if self._current is not None:
-                body.update(
-                    model_id=self._current.model_id,
-                    revision=self._current.revision,
-                    load_seconds=round(self._current.load_seconds, 3),
-                    backend=self._current.backend,
-                    variant=self._current.variant,
-                )
-            return body
+            state, degraded, current = self._state_locked(), self._degraded_locked(), self._current
+        if current is None:
+            return to_json(Health(state, degraded))
+        return to_json(
+            Health(
+                state,
+                degraded,
+                model_id=current.model_id,
+                revision=current.revision,
+                load_seconds=round(current.load_seconds, 3),
+                backend=current.backend,
+                variant=current.variant,
+            )
+        )
 
     def _degraded_locked(self) -> bool:
         """Serving, but not what was asked for: an earlier version, or a fallback backend because
@@ -167,7 +173,7 @@ class ModelHolder:
             return {
                 "state": self._state_locked(),
                 "degraded": self._degraded_locked(),
-                "loaded": None if self._current is None else self._current.describe(),
+                "loaded": None if self._current is None else to_json(self._current.describe()),
                 "loading": self._loading,
                 "last_error": self._last_error,
                 "damaged": None if self._damaged is None else dict(self._damaged),
