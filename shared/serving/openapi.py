@@ -74,6 +74,7 @@ class Operation:
 
 
 NO_BODY = frozenset({308, 401})  # a redirect; the host's empty 401
+_CSP_HEADER = {"Content-Security-Policy": {"required": True, "schema": {"type": "string", "enum": [CONTENT_SECURITY_POLICY]}}}
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -189,7 +190,7 @@ OPERATIONS: tuple[Operation, ...] = (
         success="Text",
         media_types=("text/html",),
         headers={
-            200: {"Content-Security-Policy": {"required": True, "schema": {"type": "string", "enum": [CONTENT_SECURITY_POLICY]}}},
+            200: _CSP_HEADER,
             308: {"Location": {"description": "the page without the trailing slash", "required": True, "schema": {"type": "string"}}},
         },
     ),
@@ -211,7 +212,7 @@ OPERATIONS: tuple[Operation, ...] = (
             },
         ),
         media_types=tuple(dict.fromkeys(PLAYGROUND_FILES.values())),
-        headers={200: {"Content-Security-Policy": {"required": True, "schema": {"type": "string", "enum": [CONTENT_SECURITY_POLICY]}}}},
+        headers={200: _CSP_HEADER},
     ),
 )
 
