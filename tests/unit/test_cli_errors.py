@@ -109,7 +109,7 @@ def test_a_bad_setting_is_one_line() -> None:
     assert proc.returncode == 1 and proc.stderr.strip() == "error: MODEL_KEEP_VERSIONS must be a whole number, got 'many'"
 
 
-# --- messages that name the cause (issue "Every edge a new user hit") ---------------------------
+# --- messages that name the cause -----------------------------------------------------------------
 
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
