@@ -39,7 +39,9 @@ Converting a hand-written schema (``ModelStatus`` in ``serving/openapi.py`` is s
 
 1. declare the shape next to the code that builds the body (``ModelStore.status``: ``store/``),
    one field per property, with the description the hand schema had; nested objects are shapes
-   too (``pointer: PointerInfo | None``), a map by name is ``dict[str, ArtifactListing]``;
+   too (``pointer: PointerInfo | None``: a nullable one is inlined, so leave it out of ``refs``),
+   a map by name is ``dict[str, ArtifactListing]``, an enum that may be null is
+   ``Literal["published", ...] | None``, a property that may be absent is ``omit_none=True``;
 2. build the shape there and return it; the route sends :func:`to_json` of it (a caller that
    still wants the dict calls :func:`to_json` itself);
 3. in ``serving/openapi.py``, list it in ``RESPONSE_SHAPES`` (name -> class) and delete the hand
