@@ -117,16 +117,25 @@ def main() -> None:
     print(
         table(
             [(f"build {v}", row) for v, row in builds.items()] or [("(builds: bench/out/onnx-bert-large/ kept)", {})],
-            [("seconds", "seconds", ".1f"), ("build_peak_rss_mb", "peak RSS MB", ".0f"),
-             ("temp_written_mb", "written MB", ".1f"), ("artifact_mb", "artifact MB", ".0f")],
+            [
+                ("seconds", "seconds", ".1f"),
+                ("build_peak_rss_mb", "peak RSS MB", ".0f"),
+                ("temp_written_mb", "written MB", ".1f"),
+                ("artifact_mb", "artifact MB", ".0f"),
+            ],
         )
     )
     print(
         table(
             [(f"load {v}", row) for v, row in loads.items()],
-            [("seconds", "load s", ".2f"), ("rss_before_mb", "before MB", ".0f"), ("load_peak_mb", "peak MB", ".0f"),
-             ("steady_after_load_mb", "loaded MB", ".0f"), ("after_first_answer_mb", "1 answer MB", ".0f"),
-             ("after_4_windows_mb", "4 windows MB", ".0f")],
+            [
+                ("seconds", "load s", ".2f"),
+                ("rss_before_mb", "before MB", ".0f"),
+                ("load_peak_mb", "peak MB", ".0f"),
+                ("steady_after_load_mb", "loaded MB", ".0f"),
+                ("after_first_answer_mb", "1 answer MB", ".0f"),
+                ("after_4_windows_mb", "4 windows MB", ".0f"),
+            ],
         )
     )
     for variant, row in loads.items():

@@ -202,9 +202,7 @@ def main() -> None:
                 rows["project, full refresh (canary)"] = measure(
                     __file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True
                 )
-                rows["project, no-op refresh"] = measure(
-                    __file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True
-                )
+                rows["project, no-op refresh"] = measure(__file__, "project", container=containers[2], endpoint=hub.endpoint, canary=True)
             rows["project, refresh + ONNX fp32,int8"] = measure(
                 __file__, "project", container=containers[3], endpoint=hub.endpoint, canary=True, artifacts="fp32,int8"
             )

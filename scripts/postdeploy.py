@@ -66,8 +66,8 @@ def later(app: str) -> str:
     subscription = " ".join(subscription_args()) or "--subscription <subscription>"
     return (
         "Queue the first refresh later: run this hook again (azd hooks run postdeploy), or\n"
-        f"  curl -X POST \"{app}/api/model/refresh?code=$(az functionapp function keys list -g {group} -n {name} {subscription} "
-        "--function-name model_refresh --query default -o tsv)\""
+        f'  curl -X POST "{app}/api/model/refresh?code=$(az functionapp function keys list -g {group} -n {name} {subscription} '
+        '--function-name model_refresh --query default -o tsv)"'
     )
 
 

@@ -7,7 +7,25 @@ tenants' data) go to logs through the exception chain (``raise ... from err``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
+
+from .wire import Param, wire_field
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """What went wrong: a fixed code (by HTTP status in the OpenAPI document) and a message safe to show."""
+
+    code: str = wire_field(schema={"enum": Param("codes")})
+    message: str = wire_field()
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """Every error's JSON body, on every route and on the command line (``--json``, ``answer``'s lines)."""
+
+    error: ErrorDetail = wire_field()
 
 
 class QAError(Exception):
@@ -22,6 +40,10 @@ class QAError(Exception):
         self.message = message
         if retry_after is not None:
             self.retry_after = retry_after
+
+    def body(self) -> ErrorBody:
+        """This error as the JSON body of a response or an output line."""
+        return ErrorBody(ErrorDetail(self.code, self.message))
 
 
 class SettingsError(QAError, ValueError):

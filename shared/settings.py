@@ -10,10 +10,11 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 from .errors import SettingsError
+from .wire import wire_field
 
 DEFAULT_MODEL_ID = "google-bert/bert-large-uncased-whole-word-masking-finetuned-squad"
 DEFAULT_CANARY = {
@@ -137,6 +138,7 @@ def parse_name(name: str, raw: str | None, default: str, pattern: re.Pattern[str
 
 
 ARTIFACT_VARIANTS = ("fp32", "int8")  # the ONNX artifact variants: the one list of them
+BACKENDS = ("onnx", "torch")  # what runs a model (QA_BACKEND): ONNX Runtime, else torch
 
 
 def variant_for(quantize: str) -> str:
@@ -189,6 +191,65 @@ def parse_canary(name: str, raw: str | None) -> Canary:
     if not data["question"].strip() or not data["context"].strip():
         raise SettingsError(f"{name}: 'question' and 'context' must not be empty")
     return Canary(question=data["question"], context=data["context"], answer=answer)
+
+
+# bounds of a question's options: fixed, not settings
+MIN_TOP_K = 1
+MAX_TOP_K = 20
+MIN_ANSWER_LEN = 1
+MAX_ANSWER_LEN = 512
+OPERATOR_BODY_MAX_BYTES = 4096  # bytes of a refresh or rollback body
+
+
+def _limit(default: int, setting: str, description: str) -> Any:
+    return wire_field(f"{description} ({setting})", default=default, metadata={"setting": setting})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask, declared once: :meth:`Settings.from_env` reads the five settings
+    (their defaults are here), the request validator (``shared/serving/validation.py``) and the
+    engine (tokens, windows) enforce them, and the OpenAPI document states them (``info.x-limits``
+    and the bounds of its request schemas). Over a size limit is a 413 that names the setting."""
+
+    wire_description: ClassVar[str] = "The limits of this deployment (its settings in parentheses)"
+
+    max_context_chars: int = _limit(25_000, "QA_MAX_CONTEXT_CHARS", "characters of one context")
+    max_question_chars: int = _limit(1_000, "QA_MAX_QUESTION_CHARS", "characters of one question")
+    max_question_tokens: int = _limit(64, "QA_MAX_QUESTION_TOKENS", "tokens of one question")
+    max_items: int = _limit(32, "QA_MAX_ITEMS", "items of one request")
+    max_windows: int = _limit(48, "QA_MAX_WINDOWS", "windows of the model's sequence length over all the items of one request")
+    max_top_k: int = wire_field("answers one item may ask for (top_k)", default=MAX_TOP_K, init=False)
+    max_answer_len: int = wire_field("tokens of one answer (max_answer_len)", default=MAX_ANSWER_LEN, init=False)
+    max_ask_body_bytes: int = wire_field("bytes of an /api/ask body (from the limits above)", default=0, init=False)
+    max_operator_body_bytes: int = wire_field("bytes of a refresh or rollback body", default=OPERATOR_BODY_MAX_BYTES, init=False)
+
+    def __post_init__(self) -> None:
+        # a JSON string may spend 6 bytes on one character (\uXXXX)
+        body = self.max_items * (self.max_context_chars + self.max_question_chars) * 6 + 64 * 1024
+        object.__setattr__(self, "max_ask_body_bytes", body)
+
+    @classmethod
+    def setting(cls, name: str) -> str | None:
+        """The setting of limit ``name`` (``QA_MAX_CONTEXT_CHARS``); ``None`` for a fixed one."""
+        found = {f.name: f.metadata.get("setting") for f in fields(cls)}
+        return found.get(name)
+
+    def says(self, name: str) -> str:
+        """Limit ``name`` as a message gives it: ``300 (QA_MAX_CONTEXT_CHARS)``."""
+        setting = self.setting(name)
+        value = getattr(self, name)
+        return f"{value} ({setting})" if setting else str(value)
+
+
+def parse_limits(env: Mapping[str, str]) -> Limits:
+    """The request limits: each setting of :class:`Limits` (a whole number of at least 1), or its default."""
+    values = {}
+    for limit in fields(Limits):
+        setting, default = limit.metadata.get("setting"), limit.default
+        if setting and isinstance(default, int):
+            values[limit.name] = parse_int(setting, env.get(setting), default)
+    return Limits(**values)
 
 
 @dataclass(frozen=True)
@@ -348,6 +409,7 @@ def app_insights_from_env(env: Mapping[str, str] | None = None) -> AppInsights |
 
 
 LoadMode = Literal["memory", "disk"]
+LOAD_MODES: tuple[LoadMode, ...] = ("memory", "disk")
 ReloadMode = Literal["overlap", "replace"]
 
 
@@ -371,11 +433,7 @@ class Settings:
     backend: str = "onnx"
     artifacts: tuple[str, ...] = ARTIFACT_VARIANTS
     threads: int | None = None
-    max_context_chars: int = 25_000
-    max_question_chars: int = 1_000
-    max_question_tokens: int = 64
-    max_items: int = 32
-    max_windows: int = 48
+    limits: Limits = field(default_factory=Limits)
     batch_windows: int | Literal["auto"] = "auto"
     max_concurrent: int = 2
     deadline_seconds: float = 60.0
@@ -394,7 +452,7 @@ class Settings:
         """
         raw = os.environ if env is None else env
         env = _ResolvedEnv(raw)
-        load_mode = parse_choice("MODEL_LOAD_MODE", env.get("MODEL_LOAD_MODE"), ("memory", "disk"), "memory")
+        load_mode = parse_choice("MODEL_LOAD_MODE", env.get("MODEL_LOAD_MODE"), LOAD_MODES, "memory")
         cache_dir = env.get("MODEL_CACHE_DIR", "").strip() or None
         if load_mode == "disk" and cache_dir is None:
             raise SettingsError("MODEL_CACHE_DIR must be set when MODEL_LOAD_MODE=disk (a folder on local disk)")
@@ -413,14 +471,10 @@ class Settings:
             reload=parse_choice("MODEL_RELOAD", env.get("MODEL_RELOAD"), ("overlap", "replace"), default_reload),  # type: ignore[arg-type]
             canary=parse_canary("MODEL_CANARY", env.get("MODEL_CANARY")),
             quantize=parse_choice("QA_QUANTIZE", env.get("QA_QUANTIZE"), ("none", "int8"), "none"),
-            backend=parse_choice("QA_BACKEND", env.get("QA_BACKEND"), ("onnx", "torch"), "onnx"),
+            backend=parse_choice("QA_BACKEND", env.get("QA_BACKEND"), BACKENDS, "onnx"),
             artifacts=parse_artifacts("MODEL_ARTIFACTS", env.get("MODEL_ARTIFACTS")),
             threads=parse_int("QA_THREADS", env.get("QA_THREADS"), 0, maximum=256) or None,
-            max_context_chars=parse_int("QA_MAX_CONTEXT_CHARS", env.get("QA_MAX_CONTEXT_CHARS"), 25_000),
-            max_question_chars=parse_int("QA_MAX_QUESTION_CHARS", env.get("QA_MAX_QUESTION_CHARS"), 1_000),
-            max_question_tokens=parse_int("QA_MAX_QUESTION_TOKENS", env.get("QA_MAX_QUESTION_TOKENS"), 64),
-            max_items=parse_int("QA_MAX_ITEMS", env.get("QA_MAX_ITEMS"), 32),
-            max_windows=parse_int("QA_MAX_WINDOWS", env.get("QA_MAX_WINDOWS"), 48),
+            limits=parse_limits(env),
             batch_windows=parse_batch_windows("QA_BATCH_WINDOWS", env.get("QA_BATCH_WINDOWS")),
             max_concurrent=parse_int("QA_MAX_CONCURRENT", env.get("QA_MAX_CONCURRENT"), 2),
             deadline_seconds=parse_float("QA_DEADLINE_SECONDS", env.get("QA_DEADLINE_SECONDS"), 60.0, minimum=1.0),

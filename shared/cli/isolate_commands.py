@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..settings import ARTIFACT_VARIANTS, Settings, parse_model_id
-from .common import Add, BarProgress, open_store, revision_or_current
+from .common import Add, BarProgress, nonempty, open_store, revision_or_current
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def add_parsers(add: Add) -> None:
     iso = add("isolate", cmd_isolate, "copy the model (from the Hub, or a local folder) into Blob Storage as a verified version")
     iso.add_argument("--model-id", help="Hub model id (default: MODEL_ID)")
     iso.add_argument("--revision", help="branch, tag or commit (default: MODEL_REVISION); naming one moves a pinned pointer")
-    iso.add_argument("--from-dir", help="isolate from this local model folder instead of the Hub (offline)")
+    iso.add_argument("--from-dir", type=nonempty, help="isolate from this local model folder instead of the Hub (offline)")
     iso.add_argument("--skip-canary", action="store_true", help="publish without answering MODEL_CANARY first")
     iso.add_argument(
         "--repair",

@@ -152,10 +152,14 @@ def _with_records(text: str, records: list[dict[str, str]]) -> str:
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
-    """Point back (and pin); also the way to rewrite a damaged ``current.json`` at a chosen version."""
+    """What ``POST /api/model/rollback`` does, with the command profile (also the way to rewrite a
+    damaged ``current.json`` at a chosen version); ``--json`` prints its body."""
+    from ..serving.shapes import RollbackResult
+    from ..wire import to_json
+
     pointer = open_store(settings, args).rollback(args.to)
-    data = {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned}
-    return 0, data, f"current: {pointer.revision} (pinned; a scheduled refresh leaves it until a refresh names a revision)"
+    text = f"current: {pointer.revision} (pinned; a scheduled refresh leaves it until a refresh names a revision)"
+    return 0, to_json(RollbackResult.of(pointer)), text
 
 
 def cmd_repair(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:

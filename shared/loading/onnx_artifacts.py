@@ -30,7 +30,7 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobClient
 
-from ..engine.question_answering import Limits, QAEngine
+from ..engine.question_answering import QAEngine
 from ..errors import IntegrityError, NotFoundError, QAError
 from ..settings import ARTIFACT_VARIANTS, Settings
 from ..store.model_files import FileEntry, Manifest, utc_now
@@ -426,7 +426,7 @@ def artifact_engine(
         files,
         record.engine,
         tokenizer,
-        limits=Limits.from_settings(settings),
+        limits=settings.limits,
         batch_windows=settings.batch_windows,
         threads=default_threads(settings.threads, settings.max_concurrent),
         prepack=prepack,

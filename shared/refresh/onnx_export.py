@@ -370,9 +370,7 @@ def _pack_ir(ir_model: Any, owners: Sequence[tuple[int, int, mmap.mmap]] = ()) -
     for index, value in enumerate(values):
         tensor = value.const_value
         offset, length = writer.put(tensor.numpy())
-        value.const_value = ir.ExternalTensor(
-            WEIGHTS_FILE, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=""
-        )
+        value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir="")
         del tensor
         owner = uses[index]
         if owner is not None:

@@ -33,10 +33,12 @@ from ..loading.versions import LoadedModel, load_version
 from ..settings import Settings
 from ..store.model_files import utc_now
 from ..store.model_store import ModelStore, PointerState
+from ..wire import to_json
 from .damage_watch import DamageWatch
 from .fallback import ArtifactLoader, Loader, load_best
 from .load_state import LoadState
 from .pointer_poll import PointerPoller
+from .shapes import Health, HealthState
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ class ModelHolder:
     # --- state ------------------------------------------------------------------------------
 
     @property
-    def state(self) -> str:
+    def state(self) -> HealthState:
         """``ready``, ``loading``, ``empty`` (nothing loaded, nothing to load) or ``error``."""
         with self._cond:
             return self._state.public_state
@@ -127,19 +129,23 @@ class ModelHolder:
         return self._state.loads
 
     def health(self) -> dict[str, Any]:
-        """State as fixed codes, for the anonymous health route (no reasons, no settings)."""
+        """State as fixed codes, for the anonymous health route (no reasons, no settings): the
+        JSON of :class:`~shared.serving.shapes.Health`."""
         with self._cond:
-            state = self._state
-            body: dict[str, Any] = {"state": state.public_state, "degraded": state.degraded}
-            if state.current is not None:
-                body.update(
-                    model_id=state.current.model_id,
-                    revision=state.current.revision,
-                    load_seconds=round(state.current.load_seconds, 3),
-                    backend=state.current.backend,
-                    variant=state.current.variant,
-                )
-            return body
+            state, degraded, current = self._state.public_state, self._state.degraded, self._state.current
+        if current is None:
+            return to_json(Health(state, degraded))
+        return to_json(
+            Health(
+                state,
+                degraded,
+                model_id=current.model_id,
+                revision=current.revision,
+                load_seconds=round(current.load_seconds, 3),
+                backend=current.backend,
+                variant=current.variant,
+            )
+        )
 
     def describe(self) -> dict[str, Any]:
         """What this instance has loaded, is loading, and its last load error (operators only)."""
@@ -150,7 +156,7 @@ class ModelHolder:
                 "state": state.public_state,
                 "degraded": state.degraded,
                 "problems": [dict(p) for p in state.problems] if state.current is not None else [],
-                "loaded": None if state.current is None else state.current.describe(),
+                "loaded": None if state.current is None else to_json(state.current.describe()),
                 "loading": state.loading,
                 "last_error": state.last_error,
                 "damaged": None if state.damaged is None else dict(state.damaged),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..loading.versions import LoadedModel
+from .shapes import HealthState
 
 PHASES = ("idle", "loading", "ready", "failed", "no_model")
 PENDING = "pending"  # what is being loaded before the pointer is read
@@ -62,7 +63,7 @@ class LoadState:
     # --- reading ------------------------------------------------------------------------------
 
     @property
-    def public_state(self) -> str:
+    def public_state(self) -> HealthState:
         """``ready``, ``loading``, ``empty`` (nothing loaded, nothing to load) or ``error``."""
         if self.current is not None and not self.releasing:
             return "ready"

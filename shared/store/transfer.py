@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError
@@ -132,12 +132,6 @@ def _stage(blob: BlobClient, block_id: str, block: bytes, progress: Progress) ->
 
 class BlobChangedError(IntegrityError):
     """The blob was rewritten (its ETag changed) while its ranges were read: start the file over."""
-
-
-class Sink(Protocol):
-    """Where downloaded bytes go: ``take`` is called in order, once per range."""
-
-    def take(self, offset: int, data: memoryview) -> None: ...
 
 
 class _ViewWriter:

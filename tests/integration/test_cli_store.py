@@ -129,3 +129,38 @@ def test_isolate_says_what_it_did_and_moves_a_pin_only_when_asked(cli_env: dict[
     code, out, text = run(cli_env, "isolate", "--from-dir", str(other))
     assert code == 0 and out["outcome"] == "made_current" and f"pinned at {a['revision']}" in text
     assert pointer_of(cli_env) == (b["revision"], False)
+
+
+@pytest.mark.parametrize("flags", [(), ("--json",)], ids=["text", "json"])
+def test_a_reader_that_stops_early_ends_the_command_quietly(cli_env: dict[str, str], flags: tuple[str, ...]) -> None:
+    """``status | true``: the pipe's reader is gone before the command writes; it exits 141 (as a
+    command killed by SIGPIPE) with nothing on stderr but its own lines, never a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first write: a closed pipe, every time
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "shared", "status", *flags],
+            cwd=ROOT, env={**os.environ, **cli_env}, stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
+def test_status_through_head_prints_its_first_line_only(cli_env: dict[str, str]) -> None:
+    """The same through a shell pipe to ``head -1``: its first line, and no traceback whenever head exits."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        ["bash", "-c", f"'{sys.executable}' -m shared status | head -1"],
+        cwd=ROOT, env={**os.environ, **cli_env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.startswith("model: tests/cli-bert in container "), proc
+    assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr

@@ -132,7 +132,9 @@ def test_batch_windows_is_auto_or_a_fixed_count() -> None:
 
 # --- Application Insights (telemetry starts on import, apart from Settings) -------------------
 
-CONNECTION = "InstrumentationKey=00000000-0000-0000-0000-000000000001;IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/"
+CONNECTION = (
+    "InstrumentationKey=00000000-0000-0000-0000-000000000001;IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/"
+)
 
 
 def test_no_connection_string_no_telemetry() -> None:
