@@ -16,6 +16,8 @@ from ..settings import MAX_TOP_K, Settings, variant_for
 from ..wire import to_json, wire_field
 from .common import Add, argv_text, count, nonempty
 
+LOAD_PATIENCE_SECONDS = 900  # a bert-large load from a slow link; a load that fails ends the wait at once
+
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
     """One question through the same check, holder and loader as the function."""
@@ -32,6 +34,7 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str
     items, _ = check_ask(settings.limits, {"question": question, "context": context, "top_k": args.top_k})
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
     try:
+        holder.wait_loaded(LOAD_PATIENCE_SECONDS)  # a terminal waits for the load; the deadline is the answer's
         response = api.answer(holder, items, batch=False, deadline=time.monotonic() + settings.deadline_seconds)
     except ModelNotReadyError as err:
         # the function's 503 points operators at GET /api/model; here the cause is at hand

@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from ..settings import Settings
+from ..wire import to_json
 from .common import Add, BarProgress, open_store, revision_or_current
 
 
@@ -17,7 +18,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     """Pointer, versions (with their artifacts), last refresh, and every damaged record with its repair."""
     from ..loading.onnx_artifacts import status
 
-    data = status(open_store(settings, args), expected=settings.artifacts)
+    data = to_json(status(open_store(settings, args), expected=settings.artifacts))
     pointer = data["pointer"]
     last = data["last_refresh"] or {}
     lines = [f"model: {data['model_id']} in container {data['container']}"]
@@ -125,7 +126,7 @@ def _record_damage(store: Any) -> list[dict[str, str]]:
     """The damaged records of the store other than a version's artifacts: the pointer, every
     manifest, last-refresh.json, a lease nobody releases (each with its repair); a few KB per version."""
     state = store.read_pointer_state()
-    found = [] if state.damage is None else [state.damage.to_dict()]
+    found = [] if state.damage is None else [to_json(state.damage)]
     if state.pointer is not None and state.pointer.revision not in {m.revision for m in store.intact_versions()}:
         found.append(
             {
@@ -137,10 +138,10 @@ def _record_damage(store: Any) -> list[dict[str, str]]:
     for revision in store.complete_revisions():
         damage = store.manifest_state(revision)[1]
         if damage is not None:
-            found.append(damage.to_dict())
+            found.append(to_json(damage))
     for damage in (store.last_refresh_state()[1], store.lock_damage()):
         if damage is not None:
-            found.append(damage.to_dict())
+            found.append(to_json(damage))
     return found
 
 

@@ -35,6 +35,7 @@ from ..errors import IntegrityError, NotFoundError, QAError
 from ..settings import ARTIFACT_VARIANTS, Settings
 from ..store.model_files import FileEntry, Manifest, utc_now
 from ..store.model_store import ModelStore, VersionInfo
+from ..store.status import ArtifactListing, ArtifactStateName, RecordDamage, StoreStatus
 from ..store.storage import storage_errors
 from .versions import LoadedModel
 
@@ -218,7 +219,7 @@ class ArtifactState:
     ``missing``."""
 
     variant: str
-    state: str
+    state: ArtifactStateName
     message: str | None = None
     blob: str | None = None
     record: ArtifactRecord | None = None
@@ -228,7 +229,7 @@ class ArtifactState:
     def to_dict(self) -> dict[str, Any]:
         return {"state": self.state, "blob": self.blob, "message": self.message}
 
-    def listing(self, revision: str) -> dict[str, Any]:
+    def listing(self, revision: str) -> ArtifactListing:
         """The ``artifacts`` entry of ``status`` and ``/api/model``: state, size, record sha256, usable, reason."""
         reason = self.message
         if self.state == "damaged":
@@ -236,7 +237,7 @@ class ArtifactState:
         elif self.state == "missing":
             reason = f"MODEL_ARTIFACTS expects it and there is none; build it: {build_command(revision)}"
         size = self.record.total_bytes if self.record is not None else 0
-        return {"state": self.state, "size": size, "sha256": self.sha256, "usable": self.state == "ok", "reason": reason}
+        return ArtifactListing(state=self.state, size=size, sha256=self.sha256, usable=self.state == "ok", reason=reason)
 
 
 def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verify_blobs: bool = False) -> ArtifactState:
@@ -254,7 +255,7 @@ def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verif
         return ArtifactState(variant, "missing")
     record = stored.record
 
-    def state(name: str, message: str | None = None, blob: str | None = None) -> ArtifactState:
+    def state(name: ArtifactStateName, message: str | None = None, blob: str | None = None) -> ArtifactState:
         return ArtifactState(variant, name, message, blob, record=record, sha256=stored.sha256, etag=stored.etag)
 
     if not record.usable:
@@ -289,7 +290,7 @@ def artifact_states(
 
 def list_artifacts(
     store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None, *, expected: tuple[str, ...] = ()
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, ArtifactListing]:
     """Each variant's entry of ``/api/model`` and ``status`` (:func:`artifact_states`): total size,
     record sha256, usability, and for a damaged or missing one the reason and how to repair it."""
     return {
@@ -433,21 +434,22 @@ def artifact_engine(
     )
 
 
-def status(store: ModelStore, *, expected: tuple[str, ...] = ()) -> dict[str, Any]:
+def status(store: ModelStore, *, expected: tuple[str, ...] = ()) -> StoreStatus:
     """:meth:`ModelStore.status` with each version's artifacts (``/api/model``, ``status``); the
     ``expected`` variants (``MODEL_ARTIFACTS``) a complete version lacks are listed as ``missing``,
     and damaged artifacts join the store's list of damage."""
 
-    def artifacts(version: VersionInfo, manifest: Manifest | None) -> dict[str, Any]:
+    def artifacts(version: VersionInfo, manifest: Manifest | None) -> tuple[dict[str, ArtifactListing], list[RecordDamage]]:
         if manifest is None:
-            return {"artifacts": {}}
+            return {}, []
         states = artifact_states(store, manifest, recorded_variants(version), expected=expected)
         damage = [
-            {"record": f"onnx/{variant}/{state.blob} of version {version.revision}", "problem": state.message or "damaged",
-             "repair": repair_command(version.revision)}
+            RecordDamage(
+                f"onnx/{variant}/{state.blob} of version {version.revision}", state.message or "damaged", repair_command(version.revision)
+            )
             for variant, state in states.items()
             if state.state == "damaged"
-        ]  # fmt: skip
-        return {"artifacts": {variant: state.listing(version.revision) for variant, state in states.items()}, "damage": damage}
+        ]
+        return {variant: state.listing(version.revision) for variant, state in states.items()}, damage
 
     return store.status(artifacts)

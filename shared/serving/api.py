@@ -22,7 +22,7 @@ from ..wire import to_json
 from .holder import ModelHolder
 from .openapi import document
 from .playground import FileResponse
-from .shapes import RefreshQueued, RollbackBody, RollbackResult, Served, ask_response
+from .shapes import ModelStatus, RefreshQueued, RollbackBody, RollbackResult, Served, ask_response
 from .validation import check_ask, check_body, check_query, parse_json_object
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def health(holder: ModelHolder, *, params: Mapping[str, str]) -> ApiResponse:
 def model_status(holder: ModelHolder) -> ApiResponse:
     """``GET /api/model``: pointer, versions, last refresh, and what this instance loaded."""
     store_status = onnx_artifacts.status(holder.store, expected=holder.settings.artifacts)
-    return ApiResponse(200, {**store_status, "instance": holder.describe()})
+    return ApiResponse(200, to_json(ModelStatus.of(store_status, holder.instance())))
 
 
 def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:

@@ -38,7 +38,7 @@ from .damage_watch import DamageWatch
 from .fallback import ArtifactLoader, Loader, load_best
 from .load_state import LoadState
 from .pointer_poll import PointerPoller
-from .shapes import Health, HealthState
+from .shapes import DamagedVersion, Fallback, Health, HealthState, InstanceStatus, LoadError, LoadProblem
 
 log = logging.getLogger(__name__)
 
@@ -147,27 +147,32 @@ class ModelHolder:
             )
         )
 
-    def describe(self) -> dict[str, Any]:
+    def instance(self) -> InstanceStatus:
         """What this instance has loaded, is loading, and its last load error (operators only)."""
         with self._cond:
             settings = self._settings
             state = self._state
-            return {
-                "state": state.public_state,
-                "degraded": state.degraded,
-                "problems": [dict(p) for p in state.problems] if state.current is not None else [],
-                "loaded": None if state.current is None else to_json(state.current.describe()),
-                "loading": state.loading,
-                "last_error": state.last_error,
-                "damaged": None if state.damaged is None else dict(state.damaged),
-                "fallbacks": [dict(f) for f in state.fallbacks],
-                "last_pointer_check": self._last_check,
-                "load_mode": settings.load_mode if settings else None,
-                "reload": settings.reload if settings else None,
-                "poll_seconds": settings.poll_seconds if settings else None,
-                "backend": settings.backend if settings else None,
-                "quantize": settings.quantize if settings else None,
-            }
+            damaged = state.damaged
+            return InstanceStatus(
+                state=state.public_state,
+                degraded=state.degraded,
+                problems=tuple(LoadProblem(**p) for p in state.problems) if state.current is not None else (),
+                loaded=None if state.current is None else state.current.describe(),
+                loading=state.loading,
+                last_error=None if state.last_error is None else LoadError(**state.last_error),
+                damaged=None if damaged is None else DamagedVersion(**damaged),
+                fallbacks=tuple(Fallback(**f) for f in state.fallbacks),
+                last_pointer_check=self._last_check,
+                load_mode=settings.load_mode if settings else None,
+                reload=settings.reload if settings else None,
+                poll_seconds=settings.poll_seconds if settings else None,
+                backend=settings.backend if settings else None,  # type: ignore[arg-type]
+                quantize=settings.quantize if settings else None,  # type: ignore[arg-type]
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`instance` as JSON (``GET /api/model``'s ``instance``)."""
+        return to_json(self.instance())
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -229,6 +234,16 @@ class ModelHolder:
             yield
         finally:
             gate.release()
+
+    def wait_loaded(self, timeout_seconds: float) -> str:
+        """Start a load if none is under way and wait for it to end (a terminal can wait for a
+        1.3 GB load; a request has its deadline instead); returns the state then."""
+        self.warm()
+        deadline = time.monotonic() + timeout_seconds
+        with self._cond:
+            while self._state.phase == "loading" and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return self._state.public_state
 
     def warm(self) -> None:
         """Start loading in the background if nothing is loaded or loading (``?warm=1``)."""

@@ -22,10 +22,9 @@ from typing import Any, get_args
 
 from .. import errors
 from ..engine.question_answering import Answer, QAItem
-from ..loading.versions import Loaded
-from ..settings import ARTIFACT_VARIANTS, BACKENDS, Limits, Settings
+from ..settings import Limits, Settings
 from ..store.refresh_queue import RefreshOptions
-from ..wire import nullable, schema, to_json, wire_field
+from ..wire import schema, to_json, wire_field
 from .playground import CONTENT_SECURITY_POLICY, PLAYGROUND_FILES
 from .shapes import (
     Answers,
@@ -35,6 +34,7 @@ from .shapes import (
     AskResults,
     Health,
     HealthState,
+    ModelStatus,
     RefreshQueued,
     RollbackBody,
     RollbackResult,
@@ -276,6 +276,7 @@ RESPONSE_SHAPES: dict[str, type] = {
     "Health": Health,
     "RefreshQueued": RefreshQueued,
     "RollbackResult": RollbackResult,
+    "ModelStatus": ModelStatus,
     "OpenApiDocument": OpenApiDocument,
     "Limits": Limits,
 }
@@ -328,151 +329,6 @@ def _obj(properties: Mapping[str, Any], *, optional: tuple[str, ...] = (), descr
     return out
 
 
-def _model_status() -> dict[str, Any]:
-    """``GET /api/model``, written by hand for now (see :mod:`shared.wire` on making it a shape)."""
-    served: dict[str, Any] = {
-        "backend": {"type": "string", "enum": list(BACKENDS)},
-        "variant": {"type": "string", "enum": list(ARTIFACT_VARIANTS)},
-    }
-    return _obj(
-        {
-            "model_id": STRING,
-            "container": STRING,
-            "pointer": nullable(
-                _obj(
-                    {
-                        "state": {"type": "string", "enum": ["ok", "damaged", "missing", "dangling"]},
-                        "revision": nullable(STRING),
-                        "previous": {"type": "array", "items": STRING},
-                        "pinned": {"type": "boolean"},
-                        "updated_at": nullable(TIME),
-                        "problem": nullable(STRING),
-                        "repair": nullable(STRING),
-                    },
-                    description="null until a first version is isolated",
-                )
-            ),
-            "versions": {
-                "type": "array",
-                "items": _obj(
-                    {
-                        "revision": STRING,
-                        "state": {"type": "string", "enum": ["complete", "incomplete", "damaged"]},
-                        "complete": {"type": "boolean"},
-                        "files": COUNT,
-                        "bytes": COUNT,
-                        "last_modified": TIME,
-                        "isolated_at": nullable(TIME),
-                        "problem": nullable(STRING),
-                        "repair": nullable(STRING),
-                        "artifacts": {
-                            "type": "object",
-                            "description": "ONNX serving artifacts by variant (fp32, int8); {} when none was built",
-                            "additionalProperties": _obj(
-                                {
-                                    "state": {
-                                        "type": "string",
-                                        "enum": ["ok", "unusable", "damaged", "missing"],
-                                        "description": "ok; unusable (recorded at build, see reason); damaged (a blob or the record "
-                                        "does not match its sha256: reason names it and the repair command)",
-                                    },
-                                    "size": COUNT,
-                                    "sha256": {"type": "string", "description": "of artifact.json, which pins each blob's sha256"},
-                                    "usable": {"type": "boolean"},
-                                    "reason": nullable(STRING),
-                                }
-                            ),
-                        },
-                    }
-                ),
-            },
-            "last_refresh": nullable(
-                _obj(
-                    {
-                        "outcome": {
-                            "type": ["string", "null"],
-                            "enum": [*REFRESH_OUTCOMES, None],
-                            "description": "null when every refresh so far was skipped (pinned pointer)",
-                        },
-                        "model_id": STRING,
-                        "revision": nullable(STRING),
-                        "previous_revision": nullable(STRING),
-                        "source": nullable(STRING),
-                        "bytes_moved": COUNT,
-                        "files_copied": COUNT,
-                        "files_reused": COUNT,
-                        "deleted_versions": {"type": "array", "items": STRING},
-                        "started": TIME,
-                        "finished": nullable(TIME),
-                        "seconds": SECONDS,
-                        "error": nullable(STRING),
-                        "error_code": nullable(STRING),
-                        "files_repaired": {"type": "array", "items": STRING, "description": "files a repair copied again"},
-                        "artifacts": {
-                            "type": "object",
-                            "description": 'by variant: "built", "skipped" or "unusable: <reason>"',
-                            "additionalProperties": STRING,
-                        },
-                        "last_skipped_at": TIME,
-                        "skipped_reason": {"type": ["string", "null"], "enum": ["pinned", None]},
-                    },
-                    optional=("last_skipped_at",),
-                    description="last-refresh.json: null before the first refresh",
-                )
-            ),
-            "damage": {"type": "array", "items": _obj({"record": STRING, "problem": STRING, "repair": STRING})},
-            "instance": _obj(
-                {
-                    "state": {"type": "string", "enum": list(HEALTH_STATES)},
-                    "degraded": {"type": "boolean"},
-                    "problems": {
-                        "type": "array",
-                        "items": _obj(
-                            {"cause": {"type": "string", "enum": ["pointer", "version", "artifact"]}, "problem": STRING, "repair": STRING}
-                        ),
-                    },
-                    "loaded": nullable(schema(Loaded)),
-                    "loading": nullable({"type": "string", "description": '"pending" or the revision being loaded'}),
-                    "last_error": nullable(_obj({"code": STRING, "message": STRING, "at": TIME})),
-                    "damaged": nullable(
-                        _obj(
-                            {
-                                "revision": STRING,
-                                "code": STRING,
-                                "message": STRING,
-                                "repair": STRING,
-                                "at": TIME,
-                                "next_check_at": nullable(TIME),
-                            },
-                            description="the current version failed verification and is not served",
-                        )
-                    ),
-                    "fallbacks": {
-                        "type": "array",
-                        "description": "tried and refused before what is loaded",
-                        "items": _obj(
-                            {
-                                "revision": STRING,
-                                "backend": served["backend"],
-                                "variant": served["variant"],
-                                "code": STRING,
-                                "message": STRING,
-                            }
-                        ),
-                    },
-                    "last_pointer_check": nullable(TIME),
-                    "load_mode": nullable({"type": "string", "enum": ["memory", "disk"]}),
-                    "reload": nullable({"type": "string", "enum": ["overlap", "replace"]}),
-                    "poll_seconds": nullable(SECONDS),
-                    "backend": nullable(served["backend"]),
-                    "quantize": nullable({"type": "string", "enum": ["none", "int8"]}),
-                },
-                description="this instance (another instance may have loaded something else)",
-            ),
-        }
-    )
-
-
 def components(limits: Limits) -> dict[str, Any]:
     """Every component schema of the document under ``limits``."""
     params = to_json(limits)
@@ -480,7 +336,6 @@ def components(limits: Limits) -> dict[str, Any]:
         **request_schemas(limits),
         **{name: schema(shape, params=params, refs=_NAMES) for name, shape in RESPONSE_SHAPES.items()},
         "AskResponse": {"oneOf": [_ref("AskAnswer"), _ref("AskAnswers"), _ref("AskResults")]},
-        "ModelStatus": _model_status(),
         "Text": {"type": "string"},
     }
     for status, names in error_codes().items():

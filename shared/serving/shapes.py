@@ -10,12 +10,14 @@ the limits in ``settings.py``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar, Literal
 
 from ..engine.question_answering import Answer, QAItem
+from ..loading.versions import Loaded
 from ..settings import ARTIFACT_VARIANTS, BACKENDS, MAX_TOP_K
 from ..store.model_files import Pointer
+from ..store.status import StoreStatus
 from ..wire import Param, wire_field
 
 HealthState = Literal["ready", "loading", "empty", "error"]
@@ -142,3 +144,81 @@ class RollbackResult:
     @classmethod
     def of(cls, pointer: Pointer) -> RollbackResult:
         return cls(revision=pointer.revision, previous=tuple(pointer.previous), pinned=pointer.pinned)
+
+
+# --- GET /api/model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadProblem:
+    """Why what an instance serves is not what was asked for."""
+
+    cause: Literal["pointer", "version", "artifact"] = wire_field(
+        "pointer: current.json damaged or missing; version: the current version damaged or gone; artifact: an expected "
+        "ONNX artifact damaged, unusable or missing"
+    )
+    problem: str = wire_field()
+    repair: str = wire_field("the command that repairs it")
+
+
+@dataclass(frozen=True)
+class LoadError:
+    """The last failed load of an instance."""
+
+    code: str = wire_field()
+    message: str = wire_field()
+    at: str = wire_field(schema={"format": "date-time"})
+
+
+@dataclass(frozen=True)
+class DamagedVersion:
+    """The current version failed verification and is not served; a background check re-hashes it."""
+
+    revision: str = wire_field()
+    code: str = wire_field()
+    message: str = wire_field()
+    repair: str = wire_field()
+    at: str = wire_field(schema={"format": "date-time"})
+    next_check_at: str | None = wire_field(schema={"format": "date-time"})
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A load tried and refused before what is loaded."""
+
+    revision: str = wire_field()
+    backend: str = wire_field(schema={"enum": list(BACKENDS)})
+    variant: str = wire_field(schema={"enum": list(ARTIFACT_VARIANTS)})
+    code: str = wire_field()
+    message: str = wire_field()
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """What this instance has loaded, is loading, and its last load error (another instance may differ)."""
+
+    state: HealthState = wire_field()
+    degraded: bool = wire_field()
+    problems: tuple[LoadProblem, ...] = wire_field("why what is served is not what was asked for (degraded), each with its repair")
+    loaded: Loaded | None = wire_field()
+    loading: str | None = wire_field('"pending" or the revision being loaded')
+    last_error: LoadError | None = wire_field()
+    damaged: DamagedVersion | None = wire_field()
+    fallbacks: tuple[Fallback, ...] = wire_field("tried and refused before what is loaded")
+    last_pointer_check: str | None = wire_field(schema={"format": "date-time"})
+    load_mode: Literal["memory", "disk"] | None = wire_field()
+    reload: Literal["overlap", "replace"] | None = wire_field()
+    poll_seconds: float | None = wire_field(schema={"minimum": 0})
+    backend: Literal["onnx", "torch"] | None = wire_field()
+    quantize: Literal["none", "int8"] | None = wire_field()
+
+
+@dataclass(frozen=True)
+class ModelStatus(StoreStatus):
+    """``GET /api/model``: what is stored (:class:`~shared.store.status.StoreStatus`) and what this instance serves."""
+
+    instance: InstanceStatus = wire_field("this instance (another instance may have loaded something else)")
+
+    @classmethod
+    def of(cls, store: StoreStatus, instance: InstanceStatus) -> ModelStatus:
+        return cls(**{field.name: getattr(store, field.name) for field in fields(StoreStatus)}, instance=instance)

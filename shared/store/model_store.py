@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -44,6 +44,7 @@ from ..settings import Settings
 from .lease import RefreshLock
 from .model_files import POINTER_REPAIR, FileEntry, Manifest, Pointer, check_file_name, check_revision, utc_now, version_repair
 from .records import seal, unseal
+from .status import ArtifactListing, LastRefresh, PointerStatus, RecordDamage, StoreStatus, VersionStatus, is_refresh_record
 from .storage import QUICK, container_client, storage_errors
 from .transfer import BlobChangedError, Progress, _noop, download_ranges, upload_blocks
 
@@ -74,18 +75,6 @@ class VersionInfo:
 
 
 @dataclass(frozen=True)
-class RecordDamage:
-    """A damaged record of the store: which, what is wrong, and the command that repairs it."""
-
-    record: str
-    message: str
-    repair: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"record": self.record, "problem": self.message, "repair": self.repair}
-
-
-@dataclass(frozen=True)
 class PointerState:
     """``current.json`` as found.
 
@@ -109,6 +98,10 @@ class PointerState:
     def empty(self) -> bool:
         """No pointer was ever written: no current.json and no history of one (nothing damaged)."""
         return self.pointer is None and self.damage is None
+
+
+# a version's artifacts and their damage, given the version and its manifest (None: incomplete or damaged)
+DescribeVersion = Callable[[VersionInfo, Manifest | None], tuple[dict[str, ArtifactListing], list[RecordDamage]]]
 
 
 class ModelStore:
@@ -381,7 +374,7 @@ class ModelStore:
         except RecordDamagedError as err:
             log.warning("last-refresh.json of %s is damaged: %s", self.model_id, err.message)
             return None, RecordDamage(LAST_REFRESH, err.message, err.repair)
-        if not _is_refresh_record(record):
+        if not is_refresh_record(record):
             return None, RecordDamage(LAST_REFRESH, f"{LAST_REFRESH} is damaged: it is not a refresh record", LAST_REFRESH_REPAIR)
         return record, None
 
@@ -793,11 +786,11 @@ class ModelStore:
             deleted.append(version.revision)
         return deleted
 
-    def status(self, describe_version: Callable[[VersionInfo, Manifest | None], dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Pointer, versions and last refresh, as plain JSON-able data, every damaged record listed
-        with its repair (an empty or missing container reads as nothing isolated yet: ``pointer`` is
-        ``None``). ``describe_version`` adds fields to each version's entry, given its manifest
-        (``None`` while incomplete or damaged): the artifacts code lists its artifacts so."""
+    def status(self, describe_version: DescribeVersion | None = None) -> StoreStatus:
+        """Pointer, versions and last refresh, every damaged record listed with its repair (an empty
+        or missing container reads as nothing isolated yet: ``pointer`` is ``None``).
+        ``describe_version`` lists a version's artifacts and their damage, given its manifest
+        (``None`` while incomplete or damaged): the artifacts code fills it."""
         state = self.read_pointer_state()
         versions = self.list_versions()
         manifests: dict[str, Manifest | None] = {}
@@ -813,70 +806,57 @@ class ModelStore:
         for v in versions:
             manifest = manifests.get(v.revision)
             damage = damages.get(v.revision)
-            entry = {
-                "revision": v.revision,
-                "state": "damaged" if damage else "complete" if v.complete else "incomplete",
-                "complete": v.complete,
-                "files": v.files,
-                "bytes": v.bytes,
-                "last_modified": v.last_modified.isoformat(timespec="seconds"),
-                "isolated_at": manifest.isolated_at if manifest else None,
-                "problem": None if damage is None else damage.message,
-                "repair": None if damage is None else damage.repair,
-            }
+            artifacts: dict[str, ArtifactListing] = {}
             if describe_version is not None:
-                extra = describe_version(v, manifest)
-                damage_list += [RecordDamage(d["record"], d["problem"], d["repair"]) for d in extra.pop("damage", [])]
-                entry.update(extra)
-            entries.append(entry)
-        return {
-            "model_id": self.model_id,
-            "container": self.container.container_name,
-            "pointer": self._pointer_status(state, {r for r, m in manifests.items() if m is not None}),
-            "versions": entries,
-            "last_refresh": last,
-            "damage": [d.to_dict() for d in damage_list],
-        }
+                artifacts, artifact_damage = describe_version(v, manifest)
+                damage_list += artifact_damage
+            entries.append(
+                VersionStatus(
+                    revision=v.revision,
+                    state="damaged" if damage else "complete" if v.complete else "incomplete",
+                    complete=v.complete,
+                    files=v.files,
+                    bytes=v.bytes,
+                    last_modified=v.last_modified.isoformat(timespec="seconds"),
+                    isolated_at=manifest.isolated_at if manifest else None,
+                    problem=None if damage is None else damage.problem,
+                    repair=None if damage is None else damage.repair,
+                    artifacts=artifacts,
+                )
+            )
+        return StoreStatus(
+            model_id=self.model_id,
+            container=self.container.container_name,
+            pointer=self._pointer_status(state, {r for r, m in manifests.items() if m is not None}),
+            versions=tuple(entries),
+            last_refresh=None if last is None else LastRefresh.of(last),
+            damage=tuple(damage_list),
+        )
 
-    def _pointer_status(self, state: PointerState, intact: set[str]) -> dict[str, Any] | None:
-        """The ``pointer`` entry of :meth:`status`: current.json's values (or its last recorded ones)
-        and its ``state``: ``ok``, ``damaged``, ``missing`` or ``dangling`` (intact, but pointing at a
+    def _pointer_status(self, state: PointerState, intact: set[str]) -> PointerStatus | None:
+        """The ``pointer`` of :meth:`status`: current.json's values (or its last recorded ones) and its
+        ``state``: ``ok``, ``damaged``, ``missing`` or ``dangling`` (intact, but pointing at a
         version that is gone or damaged)."""
         if state.empty:
             return None
         base = state.effective
-        problem, repair = (state.damage.message, state.damage.repair) if state.damage else (None, None)
-        kind = "ok"
+        problem, repair = (state.damage.problem, state.damage.repair) if state.damage else (None, None)
+        kind: Literal["ok", "damaged", "missing", "dangling"] = "ok"
         if state.damage is not None:
             kind = "missing" if state.etag is None else "damaged"
         elif base is not None and base.revision not in intact:
             kind = "dangling"
             problem = f"current.json points at {base.revision}, which is not an intact complete version"
             repair = f"{POINTER_REPAIR}, or repair the version"
-        return {
-            "state": kind,
-            "revision": base.revision if base else None,
-            "previous": list(base.previous) if base else [],
-            "pinned": base.pinned if base else False,
-            "updated_at": base.updated_at if base else None,
-            "problem": problem,
-            "repair": repair,
-        }
-
-
-def _is_refresh_record(record: dict[str, Any]) -> bool:
-    """Whether a record has the shape every ``last-refresh.json`` this app wrote has."""
-    texts = ("revision", "previous_revision", "source", "error", "error_code", "finished", "skipped_reason", "last_skipped_at")
-    return (
-        "outcome" in record
-        and isinstance(record["outcome"], (str, type(None)))
-        and isinstance(record.get("model_id"), str)
-        and all(isinstance(record.get(name), (str, type(None))) for name in texts)
-        and all(
-            isinstance(record.get(name, 0), (int, float)) and not isinstance(record.get(name, 0), bool)
-            for name in ("seconds", "bytes_moved")
+        return PointerStatus(
+            state=kind,
+            revision=base.revision if base else None,
+            previous=tuple(base.previous) if base else (),
+            pinned=base.pinned if base else False,
+            updated_at=base.updated_at if base else None,
+            problem=problem,
+            repair=repair,
         )
-    )
 
 
 def _history_stamp() -> str:
@@ -900,4 +880,4 @@ def check_revision_arg(revision: str) -> str:
         raise NotFoundError(f"{revision!r} is not a stored revision (40 hex characters, or local- and 16 hex)") from None
 
 
-__all__ = ["ModelStore", "VersionInfo", "check_revision_arg", "utc_now"]
+__all__ = ["ModelStore", "PointerState", "RecordDamage", "VersionInfo", "check_revision_arg", "utc_now"]

@@ -102,10 +102,10 @@ def test_the_refresh_builds_both_artifacts_apart_from_the_files(built: tuple[Mod
     assert version.files == len(manifest.files) and version.bytes == manifest.total_bytes  # artifacts not counted as files
     assert recorded_variants(version) == ("fp32", "int8")
     listed = list_artifacts(store, manifest)
-    assert set(listed) == {"fp32", "int8"} and all(a["usable"] and a["state"] == "ok" and a["size"] > 0 for a in listed.values())
-    assert listed["int8"]["size"] < listed["fp32"]["size"]
+    assert set(listed) == {"fp32", "int8"} and all(a.usable and a.state == "ok" and a.size > 0 for a in listed.values())
+    assert listed["int8"].size < listed["fp32"].size
     status = artifacts_status(store)
-    assert status["versions"][0]["artifacts"] == listed
+    assert status.versions[0].artifacts == listed
     record, _ = read_record(store, manifest, "int8") or (None, None)
     assert record is not None and record.source_files == {f.name: f.sha256 for f in manifest.files}
     assert record.engine["variant"] == "int8" and record.engine["max_seq_len"] == 384
@@ -165,7 +165,7 @@ def test_a_flipped_byte_is_refused_and_serving_falls_back(store: ModelStore, set
     flip_byte(store, revision, "fp32", name, at=-20 if name != ARTIFACT_RECORD else 40)
     with pytest.raises(IntegrityError):
         load_artifact(store, store.require_manifest(revision), "fp32", settings)
-    assert list_artifacts(store, store.require_manifest(revision))["fp32"]["usable"] is False or name != ARTIFACT_RECORD
+    assert list_artifacts(store, store.require_manifest(revision))["fp32"].usable is False or name != ARTIFACT_RECORD
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
     try:
         response = api.ask(holder, json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode())
@@ -228,7 +228,7 @@ def test_artifacts_exist_before_the_pointer_moves(store: ModelStore, tiny_bert_d
     monkeypatch.setattr(ModelStore, "publish", checking_publish)
     result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(only_int8))
     assert result.outcome == "published" and result.artifacts == {"int8": "built"}
-    assert [set(s) for s in seen] == [{"int8"}] and seen[0]["int8"]["usable"]
+    assert [set(s) for s in seen] == [{"int8"}] and seen[0]["int8"].usable
 
 
 def test_a_failed_canary_marks_the_artifact_unusable_not_the_version(store: ModelStore, tiny_bert_dir: Path) -> None:
@@ -243,7 +243,7 @@ def test_a_failed_canary_marks_the_artifact_unusable_not_the_version(store: Mode
     manifest = store.require_manifest(result.revision)
     outcomes = build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32"}), canary=refuse)
     assert outcomes["fp32"].startswith("unusable: the canary failed") and len(calls) == 1
-    assert list_artifacts(store, manifest)["fp32"]["usable"] is False and list_artifacts(store, manifest)["fp32"]["state"] == "unusable"
+    assert list_artifacts(store, manifest)["fp32"].usable is False and list_artifacts(store, manifest)["fp32"].state == "unusable"
     with pytest.raises(NotFoundError, match="unusable"):
         load_artifact(store, manifest, "fp32", Settings.from_env({}))
     # recorded: the next build does not retry it (a new model version, or --rebuild, is the fix) and says so
@@ -369,7 +369,7 @@ def test_build_artifacts_rebuild_replaces_an_unusable_artifact(env: dict[str, st
     assert code == 1 and out["artifacts"]["int8"].startswith("unusable")  # recorded: not retried without --rebuild
     code, out, _ = cli(env, "build-artifacts", "--variant", "int8", "--rebuild")
     assert code == 0 and out == {"revision": revision, "artifacts": {"int8": "rebuilt"}}
-    assert list_artifacts(store, store.require_manifest(str(revision)))["int8"]["usable"] is True
+    assert list_artifacts(store, store.require_manifest(str(revision)))["int8"].usable is True
 
 
 def test_isolate_repair_rebuilds_a_damaged_artifact(

@@ -134,7 +134,7 @@ def test_an_empty_store_reads_as_empty(
     env: dict[str, str], store: ModelStore, install: Callable[..., ModelHolder], tiny_bert_dir: Path
 ) -> None:
     # the container does not exist yet
-    assert store.status()["pointer"] is None and store.status()["versions"] == []
+    assert store.status().pointer is None and store.status().versions == ()
     install(env)
     status, body, _ = call("model")
     assert status == 200 and body["pointer"] is None and body["versions"] == [] and body["last_refresh"] is None
