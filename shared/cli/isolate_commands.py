@@ -4,7 +4,6 @@ and ``refresh --enqueue`` (the function app's worker does the work)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from typing import Any
 
@@ -21,23 +20,26 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
 
     from ..errors import SourceUnavailableError
     from ..refresh.isolation import LocalDirSource, isolate
-    from ..refresh.model_checks import CheckedSource
+    from ..refresh.model_checks import CheckedSource, local_model_id
     from ..refresh.worker import artifact_builder, canary_validator, run_refresh
     from ..store.model_store import ModelStore
     from ..store.refresh_queue import RefreshRequest, check_hub_revision
     from ..store.storage import probe
 
-    if args.model_id:
+    if args.from_dir and args.revision:
+        raise InputError("--revision names a Hub revision; a --from-dir version is named by its files' hashes")
+    source = None
+    if args.from_dir:
+        folder = LocalDirSource(args.from_dir, block_size=settings.block_size)
+        where, name = f"folder {args.from_dir}", folder.folder.resolve().name
+        model_id = local_model_id(folder.config_json, given=args.model_id, where=where, name=name)
+        settings = dataclasses.replace(settings, model_id=model_id)
+        source = CheckedSource(folder)
+        source.snapshot()  # a missing or unusable folder fails before storage is touched
+    elif args.model_id:
         settings = dataclasses.replace(settings, model_id=parse_model_id("--model-id", args.model_id, settings.model_id))
     if args.skip_canary:
         settings = dataclasses.replace(settings, canary=None)
-    if args.from_dir and args.revision:
-        raise InputError("--revision names a Hub revision; a --from-dir version is named by its files' hashes")
-    if args.from_dir and not args.model_id:
-        _check_folder_model_id(args.from_dir, settings.model_id)
-    source = CheckedSource(LocalDirSource(args.from_dir, block_size=settings.block_size)) if args.from_dir else None
-    if source is not None:
-        source.snapshot()  # a missing or unusable folder fails before storage is touched
     probe(settings.require_storage(), settings.container)  # quick; the copy itself keeps patient retries
     bar = BarProgress("isolate")
     try:
@@ -66,30 +68,6 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     finally:
         bar.close()
     return 0, {**result.to_dict(), "pointer_moved": result.pointer_moved, "pin": result.pin}, result.summary()
-
-
-def _check_folder_model_id(folder: str, model_id: str) -> None:
-    """A folder whose config.json names another model than ``MODEL_ID`` is not stored (and then
-    reported) under ``MODEL_ID`` unless ``--model-id`` says so.
-
-    Raises:
-        InputError: the config names a different Hub model id; the message says how to set it.
-    """
-    from pathlib import Path
-
-    try:
-        config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # the folder's own checks (no config.json, ...) say what is wrong
-    named = config.get("_name_or_path") if isinstance(config, dict) else None
-    if not isinstance(named, str) or named.count("/") != 1 or named.startswith((".", "/", "~")) or Path(named).exists():
-        return  # no Hub id in the config (or a local path): the folder is stored under MODEL_ID
-    if named.lower() != model_id.lower():
-        raise InputError(
-            f"{folder}/config.json names model {named!r} but it would be stored and reported as MODEL_ID {model_id!r}: "
-            f"pass --model-id {named} (or the id you want it stored under), and set MODEL_ID to the same id where the app "
-            "serves it (local.settings.json, or the app settings)"
-        )
 
 
 def cmd_build_artifacts(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
@@ -147,7 +125,11 @@ def cmd_refresh(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
 def add_parsers(add: Add) -> None:
     """Register this module's commands (``add`` makes a sub-parser with ``--json``)."""
     iso = add("isolate", cmd_isolate, "copy the model (from the Hub, or a local folder) into Blob Storage as a verified version")
-    iso.add_argument("--model-id", help="Hub model id (default: MODEL_ID)")
+    iso.add_argument(
+        "--model-id",
+        help="Hub model id (default: MODEL_ID); with --from-dir, the id the folder is stored and reported under "
+        "(default: the Hub id its config.json names)",
+    )
     iso.add_argument("--revision", help="branch, tag or commit (default: MODEL_REVISION); naming one moves a pinned pointer")
     iso.add_argument("--from-dir", help="isolate from this local model folder instead of the Hub (offline)")
     iso.add_argument("--skip-canary", action="store_true", help="publish without answering MODEL_CANARY first")

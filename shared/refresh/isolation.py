@@ -102,17 +102,26 @@ class LocalDirSource:
         return self._snapshot
 
     def _describe(self) -> Snapshot:
-        if not self.folder.is_dir():
-            what = "is a file, not a folder" if self.folder.exists() else "does not exist"
-            raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
-        names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
-        chosen = select_files(names, where=f"folder {self.folder}")
+        chosen = self._chosen()
         check_config((self.folder / "config.json").read_bytes(), where=f"in folder {self.folder}")  # before anything is copied
         files = tuple(
             FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name))
             for name in chosen
         )
         return Snapshot(revision=local_revision(files), source="local", files=files)
+
+    def _chosen(self) -> list[str]:
+        if not self.folder.is_dir():
+            what = "is a file, not a folder" if self.folder.exists() else "does not exist"
+            raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
+        names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
+        return select_files(names, where=f"folder {self.folder}")
+
+    def config_json(self) -> bytes:
+        """The folder's ``config.json`` (for the model id) after the checks of its file names,
+        before any file is hashed."""
+        self._chosen()
+        return (self.folder / "config.json").read_bytes()
 
     def open(self, entry: FileEntry) -> Iterator[bytes]:
         with (self.folder / entry.name).open("rb") as stream:

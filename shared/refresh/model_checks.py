@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
 from ..engine.tokenizer_conversion import TOKENIZER_SOURCE_FILES, derive_tokenizer_json
-from ..errors import UnsafeModelError
-from ..store.model_files import FileEntry
+from ..errors import InputError, SettingsError, UnsafeModelError
+from ..settings import parse_model_id
+from ..store.model_files import FileEntry, check_config
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,49 @@ def check_servable(files: Mapping[str, bytes | bytearray], *, where: str) -> Non
     if config_class not in MODEL_FOR_QUESTION_ANSWERING_MAPPING:
         raise UnsafeModelError(f"{where}: transformers {__version__} has no question-answering model for model type {model_type!r}")
     check_vocabulary(files, config, where=where)
+
+
+def local_model_id(read_config: Callable[[], bytes], *, given: str | None, where: str, name: str) -> str:
+    """The model id a local source (a folder, a container) is stored and reported under.
+
+    ``given`` (``--model-id``) when there is one; else the Hub id ``config.json`` names in
+    ``_name_or_path`` (``owner/name``, not a path on the machine that saved it); else a refusal.
+    ``MODEL_ID`` is never used: a model stored under another model's id would be served and
+    reported as that model.
+
+    Args:
+        read_config: reads the source's ``config.json`` (called only when ``given`` is ``None``).
+        given: ``--model-id``, or ``None``.
+        where: the source, for messages ("folder /x", "container c").
+        name: a short name of the source, for the example id of the message (``local/NAME``).
+
+    Raises:
+        SettingsError: ``given`` is not a valid model id.
+        UnsafeModelError: config.json is not a JSON object.
+        InputError: no id given and config.json names none; the message says what to pass.
+    """
+    if given is not None:
+        return parse_model_id("--model-id", given, given)
+    named = check_config(read_config(), where=f"in {where}").get("_name_or_path")
+    if isinstance(named, str) and is_hub_id(named):
+        return named.strip()
+    example = "local/" + (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "model")
+    what = "names no model"
+    if isinstance(named, str) and named.strip():  # a path on the machine that saved it, or an id without its owner
+        what = f"names no model by a Hub id owner/name (its _name_or_path is {named.strip()!r})"
+    raise InputError(f"{where}: config.json {what}: pass --model-id ID (for example {example}) to say which model it is")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` is a Hub model id of the ``owner/name`` form (not a local path)."""
+    value = text.strip()
+    if value.count("/") != 1 or value.startswith((".", "~")) or value.endswith("/"):
+        return False
+    try:
+        parse_model_id("_name_or_path", value, value)
+    except SettingsError:
+        return False
+    return True
 
 
 def check_vocabulary(files: Mapping[str, bytes | bytearray], config: Mapping[str, Any], *, where: str) -> None:
