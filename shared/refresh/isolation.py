@@ -35,6 +35,7 @@ class Snapshot:
     files: tuple[FileEntry, ...]
     source_revision: str | None = None
     derived: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> what it was made from, by what
+    provenance: dict[str, Any] = field(default_factory=dict)  # where the files were read (Manifest.provenance)
 
     @property
     def total_bytes(self) -> int:
@@ -399,6 +400,7 @@ def _isolate_locked(
         source_revision=snapshot.source_revision,
         files=snapshot.files,
         derived=snapshot.derived,
+        provenance=snapshot.provenance,
     )
     if validate is not None:
         validate(store, manifest)

@@ -182,6 +182,10 @@ class Manifest:
     # files made at isolation rather than copied (a tokenizer.json converted from the slow
     # tokenizer's files): name -> {"from": [source files], "by": "transformers X.Y.Z", ...}
     derived: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # where the files were read (empty for the Hub, whose source and commit name them): for a
+    # container {"kind": "blob", "account", "endpoint", "container", "prefix",
+    # "blobs": {name: {"etag", "last_modified", "size"}}}; never a key or a SAS token
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -219,6 +223,7 @@ class Manifest:
                 libraries=dict(data.get("libraries", {})),
                 format=int(data.get("format", FORMAT_VERSION)),
                 derived={str(name): dict(facts) for name, facts in data.get("derived", {}).items()},
+                provenance=dict(data.get("provenance", {})),
             )
         except IntegrityError:
             raise
