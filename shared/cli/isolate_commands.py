@@ -35,7 +35,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
         model_id = local_model_id(folder.config_json, given=args.model_id, where=where, name=name)
         settings = dataclasses.replace(settings, model_id=model_id)
         source = CheckedSource(folder)
-        source.snapshot()  # a missing or unusable folder fails before storage is touched
+        source.check()  # a missing or unusable folder fails before storage is touched (weights are converted under the lock)
     elif args.model_id:
         settings = dataclasses.replace(settings, model_id=parse_model_id("--model-id", args.model_id, settings.model_id))
     if args.skip_canary:

@@ -116,7 +116,7 @@ class LocalDirSource:
             what = "is a file, not a folder" if self.folder.exists() else "does not exist"
             raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
         names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
-        return select_files(names, where=f"folder {self.folder}")
+        return select_files(names, where=f"folder {self.folder}", convert=True)
 
     def config_json(self) -> bytes:
         """The folder's ``config.json`` (for the model id) after the checks of its file names,
@@ -265,8 +265,8 @@ def isolate(
         QAError: any other failure, after it was recorded in ``last-refresh.json``.
     """
     progress = progress or _Quiet()
-    if not isinstance(source, CheckedSource):
-        source = CheckedSource(source)  # refusals and the derived tokenizer.json before any copy
+    # refusals, the derived tokenizer.json and converted PyTorch weights, before any copy
+    checked = source if isinstance(source, CheckedSource) else CheckedSource(source)
     store.ensure_container()
     started = time.monotonic()
     result = IsolationResult(outcome="failed", model_id=store.model_id)
@@ -284,7 +284,7 @@ def isolate(
             return result
         try:
             _isolate_locked(
-                store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
+                store, checked, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
                 build=build, build_existing=build_existing, unpin=unpin,
             )  # fmt: skip
             if result.pointer_moved:
@@ -300,6 +300,7 @@ def isolate(
             result.error_code = "internal_error"
             raise
         finally:
+            checked.release()
             result.finished = utc_now()
             result.seconds = round(time.monotonic() - started, 3)
             (_record_skip if result.outcome == "skipped" else _record)(store, result)
@@ -342,7 +343,7 @@ def _record_skip(store: ModelStore, result: IsolationResult) -> None:
 
 def _isolate_locked(
     store: ModelStore,
-    source: Source,
+    source: CheckedSource,
     result: IsolationResult,
     *,
     lock_check: Callable[[], None],
@@ -369,6 +370,7 @@ def _isolate_locked(
         repaired = False
         if repair:
             repaired = _repair(store, source, stored, result, lock_check=lock_check, progress=progress)
+            source.release()
             build_for(stored, rebuild=True)
             repaired = repaired or any(outcome == "rebuilt" for outcome in result.artifacts.values())
         elif build_existing:
@@ -393,6 +395,7 @@ def _isolate_locked(
     snapshot = source.snapshot()
     result.source = snapshot.source
     _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)
+    source.release()  # converted weights held for the copy: freed before the canary loads the version
     manifest = Manifest(
         model_id=store.model_id,
         revision=snapshot.revision,

@@ -1,4 +1,5 @@
-"""What can be served, decided from a source's small files before any weight is copied.
+"""What can be served, decided from a source's small files before any weight is copied; the id a
+local source is stored under; and the checked source isolation copies from.
 
 A model is refused in one line when transformers does not know its type, when it is generative,
 when its checkpoint has no question-answering head (a base or classification model, whose span
@@ -21,7 +22,8 @@ from typing import Any
 from ..engine.tokenizer_conversion import TOKENIZER_SOURCE_FILES, derive_tokenizer_json
 from ..errors import InputError, SettingsError, UnsafeModelError
 from ..settings import parse_model_id
-from ..store.model_files import FileEntry, check_config
+from ..store.model_files import FileEntry, check_config, is_convertible
+from .weights_conversion import WeightsConversion
 
 log = logging.getLogger(__name__)
 
@@ -127,32 +129,56 @@ def check_vocabulary(files: Mapping[str, bytes | bytearray], config: Mapping[str
 
 
 class CheckedSource:
-    """A source whose snapshot is checked (:func:`check_servable`) and completed with a derived
-    ``tokenizer.json`` when it has none, before isolation copies anything."""
+    """A source whose snapshot is checked (:func:`check_servable`), completed with a derived
+    ``tokenizer.json`` when it has none, and whose PyTorch weights (``pytorch_model.bin``, or its
+    shards) are converted to safetensors (:mod:`shared.refresh.weights_conversion`), before
+    isolation copies anything."""
 
     def __init__(self, source: Any) -> None:
         """``source``: an :class:`shared.refresh.isolation.Source` (typed loosely: isolation imports this module)."""
         self.source = source
+        self._checked: Any = None
         self._snapshot: Any = None
         self._derived: dict[str, bytes] = {}
+        self._config = b""
+        self._conversion: WeightsConversion | None = None
+        self._converted: set[str] = set()
 
     def revision(self) -> str:
         return self.source.revision()
 
+    def check(self) -> Any:
+        """The snapshot checked from its small files (a derived ``tokenizer.json`` included), before
+        any weight is read: the quick refusals, for a command to give before it touches storage."""
+        if self._checked is None:
+            self._checked = self._check(self.source.snapshot())
+        return self._checked
+
     def snapshot(self) -> Any:
+        """The checked snapshot with PyTorch weights converted (read, checked against the model
+        class and hashed here; refusals before anything is copied)."""
         if self._snapshot is None:
-            self._snapshot = self._check(self.source.snapshot())
+            self._snapshot = self._convert(self.check())
         return self._snapshot
 
     def open(self, entry: FileEntry) -> Iterator[bytes]:
         if entry.name in self._derived:
             yield self._derived[entry.name]
             return
+        if self._conversion is not None and entry.name in self._converted:
+            yield from self._conversion.open(entry)
+            return
         yield from self.source.open(entry)
+
+    def release(self) -> None:
+        """Free the converted weights still in memory (isolation calls it once the files are staged)."""
+        if self._conversion is not None:
+            self._conversion.release()
 
     def _check(self, snapshot: Any) -> Any:
         where = f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
         small = {entry.name: self._read(entry) for entry in snapshot.files if entry.name in _SMALL_FILES and entry.size <= _SMALL_LIMIT}
+        self._config = small.get("config.json", b"")
         if "tokenizer.json" in small:
             check_servable(small, where=where)
             return snapshot
@@ -164,6 +190,17 @@ class CheckedSource:
         log.info("Derived tokenizer.json from %s with %s (%s)", ", ".join(derived.sources), derived.converter, derived.library)
         files = tuple(sorted((*snapshot.files, entry), key=lambda e: e.name))
         return replace(snapshot, files=files, derived={**snapshot.derived, "tokenizer.json": derived.describe()})
+
+    def _convert(self, snapshot: Any) -> Any:
+        if not any(is_convertible(entry.name) for entry in snapshot.files):
+            return snapshot
+        where = f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
+        conversion = WeightsConversion(snapshot.files, self.source.open, self._config, where=where)
+        self._conversion = conversion
+        converted, derived = conversion.convert()
+        self._converted = {entry.name for entry in converted}
+        kept = [entry for entry in snapshot.files if not is_convertible(entry.name)]
+        return replace(snapshot, files=tuple(sorted((*kept, *converted), key=lambda e: e.name)), derived={**snapshot.derived, **derived})
 
     def _read(self, entry: FileEntry) -> bytes:
         return b"".join(self.source.open(entry))

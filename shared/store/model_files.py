@@ -40,6 +40,11 @@ ALLOWED_NAMES = frozenset(
 # files a tokenizer is read from, or converted from at isolation (DeBERTa-v3 ships only spm.model)
 _TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model", "sentencepiece.bpe.model")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.pkl", "*.pickle")
+# PyTorch weights isolation converts to safetensors (shared.refresh.weights_conversion) when a
+# source has no safetensors; never stored in a version, and refused everywhere else
+PYTORCH_WEIGHTS = "pytorch_model.bin"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+_PYTORCH_SHARD_RE = re.compile(r"^pytorch_model-\d{5}-of-\d{5}\.bin$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REVISION_RE = re.compile(r"^([0-9a-f]{40}|local-[0-9a-f]{16})$")
 
@@ -72,6 +77,12 @@ def is_allowed(name: str) -> bool:
     return name in ALLOWED_NAMES or (name.endswith(".safetensors") and "/" not in name)
 
 
+def is_convertible(name: str) -> bool:
+    """Whether a file is PyTorch weights that isolation converts to safetensors (``pytorch_model.bin``,
+    its shards ``pytorch_model-00001-of-00002.bin`` or their index)."""
+    return name in (PYTORCH_WEIGHTS, PYTORCH_INDEX) or bool(_PYTORCH_SHARD_RE.match(name))
+
+
 def is_pickle(name: str) -> bool:
     """Whether a file holds pickle-based weights, which are never loaded."""
     return any(fnmatch.fnmatch(name.lower(), pattern) for pattern in PICKLE_PATTERNS)
@@ -99,15 +110,19 @@ def check_config(raw: bytes, *, where: str) -> dict[str, Any]:
     return data
 
 
-def select_files(names: list[str], *, where: str) -> list[str]:
+def select_files(names: list[str], *, where: str, convert: bool = False) -> list[str]:
     """Pick the allowed files of a model source, refusing one with no safetensors weights.
 
     Args:
         names: every file name the source has (top level only; sub-folders are ignored).
         where: the source, for messages ("folder /x", "repo a/b@c").
+        convert: the caller converts PyTorch weights (isolation): a source without safetensors but
+            with ``pytorch_model.bin`` (or its index and shards) gets those picked too, for
+            :mod:`shared.refresh.weights_conversion`; any other pickle is still refused.
 
     Raises:
-        UnsafeModelError: no safetensors weights or no config.json; the message lists what is there.
+        UnsafeModelError: no safetensors weights (nor convertible ones) or no config.json; the
+            message lists what is there.
     """
     top_level = [n for n in names if "/" not in n]
     chosen = sorted(n for n in top_level if is_allowed(n))
@@ -115,17 +130,35 @@ def select_files(names: list[str], *, where: str) -> list[str]:
         found = f"it has only {', '.join(sorted(top_level)[:5])}" if top_level else "it is empty"
         raise UnsafeModelError(f"{where} is not a model folder ({found}); {MODEL_FILES_NEEDED}")
     if not any(n.endswith(".safetensors") for n in chosen):
-        pickles = sorted(n for n in top_level if is_pickle(n))
-        found = ", ".join(pickles) if pickles else "no weights"
-        raise UnsafeModelError(
-            f"{where} has no safetensors weights (found {found}); only safetensors are isolated. "
-            "Convert the weights to safetensors or pick a revision that has them."
-        )
+        weights = _convertible_weights(top_level) if convert else []
+        if not weights:
+            pickles = sorted(n for n in top_level if is_pickle(n))
+            found = ", ".join(pickles) if pickles else "no weights"
+            how = (
+                "only safetensors are isolated, and a pytorch_model.bin (or its index and shards) is converted to them; "
+                "any other pickle, TensorFlow or Flax weights are not"
+                if convert
+                else "only safetensors are loaded"
+            )
+            raise UnsafeModelError(
+                f"{where} has no safetensors weights (found {found}); {how}. Convert the weights to safetensors or pick a revision "
+                "that has them."
+            )
+        chosen = sorted([*chosen, *weights])
     if "config.json" not in chosen:
         raise UnsafeModelError(f"{where} has no config.json")
     if not any(n in chosen for n in _TOKENIZER_VOCABULARIES):
         raise UnsafeModelError(f"{where} has no tokenizer files ({', '.join(_TOKENIZER_VOCABULARIES)})")
     return chosen
+
+
+def _convertible_weights(names: list[str]) -> list[str]:
+    """``pytorch_model.bin`` alone, else the index and the shards, else nothing."""
+    if PYTORCH_WEIGHTS in names:
+        return [PYTORCH_WEIGHTS]
+    if PYTORCH_INDEX in names:
+        return [PYTORCH_INDEX, *(n for n in names if _PYTORCH_SHARD_RE.match(n))]
+    return []
 
 
 @dataclass(frozen=True)
