@@ -17,7 +17,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     last = data["last_refresh"] or {}
     lines = [f"model: {data['model_id']} in container {data['container']}"]
     if pointer is None:
-        lines.append("current: nothing isolated yet (run: python -m shared isolate, or --from-dir DIR offline)")
+        lines.append(
+            "current: nothing isolated yet (run: python -m shared isolate, or --from-dir DIR offline, "
+            "or adopt --container C for files uploaded flat)"
+        )
     else:
         pin = " (pinned)" if pointer["pinned"] else ""
         lines.append(f"current: {pointer['revision']}{pin}, previous: {', '.join(pointer['previous']) or 'none'}")
@@ -70,17 +73,27 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
                 state.state, f"DAMAGED: {state.blob}: {state.message}"
             )
     if problems:
-        how = (
-            "python -m shared isolate --repair --from-dir DIR (the folder it was isolated from)"
-            if manifest.source == "local"
-            else f"python -m shared isolate --repair --revision {manifest.source_revision or revision}"
-        )
+        how = files_repair_command(manifest)
         data["repair"] = how
         text += f"\nRepair it (re-copies only the damaged files, rebuilds damaged artifacts): {how}"
     elif damaged:
         data["repair"] = repair_command(revision)
         text += f"\nRebuild the damaged artifacts: {data['repair']}"
     return (0 if data["ok"] else 1), data, text
+
+
+def files_repair_command(manifest: Any) -> str:
+    """The command that copies a version's damaged files again from where they came from (its source)."""
+    if manifest.source == "local":
+        return f"python -m shared isolate --repair --from-dir DIR --model-id {manifest.model_id} (DIR: the folder it was isolated from)"
+    if manifest.source == "blob":
+        where = manifest.provenance
+        prefix = f" --prefix {where['prefix'].rstrip('/')}" if where.get("prefix") else ""
+        return (
+            f"python -m shared adopt --repair --container {where.get('container', 'CONTAINER')}{prefix} --model-id {manifest.model_id} "
+            f"(reading account {where.get('account', '?')}: AZURE_STORAGE_CONNECTION_STRING or --account-url)"
+        )
+    return f"python -m shared isolate --repair --revision {manifest.source_revision or manifest.revision}"
 
 
 def cmd_rollback(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, Any], str]:
