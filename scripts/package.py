@@ -164,7 +164,7 @@ def install(root: Path, python: str) -> Path:
     if done.returncode != 0:
         raise SystemExit(
             f"error: pip could not install {LOCK} (exit {done.returncode}). A hash mismatch means a file differs from the "
-            "one locked: rebuild the lock with scripts/lock where the intended indexes are reachable (README, Deploy)."
+            "one locked: rebuild the lock with scripts/lock where the intended indexes are reachable (docs/development.md, The lock)."
         )
     # Nothing the app needs at run time: pip's console scripts, bytecode caches, and torch's C++
     # unit-test binaries and headers (used only to compile C++ extensions / torch.compile, which

@@ -109,7 +109,7 @@ def main() -> int:
         smoked = subprocess.run(smoke, check=False).returncode
     print(
         "\nLogs and charts: Application Insights "
-        f"{os.environ.get('APPLICATIONINSIGHTS_NAME', '')} > Workbooks > 'Isolated QA operations' (README, Operations)."
+        f"{os.environ.get('APPLICATIONINSIGHTS_NAME', '')} > Workbooks > 'Isolated QA operations' (docs/operations.md)."
     )
     return 0 if queued and smoked == 0 else 1
 

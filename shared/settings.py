@@ -38,7 +38,7 @@ def unresolved_reference(name: str) -> SettingsError:
         "read the secret. Check the identity (the app's keyVaultReferenceIdentity exists and is the one with the role), "
         "the role (Key Vault Secrets User on the vault; a new assignment takes minutes to apply), the secret's name, and "
         "the network (the vault must accept the app's requests); then restart the app so the reference is resolved again "
-        "(README, Deploy)"
+        "(docs/operations.md, When something is wrong)"
     )
 
 

@@ -1,6 +1,6 @@
 """The refresh: copy one model snapshot from a source into the store as a verified version.
 
-Steps (DESIGN.md, Isolation): lease the lock; describe the source (revision, files, sha256);
+Steps (docs/architecture.md, Isolation): lease the lock; describe the source (revision, files, sha256);
 no-op when the pointer is already there; stream every missing file into its blob, checking
 sha256 on the fly; validate the staged version; write the manifest, move the pointer; apply
 retention; record the outcome in ``last-refresh.json``.

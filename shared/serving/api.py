@@ -115,7 +115,7 @@ class AskTrace:
 def ask_request(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/ask`` as the route answers it: :func:`ask`'s response or its error, and ONE
     ``event=ask`` line for every outcome (200, 400, 413, 503 busy or not ready, 500) with its
-    status and error code, so that the README's KQL counts every request."""
+    status and error code, so that the KQL of docs/operations.md counts every request."""
     started = time.monotonic()
     trace = AskTrace()
     response = guarded(lambda: ask(holder, body, trace=trace))

@@ -1,6 +1,6 @@
 """Versioned, verified model versions in one Blob container.
 
-Layout (DESIGN.md)::
+Layout (docs/architecture.md, docs/storage.md)::
 
     {model_id}/versions/{revision}/{file}      the files; each blob's metadata keeps its sha256
     {model_id}/versions/{revision}/manifest.json  written last: without it a version is incomplete

@@ -16,7 +16,7 @@ from tests.deploy.conftest import INFRA
 pytestmark = pytest.mark.deploy
 
 # Settings read by shared/settings.py that infra/ leaves unset on purpose: the default is right
-# on Flex Consumption (reviewed; README, Settings). A name the code reads that is in neither this
+# on Flex Consumption (reviewed; docs/settings.md). A name the code reads that is in neither this
 # list nor the Bicep app settings fails the test, so a new setting gets a decision.
 DEFAULT_IS_RIGHT = {
     "AzureWebJobsStorage": "no connection string: identity-based AzureWebJobsStorage__* instead",
@@ -26,15 +26,15 @@ DEFAULT_IS_RIGHT = {
     "MODEL_CACHE_DIR": "memory mode on Flex: 0.8 GB of temp disk cannot hold bert-large",
     "MODEL_POLL_SECONDS": "60 s: a new version reaches every instance within a minute",
     "MODEL_CANARY": "the bert-large-squad canary; set your own for another model",
-    "MODEL_TRANSFER_CONCURRENCY": "4 ranges in flight: the bounded-memory copy measured in the README",
+    "MODEL_TRANSFER_CONCURRENCY": "4 ranges in flight: the bounded-memory copy of docs/refresh.md",
     "MODEL_BLOCK_SIZE_MB": "8 MB blocks: 41 MB copy buffers with the default concurrency",
     "MODEL_ARTIFACTS": "fp32,int8 ONNX artifacts, so QA_QUANTIZE can switch without a refresh",
     "QA_THREADS": "derived from the instance's CPU quota and QA_MAX_CONCURRENT",
-    "QA_MAX_CONTEXT_CHARS": "request limits: the README's defaults",
-    "QA_MAX_QUESTION_CHARS": "request limits: the README's defaults",
-    "QA_MAX_QUESTION_TOKENS": "request limits: the README's defaults",
-    "QA_MAX_ITEMS": "request limits: the README's defaults",
-    "QA_MAX_WINDOWS": "request limits: the README's defaults",
+    "QA_MAX_CONTEXT_CHARS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_QUESTION_CHARS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_QUESTION_TOKENS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_ITEMS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_WINDOWS": "request limits: the defaults of docs/settings.md",
     "QA_BATCH_WINDOWS": "auto: runs sized for the instance's CPU (an integer overrides)",
     "QA_DEADLINE_SECONDS": "60 s, well under the 230 s HTTP limit",
     "HF_ENDPOINT": "the Hub itself",

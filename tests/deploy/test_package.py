@@ -18,7 +18,7 @@ from tests.deploy.conftest import ROOT
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 SITE = ".python_packages/lib/site-packages/"
-LIMIT = 1_000_000_000  # Flex Consumption's deployment package limit, 1 GB (README, Deploy)
+LIMIT = 1_000_000_000  # Flex Consumption's deployment package limit, 1 GB (docs/deploy.md, The package)
 
 
 def normalize(name: str) -> str:

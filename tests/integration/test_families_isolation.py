@@ -1,4 +1,4 @@
-"""Isolating the families of issue 19 into Azurite: a derived tokenizer.json for a model that ships
+"""Isolating the model families (docs/model-families.md) into Azurite: a derived tokenizer.json for a model that ships
 only its SentencePiece model, one-line refusals before any weight is copied, and the model id of
 a ``--from-dir`` folder (the Hub id its config.json names, or ``--model-id``; never ``MODEL_ID``)."""
 

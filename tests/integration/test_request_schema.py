@@ -1,4 +1,4 @@
-"""One schema (issue 18): the request schemas of the OpenAPI document are what validates requests,
+"""One schema: the request schemas of the OpenAPI document are what validates requests,
 so the document's verdict on a body (jsonschema, as any client or tester checks it) and the API's
 are the same; failures keep the messages that name the field; the rules for ``null``, ``2.0`` and
 unknown fields hold on every route and are stated in the document."""
