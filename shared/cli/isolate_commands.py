@@ -100,6 +100,12 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[s
     log.info("Adopting the model files of %s (from %s)", source.where, conn.setting)
     model_id = local_model_id(source.config_json, given=args.model_id, where=source.where, name=source.name)
     settings = dataclasses.replace(settings, model_id=model_id, canary=None if args.skip_canary else settings.canary)
+    store = ModelStore.from_settings(settings)
+    if _same_container(source.client.url, store.container.url):
+        raise InputError(
+            f"{source.where} is also where versions are stored (MODEL_CONTAINER): the container adopted is only read, "
+            "so store the versions in a container of their own (MODEL_CONTAINER=models, the default)"
+        )
     probe(settings.require_storage(), settings.container)  # the model store answers, before the source is hashed
     checked = CheckedSource(source)
     try:
@@ -109,7 +115,7 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[s
     bar = BarProgress("adopt")
     try:
         result = isolate(
-            ModelStore.from_settings(settings),
+            store,
             checked,
             explicit=True,  # the container's files name their version
             keep_versions=settings.keep_versions,
@@ -141,6 +147,12 @@ def _adopt_connection(args: argparse.Namespace, settings: Settings) -> StorageCo
     if settings.adopt_storage is not None:
         return settings.adopt_storage
     return settings.require_storage()
+
+
+def _same_container(a: str, b: str) -> bool:
+    """Whether two container URLs (their queries, a SAS, aside) name the same container."""
+    first, second = urlsplit(a), urlsplit(b)
+    return (first.netloc.lower(), first.path.rstrip("/")) == (second.netloc.lower(), second.path.rstrip("/"))
 
 
 def _container_name(raw: str) -> str:

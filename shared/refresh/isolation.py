@@ -43,7 +43,7 @@ class Snapshot:
 
 
 class Source(Protocol):
-    """A place models are isolated from (a local folder, the Hub)."""
+    """A place models are isolated from (the Hub, a local folder, a container holding a folder's files)."""
 
     def revision(self) -> str:
         """The revision the source resolves to (cheap where it can be: one Hub API call)."""

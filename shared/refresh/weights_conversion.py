@@ -386,8 +386,9 @@ def _restricted_load(memory: _AnonymousFile, name: str, *, where: str) -> dict[s
                 "with model.safetensors"
             ) from None
         raise UnsafeModelError(f"{where}: {name} is not a PyTorch checkpoint that holds only weights ({_first_line(text)})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise UnsafeModelError(f"{where}: {name} is not a readable PyTorch checkpoint ({_first_line(str(err))})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError, IndexError, struct.error) as err:
+        detail = _first_line(str(err)) if str(err) else type(err).__name__
+        raise UnsafeModelError(f"{where}: {name} is not a readable PyTorch checkpoint ({detail})") from None
     memory.mapped = mapped
     if not isinstance(loaded, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise UnsafeModelError(f"{where}: {name} is not a state dict (a mapping of tensor names to tensors), so it is not converted")

@@ -7,7 +7,7 @@ import argparse
 import pytest
 from azure.storage.blob import ContainerClient
 
-from shared.cli.isolate_commands import _adopt_connection, _container_name
+from shared.cli.isolate_commands import _adopt_connection, _container_name, _same_container
 from shared.errors import InputError, SettingsError
 from shared.refresh.container_source import ContainerSource
 from shared.settings import Settings
@@ -70,3 +70,11 @@ def test_the_provenance_names_the_account_and_never_its_credentials() -> None:
     assert source.where == "container ml-poc-container/exports/squad of account oldacct" and source.name == "squad"
     keyed = ContainerSource(ContainerClient.from_connection_string(OLD, "ml-poc-container"))
     assert KEY not in repr(keyed.provenance_base()) and keyed.provenance_base()["prefix"] == "" and keyed.name == "ml-poc-container"
+
+
+def test_the_container_adopted_is_never_the_one_versions_are_written_to() -> None:
+    store = "http://127.0.0.1:10000/devstoreaccount1/models"
+    assert _same_container("http://127.0.0.1:10000/devstoreaccount1/models?sv=x&sig=y", store)
+    assert _same_container("https://OldAcct.blob.core.windows.net/ml-poc-container/", "https://oldacct.blob.core.windows.net/ml-poc-container")
+    assert not _same_container("http://127.0.0.1:10000/devstoreaccount1/ml-poc-container", store)
+    assert not _same_container("http://127.0.0.1:10001/devstoreaccount1/models", store)
