@@ -281,7 +281,8 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           // Model storage through the same identity (DefaultAzureCredential with this client id).
           { name: 'MODEL_STORAGE__blobServiceUri', value: modelStorage.properties.primaryEndpoints.blob }
           { name: 'MODEL_STORAGE__clientId', value: identity.properties.clientId }
-          // Telemetry with Entra ID auth: the one connection string allowed (it holds no secret).
+          // Telemetry with Entra ID auth (the host's and the app's exporter): the one connection string
+          // allowed (it holds no secret).
           { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: applicationInsights.properties.ConnectionString }
           { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'ClientId=${identity.properties.clientId};Authorization=AAD' }
           // The app's settings (shared/settings.py); the others keep their defaults (docs/settings.md).
@@ -401,7 +402,8 @@ resource modelContainerContributor 'Microsoft.Authorization/roleAssignments@2022
   }
 }
 
-// The Functions host's telemetry with APPLICATIONINSIGHTS_AUTHENTICATION_STRING (local auth off).
+// Telemetry with APPLICATIONINSIGHTS_AUTHENTICATION_STRING (local auth off): the Functions host's, and
+// the app's own events, exported from every thread by shared/telemetry/export.py.
 resource metricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(applicationInsights.id, identity.id, roles.monitoringMetricsPublisher)
   scope: applicationInsights
@@ -537,7 +539,8 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
     displayName: 'Isolated QA operations'
     category: 'workbook'
     sourceId: applicationInsights.id
-    serializedData: loadTextContent('workbook.json')
+    // Opened from Azure Monitor > Workbooks too, its queries run against this Application Insights.
+    serializedData: string(union(loadJsonContent('workbook.json'), { fallbackResourceIds: [applicationInsights.id] }))
   }
 }
 

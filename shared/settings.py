@@ -266,6 +266,93 @@ def parse_queue_storage(env: Mapping[str, str]) -> StorageConnection | None:
     return StorageConnection(setting=prefix, queue_service_uri=uri, client_id=env.get(f"{prefix}__clientId", "").strip() or None)
 
 
+@dataclass(frozen=True)
+class AppInsights:
+    """Where the app's own events go: an Application Insights resource and how to sign in to it.
+
+    ``identity``: ``Authorization=AAD``, a Microsoft Entra token of the managed identity
+    (``client_id`` names a user-assigned one; ``None``: the system-assigned one), as the resource
+    accepts once its local (key) authentication is off. ``role_name``: the app's name
+    (``WEBSITE_SITE_NAME``), the ``cloud_RoleName`` of the exported events, as the host's.
+    """
+
+    connection_string: str
+    identity: bool = False
+    client_id: str | None = None
+    role_name: str | None = None
+
+    @property
+    def ingestion_endpoint(self) -> str:
+        return _semicolon_pairs(self.connection_string).get("ingestionendpoint", "the global endpoint")
+
+    def __repr__(self) -> str:  # the connection string carries the resource's instrumentation key
+        how = f"identity {self.client_id or 'system-assigned'}" if self.identity else "instrumentation key"
+        return f"AppInsights({self.ingestion_endpoint}, {how})"
+
+
+def _semicolon_pairs(raw: str) -> dict[str, str]:
+    """``A=x;B=y`` -> ``{"a": "x", "b": "y"}`` (names lower-cased, blank parts skipped); a part
+    without ``=`` is kept under ``""`` so that the parsers can refuse it."""
+    pairs = {}
+    for part in raw.split(";"):
+        if part.strip():
+            name, sep, value = part.partition("=")
+            pairs[name.strip().lower() if sep else ""] = value.strip()
+    return pairs
+
+
+def parse_app_insights_connection(name: str, raw: str | None) -> str | None:
+    """Parse ``APPLICATIONINSIGHTS_CONNECTION_STRING``: ``InstrumentationKey=...;IngestionEndpoint=...``
+    as the resource's Overview shows it; ``None`` when unset (no telemetry is exported)."""
+    if raw is None or raw.strip() == "":
+        return None
+    pairs = _semicolon_pairs(raw)
+    if "" in pairs or not pairs.get("instrumentationkey"):
+        raise SettingsError(
+            f"{name} must be the resource's connection string, InstrumentationKey=...;IngestionEndpoint=https://... "
+            "(Application Insights > Overview > Connection String)"
+        )
+    endpoint = pairs.get("ingestionendpoint")
+    if endpoint is not None and not endpoint.startswith(("https://", "http://")):
+        raise SettingsError(f"{name}: IngestionEndpoint must be a URL like https://REGION.in.applicationinsights.azure.com/")
+    return raw.strip()
+
+
+def parse_app_insights_authentication(name: str, raw: str | None) -> tuple[bool, str | None]:
+    """Parse ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` as the platform defines it:
+    ``Authorization=AAD`` (the system-assigned identity) or ``Authorization=AAD;ClientId=ID`` (a
+    user-assigned one), parts in any order. Returns ``(identity, client_id)``; ``(False, None)``
+    when unset (the instrumentation key alone, which a resource with local auth off refuses)."""
+    if raw is None or raw.strip() == "":
+        return False, None
+    pairs = _semicolon_pairs(raw)
+    unknown = sorted(set(pairs) - {"authorization", "clientid"})
+    if unknown or pairs.get("authorization", "").lower() != "aad" or ("clientid" in pairs and not pairs["clientid"]):
+        raise SettingsError(f"{name} must be Authorization=AAD or Authorization=AAD;ClientId=<the identity's client id>, got {raw!r}")
+    return True, pairs.get("clientid")
+
+
+def app_insights_from_env(env: Mapping[str, str] | None = None) -> AppInsights | None:
+    """The telemetry target from ``env`` (default: the process environment), or ``None`` when
+    ``APPLICATIONINSIGHTS_CONNECTION_STRING`` is unset: local runs and tests export nothing.
+
+    Read apart from :class:`Settings` because telemetry starts when the app is imported, before
+    the app's settings are read (on first use), and a bad model setting must still be reported.
+
+    Raises:
+        SettingsError: a telemetry setting has a bad value; the message names it.
+    """
+    env = _ResolvedEnv(os.environ if env is None else env)
+    connection = parse_app_insights_connection("APPLICATIONINSIGHTS_CONNECTION_STRING", env.get("APPLICATIONINSIGHTS_CONNECTION_STRING"))
+    if connection is None:
+        return None
+    identity, client_id = parse_app_insights_authentication(
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", env.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")
+    )
+    role = env.get("WEBSITE_SITE_NAME", "").strip() or None
+    return AppInsights(connection_string=connection, identity=identity, client_id=client_id, role_name=role)
+
+
 LoadMode = Literal["memory", "disk"]
 ReloadMode = Literal["overlap", "replace"]
 

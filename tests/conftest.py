@@ -19,6 +19,12 @@ import pytest
 
 from tests.fixtures.tiny_models import build_bert
 
+# No test exports telemetry: function_app starts Application Insights export on import when a
+# connection string is set (a developer's shell may have one); the tests that export pass an
+# in-memory exporter or a loopback endpoint themselves.
+for _name in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"):
+    os.environ.pop(_name, None)
+
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 

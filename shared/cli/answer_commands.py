@@ -28,12 +28,12 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str
         response = api.ask(holder, json.dumps(item).encode())
     except ModelNotReadyError as err:
         # the function's 503 points operators at GET /api/model; here the cause is at hand
-        last = holder.describe()["last_error"]
-        if last is None:
+        failure = holder.last_failure
+        if failure is None:
             raise
-        if last["code"] == "storage_unavailable":
-            raise StorageUnavailableError(last["message"]) from err
-        raise ModelNotReadyError(f"The model could not be loaded: {last['message']}") from err
+        if isinstance(failure, StorageUnavailableError):
+            raise failure from err  # its own class: a refused key is not an outage
+        raise ModelNotReadyError(f"The model could not be loaded: {failure.message}") from err
     finally:
         holder.close()
     body = response.body

@@ -47,7 +47,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     try:
         if source is not None:
             result = isolate(
-                ModelStore.from_settings(settings),
+                ModelStore.from_settings(settings, profile="command"),
                 source,
                 explicit=True,  # a folder names its version
                 keep_versions=settings.keep_versions,
@@ -62,7 +62,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
             request = RefreshRequest(
                 revision=revision, explicit=revision is not None or args.unpin, reason="cli", repair=args.repair, unpin=args.unpin
             )
-            result = run_refresh(settings, request, progress=bar)
+            result = run_refresh(settings, request, progress=bar, profile="command")
     except SourceUnavailableError as err:
         raise SourceUnavailableError(
             f"{err.message}. Offline? Isolate a local model folder instead: python -m shared isolate --from-dir DIR"
@@ -100,7 +100,7 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[s
     log.info("Adopting the model files of %s (from %s)", source.where, conn.setting)
     model_id = local_model_id(source.config_json, given=args.model_id, where=source.where, name=source.name)
     settings = dataclasses.replace(settings, model_id=model_id, canary=None if args.skip_canary else settings.canary)
-    store = ModelStore.from_settings(settings)
+    store = ModelStore.from_settings(settings, profile="command")
     if _same_container(source.client.url, store.container.url):
         raise InputError(
             f"{source.where} is also where versions are stored (MODEL_CONTAINER): the container adopted is only read, "

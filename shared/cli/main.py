@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import QAError
+from ..errors import QAError, RecordDamagedError
 from ..settings import Settings
 from . import answer_commands, isolate_commands, store_commands
 from .common import Handler
@@ -44,9 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QAError as err:
         err = _named(err)
         log.debug("command failed", exc_info=True)
-        print(f"error: {err.message}", file=sys.stderr)
+        message = err.message
+        if isinstance(err, RecordDamagedError) and err.repair not in message:
+            message += f"; repair: {err.repair}"
+        print(f"error: {message}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"error": {"code": err.code, "message": err.message}}))
+            print(json.dumps({"error": {"code": err.code, "message": message}}))
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -67,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _named(err: QAError) -> QAError:
-    """A storage outage names the endpoint (and, for a local one, how to start Azurite)."""
+    """A storage outage names the endpoint that failed (the models' account, or the refresh queue's)
+    and, for a local one, how to start Azurite; HTTP callers never see these details."""
     from ..errors import StorageUnavailableError
 
     if not isinstance(err, StorageUnavailableError):
@@ -75,7 +79,8 @@ def _named(err: QAError) -> QAError:
     try:
         from ..store.storage import with_endpoint
 
-        conn = Settings.from_env().storage
-        return err if conn is None else with_endpoint(err, conn)
+        settings = Settings.from_env()
+        conn = settings.queue_storage if err.service == "queue" else settings.storage
+        return err if conn is None else with_endpoint(err, conn, err.service)
     except QAError:
         return err

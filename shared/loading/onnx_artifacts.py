@@ -57,9 +57,7 @@ def artifact_blob(store: ModelStore, revision: str, variant: str, name: str) -> 
 
 def recorded_variants(version: VersionInfo) -> tuple[str, ...]:
     """The variants of a listed version that have a record (usable or not)."""
-    return tuple(
-        v for v in ARTIFACT_VARIANTS if f"{ARTIFACTS_FOLDER}/{v}/{ARTIFACT_RECORD}" in version.folder_blobs
-    )
+    return tuple(v for v in ARTIFACT_VARIANTS if f"{ARTIFACTS_FOLDER}/{v}/{ARTIFACT_RECORD}" in version.folder_blobs)
 
 
 @dataclass(frozen=True)
@@ -146,8 +144,12 @@ class ArtifactRecord:
 
 # --- reading --------------------------------------------------------------------------------
 
-ARTIFACT_STATES = ("ok", "unusable", "damaged", "missing")
 DAMAGED_MARK = "damaged"  # metadata of artifact.json: the blob a serving load found damaged
+
+
+def build_command(revision: str) -> str:
+    """What builds the artifacts a version lacks."""
+    return f"python -m shared build-artifacts --revision {revision}"
 
 
 def repair_command(revision: str) -> str:
@@ -230,7 +232,9 @@ class ArtifactState:
         """The ``artifacts`` entry of ``status`` and ``/api/model``: state, size, record sha256, usable, reason."""
         reason = self.message
         if self.state == "damaged":
-            reason = f"damaged ({self.blob}): {self.message}; repair: {repair_command(revision)}"
+            reason = f"{self.blob}: {self.message}; repair: {repair_command(revision)}"
+        elif self.state == "missing":
+            reason = f"MODEL_ARTIFACTS expects it and there is none; build it: {build_command(revision)}"
         size = self.record.total_bytes if self.record is not None else 0
         return {"state": self.state, "size": size, "sha256": self.sha256, "usable": self.state == "ok", "reason": reason}
 
@@ -244,8 +248,8 @@ def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verif
     """
     try:
         stored = _read_stored_record(store, manifest, variant)
-    except ArtifactDamagedError as err:
-        return ArtifactState(variant, "damaged", err.message, err.blob)
+    except ArtifactDamagedError as err:  # the record itself: its ETag lets a rebuild replace it, and only it
+        return ArtifactState(variant, "damaged", err.message, err.blob, etag=record_etag(store, manifest.revision, variant))
     if stored is None:
         return ArtifactState(variant, "missing")
     record = stored.record
@@ -267,15 +271,31 @@ def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verif
     return state("ok")
 
 
-def list_artifacts(store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
-    """Each recorded variant's total size, record sha256 and usability (``/api/model``, ``status``),
-    from the records alone; a damaged one is unusable, its reason saying so and how to repair it."""
-    found: dict[str, dict[str, Any]] = {}
-    for variant in variants if variants is not None else ARTIFACT_VARIANTS:
-        state = artifact_state(store, manifest, variant)
-        if state.state != "missing":
-            found[variant] = state.listing(manifest.revision)
+def artifact_states(
+    store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None, *, expected: tuple[str, ...] = ()
+) -> dict[str, ArtifactState]:
+    """The state of each of ``variants`` (default: all) that has a record, from the records alone,
+    and of each ``expected`` one (``MODEL_ARTIFACTS``), which is ``missing`` when it has none."""
+    wanted = variants if variants is not None else ARTIFACT_VARIANTS
+    found: dict[str, ArtifactState] = {}
+    for variant in ARTIFACT_VARIANTS:
+        if variant not in wanted and variant not in expected:
+            continue
+        state = artifact_state(store, manifest, variant) if variant in wanted else ArtifactState(variant, "missing")
+        if state.state != "missing" or variant in expected:
+            found[variant] = state
     return found
+
+
+def list_artifacts(
+    store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None, *, expected: tuple[str, ...] = ()
+) -> dict[str, dict[str, Any]]:
+    """Each variant's entry of ``/api/model`` and ``status`` (:func:`artifact_states`): total size,
+    record sha256, usability, and for a damaged or missing one the reason and how to repair it."""
+    return {
+        variant: state.listing(manifest.revision)
+        for variant, state in artifact_states(store, manifest, variants, expected=expected).items()
+    }
 
 
 def record_etag(store: ModelStore, revision: str, variant: str) -> str | None:
@@ -413,13 +433,21 @@ def artifact_engine(
     )
 
 
-
-
-def status(store: ModelStore) -> dict[str, Any]:
-    """:meth:`ModelStore.status` with each version's artifacts (``/api/model``, ``status``)."""
+def status(store: ModelStore, *, expected: tuple[str, ...] = ()) -> dict[str, Any]:
+    """:meth:`ModelStore.status` with each version's artifacts (``/api/model``, ``status``); the
+    ``expected`` variants (``MODEL_ARTIFACTS``) a complete version lacks are listed as ``missing``,
+    and damaged artifacts join the store's list of damage."""
 
     def artifacts(version: VersionInfo, manifest: Manifest | None) -> dict[str, Any]:
-        variants = recorded_variants(version)
-        return {"artifacts": list_artifacts(store, manifest, variants) if variants and manifest is not None else {}}
+        if manifest is None:
+            return {"artifacts": {}}
+        states = artifact_states(store, manifest, recorded_variants(version), expected=expected)
+        damage = [
+            {"record": f"onnx/{variant}/{state.blob} of version {version.revision}", "problem": state.message or "damaged",
+             "repair": repair_command(version.revision)}
+            for variant, state in states.items()
+            if state.state == "damaged"
+        ]  # fmt: skip
+        return {"artifacts": {variant: state.listing(version.revision) for variant, state in states.items()}, "damage": damage}
 
     return store.status(artifacts)

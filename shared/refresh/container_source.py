@@ -70,9 +70,10 @@ class ContainerSource:
         self._etags: dict[str, str] = {}
 
     @classmethod
-    def from_connection(cls, conn: StorageConnection, container: str, **options: Any) -> ContainerSource:
-        """The container ``container`` of the account ``conn`` describes (the refresh's patient profile)."""
-        return cls(container_client(conn, container), connection=conn, **options)
+    def from_connection(cls, conn: StorageConnection, container: str, *, profile: str = "command", **options: Any) -> ContainerSource:
+        """The container ``container`` of the account ``conn`` describes, through a storage ``profile``
+        (``command``: a terminal's, which gives up soon after the account stops answering)."""
+        return cls(container_client(conn, container, profile=profile), connection=conn, **options)
 
     @property
     def where(self) -> str:
@@ -184,7 +185,11 @@ class ContainerSource:
         log.info("Hashed %d file(s) of %s, %d bytes in %.1fs, %.1f MB/s", len(files), self.where, total, took, total / took / 1e6)
         entries = tuple(files)
         return Snapshot(
-            revision=local_revision(entries), source=SOURCE, files=entries, provenance={**self.provenance_base(), "blobs": blobs}
+            revision=local_revision(entries),
+            source=SOURCE,
+            files=entries,
+            label=self.where,
+            provenance={**self.provenance_base(), "blobs": blobs},
         )
 
     def _hash(self, name: str) -> tuple[FileEntry, dict[str, Any]]:

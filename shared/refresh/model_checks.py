@@ -176,7 +176,7 @@ class CheckedSource:
             self._conversion.release()
 
     def _check(self, snapshot: Any) -> Any:
-        where = f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
+        where = snapshot.label or f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
         small = {entry.name: self._read(entry) for entry in snapshot.files if entry.name in _SMALL_FILES and entry.size <= _SMALL_LIMIT}
         self._config = small.get("config.json", b"")
         if "tokenizer.json" in small:
@@ -194,7 +194,7 @@ class CheckedSource:
     def _convert(self, snapshot: Any) -> Any:
         if not any(is_convertible(entry.name) for entry in snapshot.files):
             return snapshot
-        where = f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
+        where = snapshot.label or f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
         conversion = WeightsConversion(snapshot.files, self.source.open, self._config, where=where)
         self._conversion = conversion
         converted, derived = conversion.convert()

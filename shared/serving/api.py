@@ -179,7 +179,8 @@ def health(holder: ModelHolder, *, params: Mapping[str, str]) -> ApiResponse:
 
 def model_status(holder: ModelHolder) -> ApiResponse:
     """``GET /api/model``: pointer, versions, last refresh, and what this instance loaded."""
-    return ApiResponse(200, {**onnx_artifacts.status(holder.store), "instance": holder.describe()})
+    store_status = onnx_artifacts.status(holder.store, expected=holder.settings.artifacts)
+    return ApiResponse(200, {**store_status, "instance": holder.describe()})
 
 
 def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:

@@ -382,10 +382,18 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "pointer": _nullable(
                     _obj(
                         {
-                            "revision": STRING,
+                            "state": {
+                                "type": "string",
+                                "enum": ["ok", "damaged", "missing", "dangling"],
+                                "description": "damaged or missing: current.json cannot be read, and these are its last recorded "
+                                "values (the pointer's history); dangling: it points at a version that is gone or damaged",
+                            },
+                            "revision": _nullable(STRING),
                             "previous": {"type": "array", "items": STRING},
                             "pinned": {"type": "boolean"},
-                            "updated_at": TIME,
+                            "updated_at": _nullable(TIME),
+                            "problem": _nullable(STRING),
+                            "repair": _nullable({"type": "string", "description": "the command that repairs it"}),
                         },
                         description="null until a first version is isolated",
                     )
@@ -395,11 +403,18 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                     "items": _obj(
                         {
                             "revision": STRING,
+                            "state": {
+                                "type": "string",
+                                "enum": ["complete", "incomplete", "damaged"],
+                                "description": "damaged: its manifest.json is damaged (problem, repair); never served or rolled back to",
+                            },
                             "complete": {"type": "boolean"},
                             "files": COUNT,
                             "bytes": COUNT,
                             "last_modified": TIME,
                             "isolated_at": _nullable(TIME),
+                            "problem": _nullable(STRING),
+                            "repair": _nullable(STRING),
                             "artifacts": {
                                 "type": "object",
                                 "description": "ONNX serving artifacts by variant (fp32, int8); {} when none was built",
@@ -407,9 +422,10 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                     {
                                         "state": {
                                             "type": "string",
-                                            "enum": ["ok", "unusable", "damaged"],
+                                            "enum": ["ok", "unusable", "damaged", "missing"],
                                             "description": "ok; unusable (recorded at build, see reason); damaged (a blob or the record "
-                                            "does not match its sha256: reason names it and the repair command)",
+                                            "does not match its sha256: reason names it and the repair command); missing (MODEL_ARTIFACTS "
+                                            "expects it and it was never built, or its record is gone)",
                                         },
                                         "size": COUNT,
                                         "sha256": {"type": "string", "description": "of artifact.json, which pins each blob's sha256"},
@@ -452,13 +468,29 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                             "skipped_reason": {"type": ["string", "null"], "enum": ["pinned", None]},
                         },
                         optional=("last_skipped_at",),
-                        description="last-refresh.json: null before the first refresh",
+                        description="last-refresh.json: null before the first refresh (and while it is damaged: see damage)",
                     )
                 ),
+                "damage": {
+                    "type": "array",
+                    "description": "every damaged record of the store, with the command that repairs it",
+                    "items": _obj({"record": STRING, "problem": STRING, "repair": STRING}),
+                },
                 "instance": _obj(
                     {
                         "state": {"type": "string", "enum": list(HEALTH_STATES)},
                         "degraded": {"type": "boolean"},
+                        "problems": {
+                            "type": "array",
+                            "description": "why what is served is not what was asked for (degraded), each with its repair",
+                            "items": _obj(
+                                {
+                                    "cause": {"type": "string", "enum": ["pointer", "version", "artifact"]},
+                                    "problem": STRING,
+                                    "repair": STRING,
+                                }
+                            ),
+                        },
                         "loaded": _nullable(
                             _obj(
                                 {
@@ -477,7 +509,14 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                         "last_error": _nullable(_obj({"code": STRING, "message": STRING, "at": TIME})),
                         "damaged": _nullable(
                             _obj(
-                                {"revision": STRING, "code": STRING, "message": STRING, "at": TIME, "next_check_at": TIME},
+                                {
+                                    "revision": STRING,
+                                    "code": STRING,
+                                    "message": STRING,
+                                    "repair": STRING,
+                                    "at": TIME,
+                                    "next_check_at": _nullable(TIME),
+                                },
                                 description="the current version failed verification and is not served",
                             )
                         ),

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IntegrityError, UnsafeModelError
+from .records import seal, shape_error, unseal
 
 FORMAT_VERSION = 1
 TASK = "question-answering"
+POINTER_REPAIR = "python -m shared repair (rewrites current.json from its history), or python -m shared rollback --to REVISION"
 
 ALLOWED_NAMES = frozenset(
     {
@@ -215,6 +217,9 @@ class Manifest:
     # files made at isolation rather than copied (a tokenizer.json converted from the slow
     # tokenizer's files): name -> {"from": [source files], "by": "transformers X.Y.Z", ...}
     derived: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # "passed": the staged version answered the canary before it was published; "skipped": published
+    # without (--skip-canary); "" for manifests written before this was recorded
+    canary: str = ""
     # where the files were read (empty for the Hub, whose source and commit name them): for a
     # container {"kind": "blob", "account", "endpoint", "container", "prefix",
     # "blobs": {name: {"etag", "last_modified", "size"}}}; never a key or a SAS token
@@ -231,19 +236,23 @@ class Manifest:
         raise KeyError(name)
 
     def to_json(self) -> bytes:
+        """The sealed record (:mod:`shared.store.records`)."""
         data = asdict(self)
         data["files"] = [asdict(f) for f in self.files]
-        return json.dumps(data, indent=2, sort_keys=True).encode()
+        return seal(data, kind="manifest")
 
     @classmethod
-    def from_json(cls, raw: bytes, *, revision: str) -> Manifest:
-        """Parse and check a manifest read from storage.
+    def from_json(cls, raw: bytes, *, revision: str, repair: str = "") -> Manifest:
+        """Parse and check a manifest read from storage (``repair``: the command that rewrites it).
 
         Raises:
-            IntegrityError: malformed JSON, wrong revision, unsafe or duplicate file names.
+            RecordDamagedError: not the manifest of ``revision`` (damaged bytes, a checksum that does
+                not match, another shape, another revision, unsafe or duplicate file names).
         """
+        record = f"manifest.json of version {revision}"
+        repair = repair or version_repair(revision)
+        data = unseal(raw, kind="manifest", record=record, repair=repair).data
         try:
-            data = json.loads(raw)
             files = tuple(FileEntry(name=f["name"], size=f["size"], sha256=f["sha256"]) for f in data["files"])
             manifest = cls(
                 model_id=str(data["model_id"]),
@@ -256,22 +265,52 @@ class Manifest:
                 libraries=dict(data.get("libraries", {})),
                 format=int(data.get("format", FORMAT_VERSION)),
                 derived={str(name): dict(facts) for name, facts in data.get("derived", {}).items()},
+                canary=str(data.get("canary", "")),
                 provenance=dict(data.get("provenance", {})),
             )
-        except IntegrityError:
-            raise
-        except (ValueError, KeyError, TypeError) as err:
-            raise IntegrityError(f"manifest.json of version {revision} is malformed") from err
+        except (ValueError, KeyError, TypeError, AttributeError, IntegrityError) as err:
+            what = err.message if isinstance(err, IntegrityError) else "it is not a manifest (a field is missing or of the wrong type)"
+            raise shape_error(record, repair, what) from None
         if manifest.revision != revision:
-            raise IntegrityError(f"manifest.json under {revision} names revision {manifest.revision}")
+            raise shape_error(record, repair, f"it names revision {manifest.revision}")
         if not set(manifest.derived) <= {f.name for f in files}:
-            raise IntegrityError(f"manifest.json of version {revision} marks a file derived that it does not list")
+            raise shape_error(record, repair, "it marks a file derived that it does not list")
         if len({f.name for f in files}) != len(files):
-            raise IntegrityError(f"manifest.json of version {revision} lists a file twice")
+            raise shape_error(record, repair, "it lists a file twice")
         for entry in files:
             if not is_allowed(entry.name):
-                raise IntegrityError(f"manifest.json of version {revision} lists a file that is not allowed: {entry.name!r}")
+                raise shape_error(record, repair, f"it lists a file that is not allowed: {entry.name!r}")
         return manifest
+
+
+def version_repair(
+    revision: str,
+    source: str | None = None,
+    source_revision: str | None = None,
+    *,
+    model_id: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> str:
+    """The command that rewrites a version's files and manifest from where it came: the Hub at its
+    commit, the local folder, or the container it was adopted from (``source``: the manifest's, when
+    known; else guessed from the revision's form). With the manifest's ``model_id`` and
+    ``provenance``, the command names them (a local source is stored under the id it is given)."""
+    named = f" --model-id {model_id}" if model_id else ""
+    if source == "blob":
+        where = provenance or {}
+        if not where.get("container"):
+            return "python -m shared adopt --repair (with the --container and --prefix it was adopted from)"
+        prefix = f" --prefix {str(where['prefix']).rstrip('/')}" if where.get("prefix") else ""
+        return (
+            f"python -m shared adopt --repair --container {where['container']}{prefix}{named} "
+            f"(from account {where.get('account', '?')}: AZURE_STORAGE_CONNECTION_STRING or --account-url)"
+        )
+    if source == "local" or (source is None and revision.startswith("local-")):
+        return (
+            f"python -m shared isolate --repair --from-dir DIR{named} (the folder it was isolated from), "
+            "or python -m shared adopt --repair for an adopted container"
+        )
+    return f"python -m shared isolate --repair --revision {source_revision or revision}"
 
 
 @dataclass(frozen=True)
@@ -286,6 +325,7 @@ class Pointer:
     etag: str | None = field(default=None, compare=False)
 
     def to_json(self) -> bytes:
+        """The sealed record (:mod:`shared.store.records`)."""
         data: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "model_id": self.model_id,
@@ -294,24 +334,30 @@ class Pointer:
             "pinned": self.pinned,
             "updated_at": self.updated_at,
         }
-        return json.dumps(data, indent=2).encode()
+        return seal(data, kind="pointer")
 
     @classmethod
-    def from_json(cls, raw: bytes, *, etag: str | None) -> Pointer:
+    def from_json(cls, raw: bytes, *, etag: str | None, record: str = "current.json") -> Pointer:
+        """Parse and check ``current.json`` (or one of its history entries, ``record``).
+
+        Raises:
+            RecordDamagedError: damaged bytes, a checksum that does not match, or another shape.
+        """
+        data = unseal(raw, kind="pointer", record=record, repair=POINTER_REPAIR).data
         try:
-            data = json.loads(raw)
+            previous = data["previous"]  # every pointer this app wrote has both
+            if not isinstance(previous, list) or not isinstance(data["pinned"], bool) or "files" in data:
+                raise TypeError("previous or pinned")
             return cls(
                 model_id=str(data["model_id"]),
                 revision=check_revision(data["revision"]),
-                previous=tuple(check_revision(r) for r in data.get("previous", [])),
-                pinned=bool(data.get("pinned", False)),
+                previous=tuple(check_revision(r) for r in previous),
+                pinned=data["pinned"],
                 updated_at=str(data.get("updated_at", "")),
                 etag=etag,
             )
-        except IntegrityError:
-            raise
-        except (ValueError, KeyError, TypeError) as err:
-            raise IntegrityError("current.json is malformed") from err
+        except (ValueError, KeyError, TypeError, AttributeError, IntegrityError):
+            raise shape_error(record, POINTER_REPAIR, "it is not a pointer (a field is missing or of the wrong type)") from None
 
     def moved_to(self, revision: str, *, pinned: bool, history: int = 20) -> Pointer:
         """A new pointer at ``revision`` with this one's revision first in ``previous``."""

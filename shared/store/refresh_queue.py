@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import InputError, StorageUnavailableError
 from ..settings import Settings
 from .model_files import utc_now
-from .storage import queue_client, storage_errors, with_endpoint
+from .storage import queue_client, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,21 @@ def check_hub_revision(revision: str) -> str:
 
 
 def enqueue(settings: Settings, request: RefreshRequest) -> str:
-    """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id."""
+    """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id.
+
+    Raises:
+        StorageUnavailableError: the queue's account (``AzureWebJobsStorage``, not the models') failed;
+            its ``service`` is ``queue``, so that a terminal can name that endpoint (HTTP callers get
+            no internal details).
+    """
     conn = settings.require_queue_storage()
     client = queue_client(conn, settings.refresh_queue)
     try:
         with storage_errors(f"queueing the refresh on {settings.refresh_queue}"):
             ensure_queue(client)
             message = client.send_message(request.to_bytes())
-    except StorageUnavailableError as err:  # the queue's account (AzureWebJobsStorage), not the models'
-        raise with_endpoint(err, conn, "queue") from err.__cause__
+    except StorageUnavailableError as err:
+        raise type(err)(err.message, service="queue") from err.__cause__
     log.info("Queued a refresh (%s, revision=%s, explicit=%s)", request.reason, request.revision, request.explicit)
     return str(message.id)
 

@@ -174,9 +174,11 @@ def download_ranges(
     into: memoryview | None = None,
     sink: Callable[[memoryview], object] | None = None,
     progress: Progress = _noop,
+    recorded_in: str = "the manifest",
 ) -> None:
     """Fetch ``blob`` in parallel ranges and check its sha256 while the ranges arrive in order.
 
+    ``recorded_in`` names where ``size`` and ``expected_sha256`` come from, for messages.
     Either ``into`` (a writable buffer of exactly ``size`` bytes: ranges land in place, no
     extra copy) or ``sink`` (called with each range in order, for example a file's ``write``).
     Every range is read with If-Match on the ETag seen first, so a concurrent rewrite (a repair)
@@ -194,7 +196,7 @@ def download_ranges(
         properties = blob.get_blob_properties(read_timeout=RANGE_READ_TIMEOUT)
     actual_size, etag = properties.size, properties.etag
     if actual_size != size:
-        raise IntegrityError(f"{name} is {actual_size} bytes in storage, the manifest says {size}")
+        raise IntegrityError(f"{name} is {actual_size} bytes in storage, {recorded_in} says {size}")
     digest = hashlib.sha256()
     for view in read_ranges(blob, name=name, size=size, etag=etag, block_size=block_size, concurrency=concurrency, into=into):
         digest.update(view)
@@ -203,7 +205,7 @@ def download_ranges(
         progress(len(view))
     actual = digest.hexdigest()
     if actual != expected_sha256:
-        raise IntegrityError(f"{name}: sha256 in storage is {actual[:12]}..., the manifest says {expected_sha256[:12]}...")
+        raise IntegrityError(f"{name}: sha256 in storage is {actual[:12]}..., {recorded_in} says {expected_sha256[:12]}...")
 
 
 def read_ranges(

@@ -253,13 +253,33 @@ def workbook_queries() -> list[str]:
     return [item["content"]["query"] for item in workbook()["items"] if item["type"] == 3]
 
 
-# The event-line contract (shared/telemetry.log_event; docs/operations.md, "Event lines"): the
+# The event-line contract (shared/telemetry/events.py, log_event; docs/operations.md, "Event lines"): the
 # fields a query may parse from each event.
 EVENT_FIELDS = {
     "ask": {"status", "error_code", "items", "windows", "seconds", "model_ms", "model_id", "revision", "backend", "variant"},
     "model_load": {"model_id", "revision", "backend", "variant", "mode", "bytes", "seconds", "outcome", "error_code"},
     "refresh": {"outcome", "model_id", "revision", "bytes", "seconds", "error_code", "reason"},
 }
+
+
+def logged_fields() -> dict[str, set[str]]:
+    """event name -> the fields the code passes to log_event (every call in shared/, by its AST)."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "shared").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "log_event":
+                name = node.args[1] if len(node.args) > 1 else None
+                assert isinstance(name, ast.Constant), f"{path.name}:{node.lineno}: an event name must be a literal"
+                found.setdefault(name.value, set()).update(k.arg for k in node.keywords if k.arg not in (None, "level"))
+    return found
+
+
+def test_the_event_contract_is_what_the_code_logs() -> None:
+    """The queries are checked against EVENT_FIELDS; EVENT_FIELDS is what the code sends (the
+    exported records carry the same fields as the line, tests/integration/test_event_delivery.py)."""
+    assert logged_fields() == EVENT_FIELDS
 
 
 def parsed_fields(query: str) -> set[str]:
@@ -289,10 +309,36 @@ def test_workbook_charts_read_the_event_lines_of_the_contract(resources: dict[st
         assert chart["resourceType"] == "microsoft.insights/components" and chart["queryType"] == 0
     # shipped with the app: a workbook resource loading this file, on the app's Application Insights
     wb = body(resources["workbook"])
-    loaded = json.dumps(wb["properties"]["serializedData"])
-    assert "load_text_content" in loaded and "workbook.json" in loaded, loaded
     source = {"operator": {"type": "property_accessor", "operands": {"operand_1": "applicationInsights", "operand_2": "id"}}}
     assert wb["properties"]["sourceId"] == source
+
+
+def test_workbook_opened_from_azure_monitor_queries_the_apps_application_insights(resources: dict[str, Any]) -> None:
+    """``fallbackResourceIds`` is what a workbook opened outside its resource (Azure Monitor >
+    Workbooks) queries: the app's Application Insights (set by Bicep, the id being known only
+    there), not the placeholder "Azure Monitor", under which every query had no resource."""
+    assert "fallbackResourceIds" not in workbook(), "set by infra/resources.bicep from the resource id"
+    serialized = body(resources["workbook"])["properties"]["serializedData"]["function"]
+    assert serialized["type"] == "string"
+    merged = serialized["parameters"]["value_to_convert"]["function"]
+    assert merged["type"] == "union"
+    loaded, added = merged["parameters"]["arg_1"]["function"], merged["parameters"]["arg_2"]
+    assert loaded["type"] == "load_json_content" and loaded["parameters"]["file_path"] == "workbook.json"
+    app_insights = {"operator": {"type": "property_accessor", "operands": {"operand_1": "applicationInsights", "operand_2": "id"}}}
+    assert added == {"fallbackResourceIds": [app_insights]}
+
+
+def test_alerts_read_the_event_lines_of_the_contract(resources: dict[str, Any]) -> None:
+    alerts = [body(r) for r in resources.values() if r["type"] == "Microsoft.Insights/scheduledQueryRules"]
+    events = 0
+    for alert in alerts:
+        query = alert["properties"]["criteria"]["allOf"][0]["query"]
+        event = re.search(r'startswith "event=(\w+) "', query)
+        if event:
+            events += 1
+            unknown = parsed_fields(query) - EVENT_FIELDS[event.group(1)]
+            assert not unknown, f"{alert['properties']['displayName']} parses {sorted(unknown)}, not fields of event={event.group(1)}"
+    assert events >= 1, "no alert reads an event line"
 
 
 def test_documented_queries_are_the_workbooks() -> None:

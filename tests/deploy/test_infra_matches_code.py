@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.settings import Settings
+from shared.settings import Settings, app_insights_from_env, parse_app_insights_authentication
 from tests.conftest import registered_functions
 from tests.deploy.conftest import INFRA
 
@@ -39,6 +39,7 @@ DEFAULT_IS_RIGHT = {
     "QA_DEADLINE_SECONDS": "60 s, well under the 230 s HTTP limit",
     "HF_ENDPOINT": "the Hub itself",
     "AZURE_STORAGE_CONNECTION_STRING": "read by python -m shared adopt on an operator's machine; the app never uses it",
+    "WEBSITE_SITE_NAME": "set by the platform: the app's name, the exported events' cloud_RoleName",
 }
 # Settings of this round that may not have landed in shared/settings.py on every branch yet.
 NEW_THIS_ROUND = {"QA_BACKEND", "MODEL_ARTIFACTS", "QA_THREADS"}
@@ -70,7 +71,10 @@ class RecordingEnv(dict[str, str]):
 def settings_read_by_code() -> set[str]:
     env = RecordingEnv()
     Settings.from_env(env)
-    return env.read
+    telemetry = RecordingEnv()  # with a connection string, so that every telemetry setting is read
+    telemetry["APPLICATIONINSIGHTS_CONNECTION_STRING"] = "InstrumentationKey=00000000-0000-0000-0000-000000000001"
+    app_insights_from_env(telemetry)
+    return env.read | telemetry.read
 
 
 def walk(node: Any) -> Iterator[dict[str, Any]]:
@@ -183,6 +187,27 @@ def test_no_keys_connection_strings_or_deprecated_settings_in_infra(app_settings
     connection_strings = [name for name in app_settings if name.endswith("CONNECTION_STRING") or name in bare]
     assert connection_strings == ["APPLICATIONINSIGHTS_CONNECTION_STRING"]
     assert app_settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"].endswith("Authorization=AAD")
+
+
+def test_the_apps_event_export_signs_in_as_the_apps_identity_with_the_role_to_publish(
+    app_settings: dict[str, Any], bicep_trees: dict[str, dict[str, Any]]
+) -> None:
+    """The exporter in the app (shared/telemetry/export.py) reads the authentication string Bicep
+    writes as a user-assigned identity's, and that identity may publish to Application Insights."""
+    written = str(app_settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"])
+    assert "identity.properties.clientId" in written
+    resolved = re.sub(r"\$\{[^}]*\}", "11111111-2222-3333-4444-555555555555", written)
+    assert parse_app_insights_authentication("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", resolved) == (
+        True,
+        "11111111-2222-3333-4444-555555555555",
+    )
+    publishers = [
+        r["config"]
+        for r in bicep_trees["resources.bicep"]["resources"].values()
+        if r["type"] == "Microsoft.Authorization/roleAssignments" and "monitoringMetricsPublisher" in str(r["config"])
+    ]
+    assert len(publishers) == 1 and publishers[0]["scope"] == "applicationInsights"
+    assert "identity" in str(publishers[0]["properties"]["principalId"])
 
 
 def test_hf_token_is_a_key_vault_reference_through_the_identity(site: dict[str, Any], bicep_trees: dict[str, dict[str, Any]]) -> None:

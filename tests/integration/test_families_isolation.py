@@ -72,6 +72,7 @@ def test_unservable_models_are_refused_before_any_weight_is_copied(
     with pytest.raises(UnsafeModelError, match=message) as raised:
         isolate(store, LocalDirSource(folder, block_size=store.block_size), explicit=True, keep_versions=5)
     assert "\n" not in raised.value.message
+    assert raised.value.message.startswith(f"folder {folder}: ")  # the source as the user named it, not "local local-..."
     assert not [b.name for b in store.container.list_blobs() if "/versions/" in b.name]  # nothing copied
     assert store.read_pointer() is None
 

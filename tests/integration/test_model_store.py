@@ -15,6 +15,7 @@ from shared.errors import IntegrityError, NotFoundError, RefreshAlreadyRunningEr
 from shared.refresh.isolation import IsolationResult, LocalDirSource, Snapshot, isolate
 from shared.store.model_files import FileEntry
 from shared.store.model_store import ModelStore
+from shared.store.records import seal
 
 pytestmark = pytest.mark.integration
 
@@ -222,7 +223,7 @@ def test_manifest_with_unsafe_names_is_rejected_before_any_path(store: ModelStor
     blob = store.file_blob(result.revision, "manifest.json")
     data = json.loads(blob.download_blob().readall())
     data["files"][0]["name"] = bad
-    blob.upload_blob(json.dumps(data).encode(), overwrite=True)
+    blob.upload_blob(seal(data, kind="manifest"), overwrite=True)  # sealed again: the names themselves must be refused
     out = tmp_path / "out"
     with pytest.raises(IntegrityError, match="name"):
         store.download_version(result.revision, out)
