@@ -305,6 +305,12 @@ def parse_storage(env: Mapping[str, str]) -> StorageConnection | None:
     return None
 
 
+def parse_connection_string(name: str, raw: str | None) -> StorageConnection | None:
+    """A storage connection string setting (``AZURE_STORAGE_CONNECTION_STRING``), or ``None`` when unset."""
+    value = (raw or "").strip()
+    return StorageConnection(setting=name, connection_string=check_account_key(name, value)) if value else None
+
+
 def parse_queue_storage(env: Mapping[str, str]) -> StorageConnection | None:
     """The refresh queue's account: ``AzureWebJobsStorage``, as the queue trigger binds to it
     (a connection string, ``__queueServiceUri``, or ``__accountName``)."""
@@ -442,6 +448,9 @@ class Settings:
     hf_endpoint: str | None = None
     transfer_concurrency: int = 4
     block_size: int = 8 * 1024 * 1024
+    # the account ``adopt`` reads a container from, as the scripts that uploaded it did
+    # (AZURE_STORAGE_CONNECTION_STRING); the app itself never uses it
+    adopt_storage: StorageConnection | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -483,6 +492,7 @@ class Settings:
             hf_endpoint=(env.get("HF_ENDPOINT", "").strip().rstrip("/") or None),
             transfer_concurrency=parse_int("MODEL_TRANSFER_CONCURRENCY", env.get("MODEL_TRANSFER_CONCURRENCY"), 4, maximum=32),
             block_size=parse_int("MODEL_BLOCK_SIZE_MB", env.get("MODEL_BLOCK_SIZE_MB"), 8, maximum=100) * 1024 * 1024,
+            adopt_storage=parse_connection_string("AZURE_STORAGE_CONNECTION_STRING", env.get("AZURE_STORAGE_CONNECTION_STRING")),
         )
 
     @property

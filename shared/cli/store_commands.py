@@ -23,7 +23,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
     last = data["last_refresh"] or {}
     lines = [f"model: {data['model_id']} in container {data['container']}"]
     if pointer is None:
-        lines.append("current: nothing isolated yet (run: python -m shared isolate, or --from-dir DIR offline)")
+        lines.append(
+            "current: nothing isolated yet (run: python -m shared isolate, or --from-dir DIR offline, "
+            "or adopt --container C for files uploaded flat)"
+        )
     else:
         pin = " (pinned)" if pointer["pinned"] else ""
         lines.append(f"current: {pointer['revision'] or 'unknown'}{pin}, previous: {', '.join(pointer['previous']) or 'none'}")
@@ -111,7 +114,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[
             }.get(state.state, f"DAMAGED: {state.blob}: {state.message}")
         )
     if problems:
-        data["repair"] = version_repair(revision, manifest.source, manifest.source_revision)
+        data["repair"] = version_repair(
+            revision, manifest.source, manifest.source_revision, model_id=manifest.model_id, provenance=manifest.provenance
+        )
         lines.append(f"Repair it (re-copies only the damaged files, rebuilds damaged artifacts): {data['repair']}")
     elif damaged:
         data["repair"] = repair_command(revision)

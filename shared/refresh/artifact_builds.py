@@ -112,7 +112,9 @@ def build_artifacts(
 
 
 def _version_repair(store: ModelStore, manifest: Manifest) -> str:
-    return version_repair(manifest.revision, manifest.source, manifest.source_revision)
+    return version_repair(
+        manifest.revision, manifest.source, manifest.source_revision, model_id=manifest.model_id, provenance=manifest.provenance
+    )
 
 
 def _build_one(

@@ -68,7 +68,7 @@ class HubSource:
         info = self._model_info()
         commit = str(info.sha)
         siblings = {s.rfilename: s for s in (info.siblings or [])}
-        names = select_files(list(siblings), where=f"repo {self.model_id}@{commit[:12]}")
+        names = select_files(list(siblings), where=f"repo {self.model_id}@{commit[:12]}", convert=True)
         files = []
         for name in names:
             sibling = siblings[check_file_name(name)]

@@ -37,6 +37,7 @@ class Snapshot:
     source_revision: str | None = None
     derived: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> what it was made from, by what
     label: str = ""  # the source as messages name it ("folder /models/x", "repo org/name@abc123")
+    provenance: dict[str, Any] = field(default_factory=dict)  # where the files were read (Manifest.provenance)
 
     @property
     def total_bytes(self) -> int:
@@ -44,7 +45,7 @@ class Snapshot:
 
 
 class Source(Protocol):
-    """A place models are isolated from (a local folder, the Hub)."""
+    """A place models are isolated from (the Hub, a local folder, a container holding a folder's files)."""
 
     def revision(self) -> str:
         """The revision the source resolves to (cheap where it can be: one Hub API call)."""
@@ -104,16 +105,25 @@ class LocalDirSource:
         return self._snapshot
 
     def _describe(self) -> Snapshot:
-        if not self.folder.is_dir():
-            what = "is a file, not a folder" if self.folder.exists() else "does not exist"
-            raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
-        names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
-        chosen = select_files(names, where=f"folder {self.folder}")
+        chosen = self._chosen()
         check_config((self.folder / "config.json").read_bytes(), where=f"in folder {self.folder}")  # before anything is copied
         files = tuple(
             FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name)) for name in chosen
         )
         return Snapshot(revision=local_revision(files), source="local", files=files, label=f"folder {self.folder}")
+
+    def _chosen(self) -> list[str]:
+        if not self.folder.is_dir():
+            what = "is a file, not a folder" if self.folder.exists() else "does not exist"
+            raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
+        names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
+        return select_files(names, where=f"folder {self.folder}", convert=True)
+
+    def config_json(self) -> bytes:
+        """The folder's ``config.json`` (for the model id) after the checks of its file names,
+        before any file is hashed."""
+        self._chosen()
+        return (self.folder / "config.json").read_bytes()
 
     def open(self, entry: FileEntry) -> Iterator[bytes]:
         with (self.folder / entry.name).open("rb") as stream:
@@ -256,8 +266,8 @@ def isolate(
         QAError: any other failure, after it was recorded in ``last-refresh.json``.
     """
     progress = progress or _Quiet()
-    if not isinstance(source, CheckedSource):
-        source = CheckedSource(source)  # refusals and the derived tokenizer.json before any copy
+    # refusals, the derived tokenizer.json and converted PyTorch weights, before any copy
+    checked = source if isinstance(source, CheckedSource) else CheckedSource(source)
     store.ensure_container()
     started = time.monotonic()
     result = IsolationResult(outcome="failed", model_id=store.model_id)
@@ -275,7 +285,7 @@ def isolate(
             return result
         try:
             _isolate_locked(
-                store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
+                store, checked, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
                 build=build, build_existing=build_existing, unpin=unpin,
             )  # fmt: skip
             if result.pointer_moved:
@@ -291,6 +301,7 @@ def isolate(
             result.error_code = "internal_error"
             raise
         finally:
+            checked.release()
             result.finished = utc_now()
             result.seconds = round(time.monotonic() - started, 3)
             # after storage failed, one quick attempt: the outcome must not cost minutes of retries
@@ -335,7 +346,7 @@ def _record_skip(store: ModelStore, result: IsolationResult, *, fast: bool) -> N
 
 def _isolate_locked(
     store: ModelStore,
-    source: Source,
+    source: CheckedSource,
     result: IsolationResult,
     *,
     lock_check: Callable[[], None],
@@ -369,6 +380,7 @@ def _isolate_locked(
         # Already stored and complete: repaired if asked, then made current by the one rule.
         if repair and not repaired:
             repaired = _repair(store, source, stored, result, lock_check=lock_check, progress=progress)
+            source.release()
             build_for(stored, rebuild=True)
             repaired = repaired or any(outcome in ("rebuilt", "built") for outcome in result.artifacts.values())
         elif build_existing and not repaired:
@@ -393,6 +405,7 @@ def _isolate_locked(
     snapshot = source.snapshot()
     result.source = snapshot.source
     _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)
+    source.release()  # converted weights held for the copy: freed before the canary loads the version
     manifest = _manifest_of(store, snapshot, validated=validate is not None)
     if validate is not None:
         validate(store, manifest)
@@ -414,6 +427,7 @@ def _manifest_of(store: ModelStore, snapshot: Snapshot, *, validated: bool, isol
         files=snapshot.files,
         derived=snapshot.derived,
         canary="passed" if validated else "skipped",
+        provenance=snapshot.provenance,
     )
     return replace(manifest, isolated_at=isolated_at) if isolated_at else manifest
 
@@ -434,7 +448,7 @@ def _repaired_pointer(store: ModelStore, state: PointerState, result: IsolationR
 
 def _rewrite_manifest(
     store: ModelStore,
-    source: Source,
+    source: CheckedSource,
     revision: str,
     result: IsolationResult,
     *,
@@ -458,6 +472,7 @@ def _rewrite_manifest(
         result.files_copied += 1
         result.files_repaired.append(entry.name)
     result.files_reused = len(snapshot.files) - len(damaged)
+    source.release()  # converted weights: freed before the canary loads the version
     manifest = _manifest_of(store, snapshot, validated=validate is not None, isolated_at=facts.get("isolated_at"))
     if validate is not None:
         validate(store, manifest)

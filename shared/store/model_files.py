@@ -42,6 +42,11 @@ ALLOWED_NAMES = frozenset(
 # files a tokenizer is read from, or converted from at isolation (DeBERTa-v3 ships only spm.model)
 _TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model", "sentencepiece.bpe.model")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.pkl", "*.pickle")
+# PyTorch weights isolation converts to safetensors (shared.refresh.weights_conversion) when a
+# source has no safetensors; never stored in a version, and refused everywhere else
+PYTORCH_WEIGHTS = "pytorch_model.bin"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+_PYTORCH_SHARD_RE = re.compile(r"^pytorch_model-\d{5}-of-\d{5}\.bin$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REVISION_RE = re.compile(r"^([0-9a-f]{40}|local-[0-9a-f]{16})$")
 
@@ -74,6 +79,12 @@ def is_allowed(name: str) -> bool:
     return name in ALLOWED_NAMES or (name.endswith(".safetensors") and "/" not in name)
 
 
+def is_convertible(name: str) -> bool:
+    """Whether a file is PyTorch weights that isolation converts to safetensors (``pytorch_model.bin``,
+    its shards ``pytorch_model-00001-of-00002.bin`` or their index)."""
+    return name in (PYTORCH_WEIGHTS, PYTORCH_INDEX) or bool(_PYTORCH_SHARD_RE.match(name))
+
+
 def is_pickle(name: str) -> bool:
     """Whether a file holds pickle-based weights, which are never loaded."""
     return any(fnmatch.fnmatch(name.lower(), pattern) for pattern in PICKLE_PATTERNS)
@@ -101,15 +112,19 @@ def check_config(raw: bytes, *, where: str) -> dict[str, Any]:
     return data
 
 
-def select_files(names: list[str], *, where: str) -> list[str]:
+def select_files(names: list[str], *, where: str, convert: bool = False) -> list[str]:
     """Pick the allowed files of a model source, refusing one with no safetensors weights.
 
     Args:
         names: every file name the source has (top level only; sub-folders are ignored).
         where: the source, for messages ("folder /x", "repo a/b@c").
+        convert: the caller converts PyTorch weights (isolation): a source without safetensors but
+            with ``pytorch_model.bin`` (or its index and shards) gets those picked too, for
+            :mod:`shared.refresh.weights_conversion`; any other pickle is still refused.
 
     Raises:
-        UnsafeModelError: no safetensors weights or no config.json; the message lists what is there.
+        UnsafeModelError: no safetensors weights (nor convertible ones) or no config.json; the
+            message lists what is there.
     """
     top_level = [n for n in names if "/" not in n]
     chosen = sorted(n for n in top_level if is_allowed(n))
@@ -117,17 +132,35 @@ def select_files(names: list[str], *, where: str) -> list[str]:
         found = f"it has only {', '.join(sorted(top_level)[:5])}" if top_level else "it is empty"
         raise UnsafeModelError(f"{where} is not a model folder ({found}); {MODEL_FILES_NEEDED}")
     if not any(n.endswith(".safetensors") for n in chosen):
-        pickles = sorted(n for n in top_level if is_pickle(n))
-        found = ", ".join(pickles) if pickles else "no weights"
-        raise UnsafeModelError(
-            f"{where} has no safetensors weights (found {found}); only safetensors are isolated. "
-            "Convert the weights to safetensors or pick a revision that has them."
-        )
+        weights = _convertible_weights(top_level) if convert else []
+        if not weights:
+            pickles = sorted(n for n in top_level if is_pickle(n))
+            found = ", ".join(pickles) if pickles else "no weights"
+            how = (
+                "only safetensors are isolated, and a pytorch_model.bin (or its index and shards) is converted to them; "
+                "any other pickle, TensorFlow or Flax weights are not"
+                if convert
+                else "only safetensors are loaded"
+            )
+            raise UnsafeModelError(
+                f"{where} has no safetensors weights (found {found}); {how}. Convert the weights to safetensors or pick a revision "
+                "that has them."
+            )
+        chosen = sorted([*chosen, *weights])
     if "config.json" not in chosen:
         raise UnsafeModelError(f"{where} has no config.json")
     if not any(n in chosen for n in _TOKENIZER_VOCABULARIES):
         raise UnsafeModelError(f"{where} has no tokenizer files ({', '.join(_TOKENIZER_VOCABULARIES)})")
     return chosen
+
+
+def _convertible_weights(names: list[str]) -> list[str]:
+    """``pytorch_model.bin`` alone, else the index and the shards, else nothing."""
+    if PYTORCH_WEIGHTS in names:
+        return [PYTORCH_WEIGHTS]
+    if PYTORCH_INDEX in names:
+        return [PYTORCH_INDEX, *(n for n in names if _PYTORCH_SHARD_RE.match(n))]
+    return []
 
 
 @dataclass(frozen=True)
@@ -187,6 +220,10 @@ class Manifest:
     # "passed": the staged version answered the canary before it was published; "skipped": published
     # without (--skip-canary); "" for manifests written before this was recorded
     canary: str = ""
+    # where the files were read (empty for the Hub, whose source and commit name them): for a
+    # container {"kind": "blob", "account", "endpoint", "container", "prefix",
+    # "blobs": {name: {"etag", "last_modified", "size"}}}; never a key or a SAS token
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -229,6 +266,7 @@ class Manifest:
                 format=int(data.get("format", FORMAT_VERSION)),
                 derived={str(name): dict(facts) for name, facts in data.get("derived", {}).items()},
                 canary=str(data.get("canary", "")),
+                provenance=dict(data.get("provenance", {})),
             )
         except (ValueError, KeyError, TypeError, AttributeError, IntegrityError) as err:
             what = err.message if isinstance(err, IntegrityError) else "it is not a manifest (a field is missing or of the wrong type)"
@@ -245,15 +283,31 @@ class Manifest:
         return manifest
 
 
-def version_repair(revision: str, source: str | None = None, source_revision: str | None = None) -> str:
+def version_repair(
+    revision: str,
+    source: str | None = None,
+    source_revision: str | None = None,
+    *,
+    model_id: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> str:
     """The command that rewrites a version's files and manifest from where it came: the Hub at its
     commit, the local folder, or the container it was adopted from (``source``: the manifest's, when
-    known; else guessed from the revision's form)."""
+    known; else guessed from the revision's form). With the manifest's ``model_id`` and
+    ``provenance``, the command names them (a local source is stored under the id it is given)."""
+    named = f" --model-id {model_id}" if model_id else ""
     if source == "blob":
-        return "python -m shared adopt --repair (with the --container and --prefix it was adopted from)"
+        where = provenance or {}
+        if not where.get("container"):
+            return "python -m shared adopt --repair (with the --container and --prefix it was adopted from)"
+        prefix = f" --prefix {str(where['prefix']).rstrip('/')}" if where.get("prefix") else ""
+        return (
+            f"python -m shared adopt --repair --container {where['container']}{prefix}{named} "
+            f"(from account {where.get('account', '?')}: AZURE_STORAGE_CONNECTION_STRING or --account-url)"
+        )
     if source == "local" or (source is None and revision.startswith("local-")):
         return (
-            "python -m shared isolate --repair --from-dir DIR (the folder it was isolated from), "
+            f"python -m shared isolate --repair --from-dir DIR{named} (the folder it was isolated from), "
             "or python -m shared adopt --repair for an adopted container"
         )
     return f"python -m shared isolate --repair --revision {source_revision or revision}"

@@ -303,7 +303,10 @@ class ModelStore:
         if found is None:
             return None, None
         raw, _, metadata = found
-        repair = version_repair(revision, metadata.get("source"), metadata.get("source_revision"))
+        adopted: dict[str, Any] = {key: metadata[key] for key in ("account", "container", "prefix") if key in metadata}
+        repair = version_repair(
+            revision, metadata.get("source"), metadata.get("source_revision"), model_id=self.model_id, provenance=adopted
+        )
         try:
             return Manifest.from_json(raw, revision=revision, repair=repair), None
         except RecordDamagedError as err:
@@ -325,6 +328,7 @@ class ModelStore:
         damaged manifest can still be named."""
         blob = self.file_blob(manifest.revision, MANIFEST)
         facts = {"source": manifest.source, "source_revision": manifest.source_revision or "", "isolated_at": manifest.isolated_at}
+        facts.update({key: str(manifest.provenance[key]) for key in ("account", "container", "prefix") if manifest.provenance.get(key)})
         metadata = {key: value for key, value in facts.items() if value and value.isascii() and "\n" not in value}
         try:
             with storage_errors("writing manifest.json"):
@@ -349,7 +353,8 @@ class ModelStore:
 
     def manifest_facts(self, revision: str) -> dict[str, str]:
         """What the metadata of a version's ``manifest.json`` keeps (source, source revision, isolation
-        time): readable when its content is damaged. Empty when absent, or written by an older app."""
+        time; an adopted container's account, container and prefix): readable when its content is
+        damaged. Empty when absent, or written by an older app."""
         with storage_errors("checking manifest.json"):
             try:
                 return dict(self.file_blob(revision, MANIFEST).get_blob_properties().metadata or {})

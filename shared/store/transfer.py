@@ -192,6 +192,34 @@ def download_ranges(
     if actual_size != size:
         raise IntegrityError(f"{name} is {actual_size} bytes in storage, {recorded_in} says {size}")
     digest = hashlib.sha256()
+    for view in read_ranges(blob, name=name, size=size, etag=etag, block_size=block_size, concurrency=concurrency, into=into):
+        digest.update(view)
+        if sink is not None:
+            sink(view)
+        progress(len(view))
+    actual = digest.hexdigest()
+    if actual != expected_sha256:
+        raise IntegrityError(f"{name}: sha256 in storage is {actual[:12]}..., {recorded_in} says {expected_sha256[:12]}...")
+
+
+def read_ranges(
+    blob: BlobClient,
+    *,
+    name: str,
+    size: int,
+    etag: str,
+    block_size: int,
+    concurrency: int,
+    into: memoryview | None = None,
+) -> Iterator[memoryview]:
+    """The ``size`` bytes of ``blob`` as it is at ``etag``, in order, one range at a time, while up to
+    ``concurrency`` ranges are fetched ahead: memory stays bounded by ``block_size x (concurrency + 1)``
+    (ranges land in ``into``, a buffer of ``size`` bytes, when given).
+
+    Raises:
+        BlobChangedError: the blob no longer has ``etag`` (it was rewritten).
+        IntegrityError: storage returned a range of another length.
+    """
     ranges = [(offset, min(block_size, size - offset)) for offset in range(0, size, block_size)]
     in_flight: deque[tuple[int, int, Future[memoryview]]] = deque()
 
@@ -224,18 +252,12 @@ def download_ranges(
                 if len(in_flight) >= concurrency:
                     break
             while in_flight:
-                offset, length, future = in_flight.popleft()
+                _offset, _length, future = in_flight.popleft()
                 view = future.result()
                 nxt = next(pending, None)
                 if nxt is not None:
                     in_flight.append((nxt[0], nxt[1], pool.submit(fetch, *nxt)))
-                digest.update(view)
-                if sink is not None:
-                    sink(view)
-                progress(length)
+                yield view
         finally:
             for _, _, future in in_flight:
                 future.cancel()
-    actual = digest.hexdigest()
-    if actual != expected_sha256:
-        raise IntegrityError(f"{name}: sha256 in storage is {actual[:12]}..., {recorded_in} says {expected_sha256[:12]}...")

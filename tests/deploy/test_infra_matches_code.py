@@ -38,6 +38,7 @@ DEFAULT_IS_RIGHT = {
     "QA_BATCH_WINDOWS": "auto: runs sized for the instance's CPU (an integer overrides)",
     "QA_DEADLINE_SECONDS": "60 s, well under the 230 s HTTP limit",
     "HF_ENDPOINT": "the Hub itself",
+    "AZURE_STORAGE_CONNECTION_STRING": "read by python -m shared adopt on an operator's machine; the app never uses it",
     "WEBSITE_SITE_NAME": "set by the platform: the app's name, the exported events' cloud_RoleName",
 }
 # Settings Flex Consumption deprecates or ignores (Microsoft Learn, "Flex Consumption plan

@@ -376,9 +376,10 @@ def test_isolate_repair_rebuilds_a_damaged_artifact(
     int8_env: dict[str, str], store: ModelStore, int8_version: str, tiny_bert_dir: Path
 ) -> None:
     flip_byte(store, int8_version, "int8", "weights.bin", at=-20)
-    code, out, text = cli({**int8_env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir))
+    isolate_again = ("isolate", "--from-dir", str(tiny_bert_dir), "--model-id", int8_env["MODEL_ID"])
+    code, out, text = cli({**int8_env, "MODEL_ARTIFACTS": "int8"}, *isolate_again)
     assert code == 0 and out["outcome"] == "up_to_date"  # a plain isolate does not re-hash
-    code, out, text = cli({**int8_env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir), "--repair")
+    code, out, text = cli({**int8_env, "MODEL_ARTIFACTS": "int8"}, *isolate_again, "--repair")
     assert code == 0 and (out["outcome"], out["artifacts"], out["files_repaired"]) == ("repaired", {"int8": "rebuilt"}, [])
     assert "int8 rebuilt" in text
     code, verified, _ = cli(int8_env, "verify")

@@ -83,7 +83,7 @@ def test_a_hub_that_refuses_the_model_is_a_permanent_error(
 def test_offline_isolate_names_the_hub_suggests_from_dir_and_keeps_the_served_version_clear(
     env: dict[str, str], tiny_bert_dir: Path
 ) -> None:
-    code, first, _ = cli(env, "isolate", "--from-dir", str(tiny_bert_dir))
+    code, first, _ = cli(env, "isolate", "--from-dir", str(tiny_bert_dir), "--model-id", env["MODEL_ID"])
     assert code == 0
     with socket.socket() as dead:
         dead.bind(("127.0.0.1", 0))

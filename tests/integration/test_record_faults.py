@@ -170,12 +170,14 @@ def reported(record: str, kind: str) -> bool:
 def repairs(record: str, kind: str, golden: Golden) -> list[list[str]]:
     """The commands the damage's message names, in order."""
     if record == "current.json":
-        earlier_repair = [["isolate", "--repair", "--from-dir", str(golden.earlier_dir)]] if "damaged version" in kind else []
+        earlier_repair = (
+            [["isolate", "--repair", "--from-dir", str(golden.earlier_dir), "--model-id", MODEL_ID]] if "damaged version" in kind else []
+        )
         return [["repair"], *earlier_repair]
     if record == "manifest (current)":
         return [["isolate", "--revision", golden.current]] if kind == "deleted" else [["isolate", "--repair", "--revision", golden.current]]
     if record == "manifest (earlier)":
-        return [] if kind == "deleted" else [["isolate", "--repair", "--from-dir", str(golden.earlier_dir)]]
+        return [] if kind == "deleted" else [["isolate", "--repair", "--from-dir", str(golden.earlier_dir), "--model-id", MODEL_ID]]
     if record == "artifact record":
         return [["build-artifacts"]] if kind == "deleted" else [["build-artifacts", "--rebuild"]]
     if record == "last-refresh.json":

@@ -82,6 +82,17 @@ def test_storage_repr_hides_the_key() -> None:
     assert "hf_x" not in repr(Settings.from_env({"HF_TOKEN": "hf_x"}))
 
 
+def test_the_adopted_containers_account_is_read_as_the_old_scripts_did() -> None:
+    assert Settings.from_env({}).adopt_storage is None
+    settings = Settings.from_env({"AZURE_STORAGE_CONNECTION_STRING": " AccountName=old;AccountKey=SECRETKEYXYZ "})
+    assert settings.adopt_storage is not None and settings.adopt_storage.setting == "AZURE_STORAGE_CONNECTION_STRING"
+    assert settings.adopt_storage.connection_string == "AccountName=old;AccountKey=SECRETKEYXYZ"
+    assert settings.storage is None  # the model store's account is another setting
+    assert "SECRETKEY" not in repr(settings)
+    with pytest.raises(SettingsError, match="AZURE_STORAGE_CONNECTION_STRING: AccountKey is not valid base64"):
+        Settings.from_env({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=old;AccountKey=cut-off"})
+
+
 def test_queue_storage_is_the_host_account() -> None:
     from shared.settings import parse_queue_storage
 
