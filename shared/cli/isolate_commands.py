@@ -21,9 +21,9 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     import dataclasses
 
     from ..errors import SourceUnavailableError
-    from ..refresh.isolation import LocalDirSource, isolate
+    from ..refresh.isolation import LocalDirSource
     from ..refresh.model_checks import CheckedSource, local_model_id
-    from ..refresh.worker import artifact_builder, canary_validator, run_refresh
+    from ..refresh.worker import run_refresh
     from ..store.model_store import ModelStore
     from ..store.refresh_queue import RefreshRequest, check_hub_revision
     from ..store.storage import probe
@@ -46,17 +46,7 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
     bar = BarProgress("isolate")
     try:
         if source is not None:
-            result = isolate(
-                ModelStore.from_settings(settings, profile="command"),
-                source,
-                explicit=True,  # a folder names its version
-                keep_versions=settings.keep_versions,
-                validate=canary_validator(settings),
-                progress=bar,
-                repair=args.repair,
-                build=artifact_builder(settings),
-                unpin=args.unpin,
-            )
+            result = isolate_local(ModelStore.from_settings(settings, profile="command"), source, settings, args, bar)
         else:
             revision = check_hub_revision(args.revision) if args.revision else None
             request = RefreshRequest(
@@ -69,6 +59,30 @@ def cmd_isolate(args: argparse.Namespace, settings: Settings) -> tuple[int, dict
         ) from err
     finally:
         bar.close()
+    return outcome(result)
+
+
+def isolate_local(store: Any, source: Any, settings: Settings, args: argparse.Namespace, bar: BarProgress) -> Any:
+    """Isolate a local source (a folder, a container's files) as the command line does: the source
+    names its version (it may move a pinned pointer), with the canary and the artifacts of the settings."""
+    from ..refresh.isolation import isolate
+    from ..refresh.worker import artifact_builder, canary_validator
+
+    return isolate(
+        store,
+        source,
+        explicit=True,
+        keep_versions=settings.keep_versions,
+        validate=canary_validator(settings),
+        progress=bar,
+        repair=args.repair,
+        build=artifact_builder(settings),
+        unpin=args.unpin,
+    )
+
+
+def outcome(result: Any) -> tuple[int, dict[str, Any], str]:
+    """What ``isolate`` and ``adopt`` print: the outcome record, what happened to the pointer, one line."""
     return 0, {**result.to_dict(), "pointer_moved": result.pointer_moved, "pin": result.pin}, result.summary()
 
 
@@ -78,9 +92,7 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[s
     import dataclasses
 
     from ..refresh.container_source import ContainerSource
-    from ..refresh.isolation import isolate
     from ..refresh.model_checks import CheckedSource, local_model_id
-    from ..refresh.worker import artifact_builder, canary_validator
     from ..store.model_store import ModelStore
     from ..store.storage import probe
 
@@ -114,20 +126,10 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[s
         hashing.close()
     bar = BarProgress("adopt")
     try:
-        result = isolate(
-            store,
-            checked,
-            explicit=True,  # the container's files name their version
-            keep_versions=settings.keep_versions,
-            validate=canary_validator(settings),
-            progress=bar,
-            repair=args.repair,
-            build=artifact_builder(settings),
-            unpin=args.unpin,
-        )
+        result = isolate_local(store, checked, settings, args, bar)
     finally:
         bar.close()
-    return 0, {**result.to_dict(), "pointer_moved": result.pointer_moved, "pin": result.pin}, result.summary()
+    return outcome(result)
 
 
 def _adopt_connection(args: argparse.Namespace, settings: Settings) -> StorageConnection:
