@@ -2,7 +2,9 @@
 
 Each body parses the request, calls ``shared``, and shapes the response; the work lives in
 ``shared/``. Importing this module is cheap and touches no network: settings are read, storage is
-reached and the model is loaded on first use, by the module-level ``holder``.
+reached and the model is loaded on first use, by the module-level ``holder``. With
+``APPLICATIONINSIGHTS_CONNECTION_STRING`` set (in Azure), the app's log records go to Application
+Insights from every thread (``shared.telemetry.export``); without it, nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ from shared.refresh import worker
 from shared.serving import api
 from shared.serving import playground as playground_files
 from shared.serving.holder import ModelHolder
+from shared.settings import app_insights_from_env
 from shared.store import refresh_queue
+from shared.telemetry.export import export_app_logs
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+# Events of every thread (the model load's too: the host drops a record logged outside an
+# invocation) to Application Insights, once; a no-op without a connection string.
+events_export = export_app_logs(app_insights_from_env)
 
 # One per worker process (one process: Flex's default; FUNCTIONS_WORKER_PROCESS_COUNT=1 on Premium): lazily loaded, hot-reloaded.
 # QA_BACKEND=onnx (default) serves a version's ONNX artifact when it has a usable one, else torch.

@@ -9,7 +9,7 @@ fp32 engine. The ONNX artifacts come from ``bench/out/onnx-bert-large/`` (built 
 default); the ONNX rows are also run with the former fixed 8 windows per run ("before"), unless
 ``--no-before``.
 
-At the end it prints the CPU's flags and the goals of issue 20, each met or not: on an AVX2-only
+At the end it prints the CPU's flags and the speed goals, each met or not: on an AVX2-only
 CPU onnx fp32 at least 1.3x and onnx int8 at least 2.5x the pipeline on every scenario; on an
 AVX-512 CPU no scenario slower than before. ONNX Runtime picks its kernels from the CPU (it cannot
 be told to use AVX2 only), so the AVX2 goals are only judged on an AVX2-only CPU.
@@ -109,7 +109,7 @@ def reference(model_dir: str, repeats: dict[str, int]) -> dict[str, Any]:
 VARIANTS = {"engine": engine, "onnx": onnx, "reference": reference}
 
 
-FP32_GOAL, INT8_GOAL = 1.3, 2.5  # issue 20, on an AVX2-only CPU: times the pipeline's speed, every scenario
+FP32_GOAL, INT8_GOAL = 1.3, 2.5  # the goals on an AVX2-only CPU: times the pipeline's speed, every scenario
 BEFORE = 8  # the former fixed QA_BATCH_WINDOWS
 
 
@@ -153,11 +153,11 @@ def main() -> None:
 
 
 def goals(results: dict[str, dict[str, Any]], scenarios: list[str], *, reference: bool) -> list[str]:
-    """Issue 20's goals, each with the figures that decide it and whether it is met on this CPU."""
+    """The speed goals, each with the figures that decide it and whether it is met on this CPU."""
     from shared.engine.cpu import has_avx512
 
     avx512 = has_avx512()
-    lines = [f"goals (issue 20); this CPU: {'AVX-512' if avx512 else 'AVX2-only (no AVX-512)'}"]
+    lines = [f"speed goals; this CPU: {'AVX-512' if avx512 else 'AVX2-only (no AVX-512)'}"]
     if reference:
         ref = results["reference 4.57.6 pipeline"]
         for variant, goal in (("fp32", FP32_GOAL), ("int8", INT8_GOAL)):

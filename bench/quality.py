@@ -61,23 +61,17 @@ def scores(predictions: list[dict[str, Any]], questions: list[dict[str, Any]]) -
 
 
 def engine(model_dir: str, questions_file: str, quantize: str) -> dict[str, Any]:
-    from shared.engine.question_answering import Limits, QAItem
+    from shared.engine.question_answering import Limits
     from shared.engine.torch_model import engine_from_dir
 
     questions = json.loads(Path(questions_file).read_text())
     qa = engine_from_dir(model_dir, quantize=quantize, limits=Limits(max_items=64, max_windows=256), batch_windows=16)
-    began = time.monotonic()
-    predictions = []
-    for first in range(0, len(questions), 16):
-        chunk = questions[first : first + 16]
-        for answers in qa.answer([QAItem(q["question"], q["context"], top_k=2) for q in chunk]):
-            predictions.append({"answer": answers[0].answer, "start": answers[0].start, "gap": _gap(answers)})
-    return {"seconds": time.monotonic() - began, "predictions": predictions}
+    return _predict(qa, questions)
 
 
 def onnx(model_dir: str, questions_file: str, variant: str, recipe: str | None = None) -> dict[str, Any]:
     from shared.engine.onnx_runner import default_threads, onnx_engine
-    from shared.engine.question_answering import Limits, QAItem
+    from shared.engine.question_answering import Limits
     from shared.refresh.int8 import DEFAULT_RECIPE
     from shared.refresh.onnx_export import build_onnx
 
@@ -92,6 +86,13 @@ def onnx(model_dir: str, questions_file: str, variant: str, recipe: str | None =
         batch_windows=16,
         threads=default_threads(None, 1),
     )
+    return _predict(qa, questions)
+
+
+def _predict(qa: Any, questions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine's best answer (and the gap to the second) to each question, 16 items a call, and the seconds it took."""
+    from shared.engine.question_answering import QAItem
+
     began = time.monotonic()
     predictions = []
     for first in range(0, len(questions), 16):

@@ -215,7 +215,7 @@ resource keyVault 'Microsoft.KeyVault/vaults@2023-07-01' = if (useKeyVault) {
 
 // The token itself, only when one is given.
 resource hfTokenSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (useKeyVault) {
-  // checkov:skip=CKV_AZURE_41:No expiry: a Hub token's lifetime is set on the Hub; an expiry here would silently break the Key Vault reference. Rotate both together (README, Deploy).
+  // checkov:skip=CKV_AZURE_41:No expiry: a Hub token's lifetime is set on the Hub; an expiry here would silently break the Key Vault reference. Rotate both together (docs/deploy.md).
   // checkov:skip=CKV_AZURE_114:False positive: contentType is set below; checkov reads a conditional resource's body as {condition, config} and misses it.
   parent: keyVault
   name: hfTokenSecretName
@@ -251,7 +251,7 @@ var hfTokenReference = useKeyVault ? '@Microsoft.KeyVault(VaultName=${keyVaultNa
 resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   // checkov:skip=CKV_AZURE_17:Client certificates would break the anonymous /api/health probe and key-based callers; callers authenticate with function keys over HTTPS.
   // checkov:skip=CKV_AZURE_212:Flex Consumption scales by maximumInstanceCount and always-ready instances, not by a minimum instance count on the site.
-  // checkov:skip=CKV_AZURE_222:Public network access stays on: the HTTP API is the product (function keys, HTTPS only); VNet-only access is a template change (README, Deploy).
+  // checkov:skip=CKV_AZURE_222:Public network access stays on: the HTTP API is the product (function keys, HTTPS only); VNet-only access is a template change (docs/deploy.md).
   // checkov:skip=CKV_AZURE_213:No platform health check: /api/health answers 503 until an instance has loaded the model, so the platform would recycle instances that are loading it.
   name: functionAppName
   location: location
@@ -281,10 +281,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           // Model storage through the same identity (DefaultAzureCredential with this client id).
           { name: 'MODEL_STORAGE__blobServiceUri', value: modelStorage.properties.primaryEndpoints.blob }
           { name: 'MODEL_STORAGE__clientId', value: identity.properties.clientId }
-          // Telemetry with Entra ID auth: the one connection string allowed (it holds no secret).
+          // Telemetry with Entra ID auth (the host's and the app's exporter): the one connection string
+          // allowed (it holds no secret).
           { name: 'APPLICATIONINSIGHTS_CONNECTION_STRING', value: applicationInsights.properties.ConnectionString }
           { name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING', value: 'ClientId=${identity.properties.clientId};Authorization=AAD' }
-          // The app's settings (shared/settings.py); the others keep their defaults (README, Settings).
+          // The app's settings (shared/settings.py); the others keep their defaults (docs/settings.md).
           { name: 'MODEL_CONTAINER', value: modelContainerName }
           { name: 'MODEL_ID', value: modelId }
           { name: 'MODEL_REVISION', value: modelRevision }
@@ -401,7 +402,8 @@ resource modelContainerContributor 'Microsoft.Authorization/roleAssignments@2022
   }
 }
 
-// The Functions host's telemetry with APPLICATIONINSIGHTS_AUTHENTICATION_STRING (local auth off).
+// Telemetry with APPLICATIONINSIGHTS_AUTHENTICATION_STRING (local auth off): the Functions host's, and
+// the app's own events, exported from every thread by shared/telemetry/export.py.
 resource metricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(applicationInsights.id, identity.id, roles.monitoringMetricsPublisher)
   scope: applicationInsights
@@ -452,7 +454,7 @@ resource userRefreshQueueSender 'Microsoft.Authorization/roleAssignments@2022-04
 
 // ---------------------------------------------------------------------------------------------
 // Operators' alerts: scheduled log searches over the app's `event=... key=value` lines and the
-// host's poison-queue trace (README, Operations).
+// host's poison-queue trace (docs/operations.md).
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {
   name: 'ag-${resourceToken}'
@@ -526,7 +528,7 @@ resource poisonMessageAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' 
 // ---------------------------------------------------------------------------------------------
 // Operators' workbook (Application Insights > Workbooks): asks per minute by status, model time
 // by backend, busy and model_not_ready 503s, loads and fallbacks, refreshes; every chart a KQL
-// query over the app's `event=...` lines (infra/workbook.json; README, Operations).
+// query over the app's `event=...` lines (infra/workbook.json; docs/operations.md).
 
 resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
   name: guid(resourceGroup().id, applicationInsights.id, 'isolated-qa-operations')
@@ -537,7 +539,8 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
     displayName: 'Isolated QA operations'
     category: 'workbook'
     sourceId: applicationInsights.id
-    serializedData: loadTextContent('workbook.json')
+    // Opened from Azure Monitor > Workbooks too, its queries run against this Application Insights.
+    serializedData: string(union(loadJsonContent('workbook.json'), { fallbackResourceIds: [applicationInsights.id] }))
   }
 }
 

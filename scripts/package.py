@@ -7,13 +7,17 @@ step: install the deployment's locked dependencies the way Azure's Linux workers
   nothing resolved here. The deployed set is the locked set, which is also what ``.venv`` runs.
 - Linux x86_64 (manylinux_2_17 .. 2_28), CPython 3.11 wheels only (``--only-binary=:all:``): what
   Flex Consumption's Python 3.11 workers run, whatever machine builds the package.
-- PyTorch's CPU wheel index as an extra index, for ``torch==X+cpu``; ``TORCH_INDEX_URL`` overrides
-  it (a mirror). Where it cannot be reached, pip's own configuration (a find-links folder holding
-  the CPU wheel) must provide the file, and its sha256 must still match the lock.
+- PyTorch's CPU wheel index as an extra index for the ``+cpu`` builds only (a pip run of their
+  own: pip would otherwise ask it for every distribution, and retry each where it cannot be
+  reached); ``TORCH_INDEX_URL`` overrides it (a mirror). pip itself reaches it, with its own proxy
+  and certificate settings; where it cannot, pip's configuration (a find-links folder holding the
+  CPU wheel) may still provide the file, whose sha256 must match the lock. When the install fails,
+  the error names the cause pip reported: an index it could not reach (and why), or a file that
+  differs from the locked one.
 - Then checks the result (CPU-only, every locked version installed), builds the zip azd would
   upload (the project folder minus ``.funcignore``) and prints its size, unzipped and zipped.
 
-Standard library only: it runs before any environment of the project exists.
+Standard library only: it runs before any environment of the project exists (Python 3.9 or newer).
 Usage: python scripts/package.py [--zip PATH]
 """
 
@@ -27,14 +31,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
+import urllib.parse
 import zipfile
 from pathlib import Path
+
+if sys.version_info < (3, 9):  # noqa: UP036 - the one line a too-old python3 gets instead of a traceback
+    sys.exit(f"error: the prepackage hook needs Python 3.9 or newer, this is {sys.version.split()[0]}: set PYTHON to a newer one")
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = Path(".python_packages") / "lib" / "site-packages"
 LOCK = "requirements.lock"
-LIMIT = 1_000_000_000  # Flex Consumption's deployment package limit, 1 GB
+LIMIT = 1_000_000_000  # the project's own budget, 1 GB: no published Flex Consumption limit was found (docs/deploy.md, The package)
 CUDA_DISTRIBUTIONS = ("nvidia-", "cuda-")
 CUDA_NAMES = ("triton", "pytorch-triton")
 CUDA_LIBRARY = re.compile(r"lib(cu|cudnn|nccl)")
@@ -140,14 +147,68 @@ def platform_args() -> list[str]:
     return [*args, "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none"]
 
 
-def torch_index_args() -> list[str]:
-    url = os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
-    try:
-        urllib.request.urlopen(url.rstrip("/") + "/torch/", timeout=15).close()
-    except OSError:
-        print(f"warning: {url} cannot be reached; the CPU torch wheel must come from pip's configuration (find-links)", file=sys.stderr)
-        return []
-    return ["--extra-index-url", url]
+def torch_index_url() -> str:
+    return os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu").rstrip("/")
+
+
+UNREACHABLE = re.compile(
+    r"Could not fetch URL|NameResolutionError|Failed to resolve|Name or service not known|SSLError|CERTIFICATE_VERIFY_FAILED"
+    r"|ProxyError|Tunnel connection failed|Connection refused|connection broken|timed out|Max retries exceeded",
+    re.IGNORECASE,
+)
+
+
+def install_failure(output: str, exit_code: int, index: str) -> str:
+    """The error line for a failed ``pip install`` whose messages were ``output``: the cause pip
+    reported (an index it could not reach, a distribution it did not find, a file that differs
+    from the locked one), with what to do about it."""
+    lines = output.splitlines()
+    if "DO NOT MATCH THE HASHES" in output:
+        return (
+            f"error: pip could not install {LOCK} (exit {exit_code}): a downloaded file differs from the one locked (its sha256 "
+            "above). Rebuild the lock with scripts/lock where the intended indexes are reachable (docs/development.md, The lock)."
+        )
+    unreachable = [line.strip() for line in lines if UNREACHABLE.search(line)]
+    if unreachable:
+        where = urllib.parse.urlsplit(index)
+        about_index = [line for line in unreachable if (where.hostname or "") in line and where.path in line]
+        cause = (about_index or unreachable)[-1]
+        return (
+            f"error: pip could not install {LOCK} (exit {exit_code}): it could not reach {index if about_index else 'an index'}: "
+            f"{cause[:400]}\nThe CPU torch wheel comes only from PyTorch's index. Behind a proxy or TLS inspection give pip "
+            "its settings (HTTPS_PROXY, PIP_CERT or pip.conf); else set TORCH_INDEX_URL to a mirror, or PIP_FIND_LINKS to a "
+            "folder holding the wheel (its sha256 must match the lock)."
+        )
+    missing = [line.strip() for line in lines if "No matching distribution" in line or "Could not find a version" in line]
+    if missing:
+        return f"error: pip could not install {LOCK} (exit {exit_code}): {missing[-1][:400]}"
+    return f"error: pip could not install {LOCK} (exit {exit_code}): its messages above say why."
+
+
+def run_pip(command: list[str], cwd: Path) -> tuple[int, str]:
+    """Run pip, passing its output through as it comes; returns (exit code, output)."""
+    lines = []
+    with subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line)
+    return proc.returncode, "".join(lines)
+
+
+def split_lock(text: str) -> tuple[str, str]:
+    """The lock's entries (a ``name==version`` line and its ``--hash`` lines) in two parts: the
+    ``+cpu`` builds, which only PyTorch's index serves, and everything else (PyPI's)."""
+    entries: list[list[str]] = []
+    for line in text.splitlines():
+        if re.match(r"^[A-Za-z0-9]", line):
+            entries.append([line])
+        elif entries and line.startswith((" ", "\t")):
+            entries[-1].append(line)
+    cpu = ["\n".join(e) for e in entries if "+cpu" in e[0].split()[0]]
+    rest = ["\n".join(e) for e in entries if "+cpu" not in e[0].split()[0]]
+    return "\n".join(cpu) + "\n", "\n".join(rest) + "\n"
 
 
 def install(root: Path, python: str) -> Path:
@@ -155,17 +216,23 @@ def install(root: Path, python: str) -> Path:
     shutil.rmtree(root / ".python_packages", ignore_errors=True)
     site.mkdir(parents=True)
     print(f"Installing {LOCK} into {TARGET.as_posix()} (manylinux x86_64, cp311, binary wheels, --require-hashes)", flush=True)
-    command = [
+    index = torch_index_url()
+    base = [
         python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-        "--require-hashes", "--no-deps", "--only-binary=:all:", "--target", str(site),
-        *platform_args(), *torch_index_args(), "-r", str(root / LOCK),
+        "--require-hashes", "--no-deps", "--only-binary=:all:", "--upgrade", "--target", str(site), *platform_args(),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=root, check=False)
-    if done.returncode != 0:
-        raise SystemExit(
-            f"error: pip could not install {LOCK} (exit {done.returncode}). A hash mismatch means a file differs from the "
-            "one locked: rebuild the lock with scripts/lock where the intended indexes are reachable (README, Deploy)."
-        )
+    cpu, rest = split_lock((root / LOCK).read_text(encoding="utf-8"))
+    # Two runs: PyTorch's index is asked for the +cpu builds only (pip would otherwise ask it for
+    # every one of the lock's distributions, and retry each where it cannot be reached).
+    with tempfile.TemporaryDirectory() as parts:
+        for name, entries, extra in (("pypi", rest, []), ("cpu", cpu, ["--extra-index-url", index])):
+            if not entries.strip():
+                continue
+            requirements = Path(parts) / f"{name}.txt"
+            requirements.write_text(entries, encoding="utf-8")
+            exit_code, output = run_pip([*base, *extra, "-r", str(requirements)], root)
+            if exit_code != 0:
+                raise SystemExit(install_failure(output, exit_code, index))
     # Nothing the app needs at run time: pip's console scripts, bytecode caches, and torch's C++
     # unit-test binaries and headers (used only to compile C++ extensions / torch.compile, which
     # the app never does): about 145 MB less to upload and unpack on every cold start.
@@ -198,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.zip:
             out.unlink(missing_ok=True)
-    print(f"package: {count} files, unzipped {unzipped / 1e6:.1f} MB, zipped {zipped / 1e6:.1f} MB (deployment limit 1 GB)")
+    print(f"package: {count} files, unzipped {unzipped / 1e6:.1f} MB, zipped {zipped / 1e6:.1f} MB (the project's budget: 1 GB)")
     if max(unzipped, zipped) >= LIMIT:
-        print("error: the package is over Flex Consumption's 1 GB deployment limit", file=sys.stderr)
+        print("error: the package is over the project's 1 GB budget (docs/deploy.md, The package)", file=sys.stderr)
         return 1
     return 0
 

@@ -4,6 +4,6 @@
 $ErrorActionPreference = 'Stop'
 Set-Location (Join-Path $PSScriptRoot '..')
 . (Join-Path $PSScriptRoot 'python.ps1')
-$python = Find-Python
+$python = @(Find-Python)  # always an array: a one-element output would be unrolled to a string
 & $python[0] @($python | Select-Object -Skip 1) scripts/postdeploy.py @args
 exit $LASTEXITCODE

@@ -3,9 +3,12 @@ queue the first model refresh with the deploying user's Entra identity, then run
 
 The message goes on the refresh queue through the Azure CLI (``az storage message put --auth-mode
 login``: the user's Storage Queue Data Message Sender role on the queue, granted by infra/), base64
-encoded as the host's queue trigger expects (host.json ``messageEncoding``). Standard library
-only: a fresh clone without the project's virtual environment queues it the same way. A new role
-assignment can take minutes to apply: it retries for up to 5 minutes.
+encoded as the host's queue trigger expects (host.json ``messageEncoding``), in the subscription
+azd deployed to (``AZURE_SUBSCRIPTION_ID``). Standard library only (and scripts/azure_cli.py beside
+it), Python 3.9 or newer: a fresh clone without the project's virtual environment queues it the
+same way. A new role assignment can take minutes to apply: that failure is retried for up to 5
+minutes; one no wait can fix (signed out, another tenant or subscription) stops at once and says
+what to do.
 
 Then ``scripts/smoke`` checks the deployment (health, the model being isolated, the canary
 question, OpenAPI, playground), waiting up to SMOKE_WAIT_SECONDS (default 1800) for the first
@@ -26,6 +29,12 @@ import time
 import urllib.parse
 from pathlib import Path
 
+if sys.version_info < (3, 9):  # noqa: UP036 - the one line a too-old python3 gets instead of a traceback
+    sys.exit(f"error: the postdeploy hook needs Python 3.9 or newer, this is {sys.version.split()[0]}: set PYTHON to a newer one")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/azure_cli.py, even under python -I or -P
+from azure_cli import cannot_succeed, last_line, propagating, subscription_args
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +44,7 @@ def refresh_message(reason: str = "postdeploy") -> str:
         "revision": None,
         "explicit": False,
         "reason": reason,
-        "requested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "requested_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 - its UTC alias is Python 3.11+
         "repair": False,
         "build_artifacts": False,
         "unpin": False,
@@ -54,10 +63,11 @@ def account_name(queue_endpoint: str) -> str:
 def later(app: str) -> str:
     group = os.environ.get("AZURE_RESOURCE_GROUP") or "<rg>"
     name = os.environ.get("AZURE_FUNCTION_APP_NAME") or "<app>"
+    subscription = " ".join(subscription_args()) or "--subscription <subscription>"
     return (
         "Queue the first refresh later: run this hook again (azd hooks run postdeploy), or\n"
-        f"  curl -X POST \"{app}/api/model/refresh?code=$(az functionapp function keys list -g {group} -n {name} "
-        "--function-name model_refresh --query default -o tsv)\""
+        f'  curl -X POST "{app}/api/model/refresh?code=$(az functionapp function keys list -g {group} -n {name} {subscription} '
+        '--function-name model_refresh --query default -o tsv)"'
     )
 
 
@@ -76,7 +86,7 @@ def enqueue(app: str) -> bool:
     pause = float(os.environ.get("POSTDEPLOY_RETRY_SECONDS", "30"))
     command = [
         az, "storage", "message", "put", "--auth-mode", "login", "--account-name", account_name(endpoint),
-        "--queue-name", queue, "--content", refresh_message(), "--output", "none",
+        "--queue-name", queue, "--content", refresh_message(), *subscription_args(), "--output", "none",
     ]  # fmt: skip
     print(f"Queueing the first model refresh on {queue} ({endpoint}) with your Azure CLI identity", flush=True)
     for attempt in range(1, attempts + 1):
@@ -84,9 +94,12 @@ def enqueue(app: str) -> bool:
         if done.returncode == 0:
             print("Queued: the app copies the model from the Hub, answers its canary, then serves it (minutes for bert-large).")
             return True
-        reason = (done.stderr.strip().splitlines() or ["no error output"])[-1]
-        if attempt == attempts:
+        reason = last_line(done.stderr)
+        advice = cannot_succeed(done.stderr)
+        if advice is not None or not propagating(done.stderr) or attempt == attempts:
             print(f"error: could not queue the refresh: {reason}", file=sys.stderr)
+            if advice is not None:
+                print(f"  {advice}", file=sys.stderr)
             print(later(app), file=sys.stderr)
             return False
         print(
@@ -109,7 +122,7 @@ def main() -> int:
         smoked = subprocess.run(smoke, check=False).returncode
     print(
         "\nLogs and charts: Application Insights "
-        f"{os.environ.get('APPLICATIONINSIGHTS_NAME', '')} > Workbooks > 'Isolated QA operations' (README, Operations)."
+        f"{os.environ.get('APPLICATIONINSIGHTS_NAME', '')} > Workbooks > 'Isolated QA operations' (docs/operations.md)."
     )
     return 0 if queued and smoked == 0 else 1
 

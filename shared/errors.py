@@ -7,7 +7,25 @@ tenants' data) go to logs through the exception chain (``raise ... from err``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
+
+from .wire import Param, wire_field
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """What went wrong: a fixed code (by HTTP status in the OpenAPI document) and a message safe to show."""
+
+    code: str = wire_field(schema={"enum": Param("codes")})
+    message: str = wire_field()
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """Every error's JSON body, on every route and on the command line (``--json``, ``answer``'s lines)."""
+
+    error: ErrorDetail = wire_field()
 
 
 class QAError(Exception):
@@ -22,6 +40,10 @@ class QAError(Exception):
         self.message = message
         if retry_after is not None:
             self.retry_after = retry_after
+
+    def body(self) -> ErrorBody:
+        """This error as the JSON body of a response or an output line."""
+        return ErrorBody(ErrorDetail(self.code, self.message))
 
 
 class SettingsError(QAError, ValueError):
@@ -86,15 +108,34 @@ class IntegrityError(QAError):
 
     status = 503
     code = "integrity_error"
-    retry_after = 60
+    retry_after: int | None = 60
+
+
+class RecordDamagedError(IntegrityError):
+    """A JSON record of the store (``current.json``, a manifest, ``last-refresh.json``, an artifact
+    record) is empty, does not parse, has the wrong shape or does not match its own checksum.
+    ``record`` names it; ``repair`` is the command that brings it back. Waiting does not help."""
+
+    code = "record_damaged"
+    retry_after = None
+
+    def __init__(self, message: str, *, record: str, repair: str) -> None:
+        super().__init__(message)
+        self.record = record
+        self.repair = repair
 
 
 class StorageUnavailableError(QAError, ConnectionError):
-    """Blob Storage could not be reached or refused the request."""
+    """Blob Storage could not be reached or refused the request. ``service`` is the one that failed
+    (``blob``: the models' account; ``queue``: the refresh queue's, ``AzureWebJobsStorage``)."""
 
     status = 503
     code = "storage_unavailable"
     retry_after = 30
+
+    def __init__(self, message: str, *, retry_after: int | None = None, service: str = "blob") -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.service = service
 
 
 class StorageCredentialsError(StorageUnavailableError):

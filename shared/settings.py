@@ -10,10 +10,11 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 from .errors import SettingsError
+from .wire import wire_field
 
 DEFAULT_MODEL_ID = "google-bert/bert-large-uncased-whole-word-masking-finetuned-squad"
 DEFAULT_CANARY = {
@@ -38,7 +39,7 @@ def unresolved_reference(name: str) -> SettingsError:
         "read the secret. Check the identity (the app's keyVaultReferenceIdentity exists and is the one with the role), "
         "the role (Key Vault Secrets User on the vault; a new assignment takes minutes to apply), the secret's name, and "
         "the network (the vault must accept the app's requests); then restart the app so the reference is resolved again "
-        "(README, Deploy)"
+        "(docs/operations.md, When something is wrong)"
     )
 
 
@@ -137,6 +138,7 @@ def parse_name(name: str, raw: str | None, default: str, pattern: re.Pattern[str
 
 
 ARTIFACT_VARIANTS = ("fp32", "int8")  # the ONNX artifact variants: the one list of them
+BACKENDS = ("onnx", "torch")  # what runs a model (QA_BACKEND): ONNX Runtime, else torch
 
 
 def variant_for(quantize: str) -> str:
@@ -189,6 +191,65 @@ def parse_canary(name: str, raw: str | None) -> Canary:
     if not data["question"].strip() or not data["context"].strip():
         raise SettingsError(f"{name}: 'question' and 'context' must not be empty")
     return Canary(question=data["question"], context=data["context"], answer=answer)
+
+
+# bounds of a question's options: fixed, not settings
+MIN_TOP_K = 1
+MAX_TOP_K = 20
+MIN_ANSWER_LEN = 1
+MAX_ANSWER_LEN = 512
+OPERATOR_BODY_MAX_BYTES = 4096  # bytes of a refresh or rollback body
+
+
+def _limit(default: int, setting: str, description: str) -> Any:
+    return wire_field(f"{description} ({setting})", default=default, metadata={"setting": setting})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask, declared once: :meth:`Settings.from_env` reads the five settings
+    (their defaults are here), the request validator (``shared/serving/validation.py``) and the
+    engine (tokens, windows) enforce them, and the OpenAPI document states them (``info.x-limits``
+    and the bounds of its request schemas). Over a size limit is a 413 that names the setting."""
+
+    wire_description: ClassVar[str] = "The limits of this deployment (its settings in parentheses)"
+
+    max_context_chars: int = _limit(25_000, "QA_MAX_CONTEXT_CHARS", "characters of one context")
+    max_question_chars: int = _limit(1_000, "QA_MAX_QUESTION_CHARS", "characters of one question")
+    max_question_tokens: int = _limit(64, "QA_MAX_QUESTION_TOKENS", "tokens of one question")
+    max_items: int = _limit(32, "QA_MAX_ITEMS", "items of one request")
+    max_windows: int = _limit(48, "QA_MAX_WINDOWS", "windows of the model's sequence length over all the items of one request")
+    max_top_k: int = wire_field("answers one item may ask for (top_k)", default=MAX_TOP_K, init=False)
+    max_answer_len: int = wire_field("tokens of one answer (max_answer_len)", default=MAX_ANSWER_LEN, init=False)
+    max_ask_body_bytes: int = wire_field("bytes of an /api/ask body (from the limits above)", default=0, init=False)
+    max_operator_body_bytes: int = wire_field("bytes of a refresh or rollback body", default=OPERATOR_BODY_MAX_BYTES, init=False)
+
+    def __post_init__(self) -> None:
+        # a JSON string may spend 6 bytes on one character (\uXXXX)
+        body = self.max_items * (self.max_context_chars + self.max_question_chars) * 6 + 64 * 1024
+        object.__setattr__(self, "max_ask_body_bytes", body)
+
+    @classmethod
+    def setting(cls, name: str) -> str | None:
+        """The setting of limit ``name`` (``QA_MAX_CONTEXT_CHARS``); ``None`` for a fixed one."""
+        found = {f.name: f.metadata.get("setting") for f in fields(cls)}
+        return found.get(name)
+
+    def says(self, name: str) -> str:
+        """Limit ``name`` as a message gives it: ``300 (QA_MAX_CONTEXT_CHARS)``."""
+        setting = self.setting(name)
+        value = getattr(self, name)
+        return f"{value} ({setting})" if setting else str(value)
+
+
+def parse_limits(env: Mapping[str, str]) -> Limits:
+    """The request limits: each setting of :class:`Limits` (a whole number of at least 1), or its default."""
+    values = {}
+    for limit in fields(Limits):
+        setting, default = limit.metadata.get("setting"), limit.default
+        if setting and isinstance(default, int):
+            values[limit.name] = parse_int(setting, env.get(setting), default)
+    return Limits(**values)
 
 
 @dataclass(frozen=True)
@@ -244,6 +305,12 @@ def parse_storage(env: Mapping[str, str]) -> StorageConnection | None:
     return None
 
 
+def parse_connection_string(name: str, raw: str | None) -> StorageConnection | None:
+    """A storage connection string setting (``AZURE_STORAGE_CONNECTION_STRING``), or ``None`` when unset."""
+    value = (raw or "").strip()
+    return StorageConnection(setting=name, connection_string=check_account_key(name, value)) if value else None
+
+
 def parse_queue_storage(env: Mapping[str, str]) -> StorageConnection | None:
     """The refresh queue's account: ``AzureWebJobsStorage``, as the queue trigger binds to it
     (a connection string, ``__queueServiceUri``, or ``__accountName``)."""
@@ -260,7 +327,95 @@ def parse_queue_storage(env: Mapping[str, str]) -> StorageConnection | None:
     return StorageConnection(setting=prefix, queue_service_uri=uri, client_id=env.get(f"{prefix}__clientId", "").strip() or None)
 
 
+@dataclass(frozen=True)
+class AppInsights:
+    """Where the app's own events go: an Application Insights resource and how to sign in to it.
+
+    ``identity``: ``Authorization=AAD``, a Microsoft Entra token of the managed identity
+    (``client_id`` names a user-assigned one; ``None``: the system-assigned one), as the resource
+    accepts once its local (key) authentication is off. ``role_name``: the app's name
+    (``WEBSITE_SITE_NAME``), the ``cloud_RoleName`` of the exported events, as the host's.
+    """
+
+    connection_string: str
+    identity: bool = False
+    client_id: str | None = None
+    role_name: str | None = None
+
+    @property
+    def ingestion_endpoint(self) -> str:
+        return _semicolon_pairs(self.connection_string).get("ingestionendpoint", "the global endpoint")
+
+    def __repr__(self) -> str:  # the connection string carries the resource's instrumentation key
+        how = f"identity {self.client_id or 'system-assigned'}" if self.identity else "instrumentation key"
+        return f"AppInsights({self.ingestion_endpoint}, {how})"
+
+
+def _semicolon_pairs(raw: str) -> dict[str, str]:
+    """``A=x;B=y`` -> ``{"a": "x", "b": "y"}`` (names lower-cased, blank parts skipped); a part
+    without ``=`` is kept under ``""`` so that the parsers can refuse it."""
+    pairs = {}
+    for part in raw.split(";"):
+        if part.strip():
+            name, sep, value = part.partition("=")
+            pairs[name.strip().lower() if sep else ""] = value.strip()
+    return pairs
+
+
+def parse_app_insights_connection(name: str, raw: str | None) -> str | None:
+    """Parse ``APPLICATIONINSIGHTS_CONNECTION_STRING``: ``InstrumentationKey=...;IngestionEndpoint=...``
+    as the resource's Overview shows it; ``None`` when unset (no telemetry is exported)."""
+    if raw is None or raw.strip() == "":
+        return None
+    pairs = _semicolon_pairs(raw)
+    if "" in pairs or not pairs.get("instrumentationkey"):
+        raise SettingsError(
+            f"{name} must be the resource's connection string, InstrumentationKey=...;IngestionEndpoint=https://... "
+            "(Application Insights > Overview > Connection String)"
+        )
+    endpoint = pairs.get("ingestionendpoint")
+    if endpoint is not None and not endpoint.startswith(("https://", "http://")):
+        raise SettingsError(f"{name}: IngestionEndpoint must be a URL like https://REGION.in.applicationinsights.azure.com/")
+    return raw.strip()
+
+
+def parse_app_insights_authentication(name: str, raw: str | None) -> tuple[bool, str | None]:
+    """Parse ``APPLICATIONINSIGHTS_AUTHENTICATION_STRING`` as the platform defines it:
+    ``Authorization=AAD`` (the system-assigned identity) or ``Authorization=AAD;ClientId=ID`` (a
+    user-assigned one), parts in any order. Returns ``(identity, client_id)``; ``(False, None)``
+    when unset (the instrumentation key alone, which a resource with local auth off refuses)."""
+    if raw is None or raw.strip() == "":
+        return False, None
+    pairs = _semicolon_pairs(raw)
+    unknown = sorted(set(pairs) - {"authorization", "clientid"})
+    if unknown or pairs.get("authorization", "").lower() != "aad" or ("clientid" in pairs and not pairs["clientid"]):
+        raise SettingsError(f"{name} must be Authorization=AAD or Authorization=AAD;ClientId=<the identity's client id>, got {raw!r}")
+    return True, pairs.get("clientid")
+
+
+def app_insights_from_env(env: Mapping[str, str] | None = None) -> AppInsights | None:
+    """The telemetry target from ``env`` (default: the process environment), or ``None`` when
+    ``APPLICATIONINSIGHTS_CONNECTION_STRING`` is unset: local runs and tests export nothing.
+
+    Read apart from :class:`Settings` because telemetry starts when the app is imported, before
+    the app's settings are read (on first use), and a bad model setting must still be reported.
+
+    Raises:
+        SettingsError: a telemetry setting has a bad value; the message names it.
+    """
+    env = _ResolvedEnv(os.environ if env is None else env)
+    connection = parse_app_insights_connection("APPLICATIONINSIGHTS_CONNECTION_STRING", env.get("APPLICATIONINSIGHTS_CONNECTION_STRING"))
+    if connection is None:
+        return None
+    identity, client_id = parse_app_insights_authentication(
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING", env.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING")
+    )
+    role = env.get("WEBSITE_SITE_NAME", "").strip() or None
+    return AppInsights(connection_string=connection, identity=identity, client_id=client_id, role_name=role)
+
+
 LoadMode = Literal["memory", "disk"]
+LOAD_MODES: tuple[LoadMode, ...] = ("memory", "disk")
 ReloadMode = Literal["overlap", "replace"]
 
 
@@ -285,11 +440,7 @@ class Settings:
     artifacts: tuple[str, ...] = ARTIFACT_VARIANTS
     threads: int | None = None
     memory_mb: int | None = None
-    max_context_chars: int = 25_000
-    max_question_chars: int = 1_000
-    max_question_tokens: int = 64
-    max_items: int = 32
-    max_windows: int = 48
+    limits: Limits = field(default_factory=Limits)
     batch_windows: int | Literal["auto"] = "auto"
     max_concurrent: int = 2
     deadline_seconds: float = 60.0
@@ -298,6 +449,9 @@ class Settings:
     hf_endpoint: str | None = None
     transfer_concurrency: int = 4
     block_size: int = 8 * 1024 * 1024
+    # the account ``adopt`` reads a container from, as the scripts that uploaded it did
+    # (AZURE_STORAGE_CONNECTION_STRING); the app itself never uses it
+    adopt_storage: StorageConnection | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -308,7 +462,7 @@ class Settings:
         """
         raw = os.environ if env is None else env
         env = _ResolvedEnv(raw)
-        load_mode = parse_choice("MODEL_LOAD_MODE", env.get("MODEL_LOAD_MODE"), ("memory", "disk"), "memory")
+        load_mode = parse_choice("MODEL_LOAD_MODE", env.get("MODEL_LOAD_MODE"), LOAD_MODES, "memory")
         cache_dir = env.get("MODEL_CACHE_DIR", "").strip() or None
         if load_mode == "disk" and cache_dir is None:
             raise SettingsError("MODEL_CACHE_DIR must be set when MODEL_LOAD_MODE=disk (a folder on local disk)")
@@ -327,15 +481,11 @@ class Settings:
             reload=parse_choice("MODEL_RELOAD", env.get("MODEL_RELOAD"), ("overlap", "replace"), default_reload),  # type: ignore[arg-type]
             canary=parse_canary("MODEL_CANARY", env.get("MODEL_CANARY")),
             quantize=parse_choice("QA_QUANTIZE", env.get("QA_QUANTIZE"), ("none", "int8"), "none"),
-            backend=parse_choice("QA_BACKEND", env.get("QA_BACKEND"), ("onnx", "torch"), "onnx"),
+            backend=parse_choice("QA_BACKEND", env.get("QA_BACKEND"), BACKENDS, "onnx"),
             artifacts=parse_artifacts("MODEL_ARTIFACTS", env.get("MODEL_ARTIFACTS")),
             threads=parse_int("QA_THREADS", env.get("QA_THREADS"), 0, maximum=256) or None,
             memory_mb=parse_int("QA_MEMORY_MB", env.get("QA_MEMORY_MB"), 0, minimum=0, maximum=1 << 20) or None,
-            max_context_chars=parse_int("QA_MAX_CONTEXT_CHARS", env.get("QA_MAX_CONTEXT_CHARS"), 25_000),
-            max_question_chars=parse_int("QA_MAX_QUESTION_CHARS", env.get("QA_MAX_QUESTION_CHARS"), 1_000),
-            max_question_tokens=parse_int("QA_MAX_QUESTION_TOKENS", env.get("QA_MAX_QUESTION_TOKENS"), 64),
-            max_items=parse_int("QA_MAX_ITEMS", env.get("QA_MAX_ITEMS"), 32),
-            max_windows=parse_int("QA_MAX_WINDOWS", env.get("QA_MAX_WINDOWS"), 48),
+            limits=parse_limits(env),
             batch_windows=parse_batch_windows("QA_BATCH_WINDOWS", env.get("QA_BATCH_WINDOWS")),
             max_concurrent=parse_int("QA_MAX_CONCURRENT", env.get("QA_MAX_CONCURRENT"), 2),
             deadline_seconds=parse_float("QA_DEADLINE_SECONDS", env.get("QA_DEADLINE_SECONDS"), 60.0, minimum=1.0),
@@ -344,6 +494,7 @@ class Settings:
             hf_endpoint=(env.get("HF_ENDPOINT", "").strip().rstrip("/") or None),
             transfer_concurrency=parse_int("MODEL_TRANSFER_CONCURRENCY", env.get("MODEL_TRANSFER_CONCURRENCY"), 4, maximum=32),
             block_size=parse_int("MODEL_BLOCK_SIZE_MB", env.get("MODEL_BLOCK_SIZE_MB"), 8, maximum=100) * 1024 * 1024,
+            adopt_storage=parse_connection_string("AZURE_STORAGE_CONNECTION_STRING", env.get("AZURE_STORAGE_CONNECTION_STRING")),
         )
 
     @property

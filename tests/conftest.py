@@ -19,6 +19,12 @@ import pytest
 
 from tests.fixtures.tiny_models import build_bert
 
+# No test exports telemetry: function_app starts Application Insights export on import when a
+# connection string is set (a developer's shell may have one); the tests that export pass an
+# in-memory exporter or a loopback endpoint themselves.
+for _name in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"):
+    os.environ.pop(_name, None)
+
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
@@ -133,20 +139,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class PrivateAzurite:
-    """An Azurite of the test's own, on free ports, that the test may stop and start again."""
+    """An Azurite of the test's own, on free ports, that the test may stop and start again;
+    ``account`` (name, base64 key) gives it that account instead of the well-known one."""
 
-    def __init__(self, location: Path) -> None:
+    def __init__(self, location: Path, *, account: tuple[str, str] | None = None) -> None:
         self.location = location
         self.blob_port = _free_port()
         self.queue_port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.account, self.key = account or (AZURITE_ACCOUNT, AZURITE_KEY)
 
     @property
     def connection_string(self) -> str:
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint=http://127.0.0.1:{self.blob_port}/{AZURITE_ACCOUNT};"
-            f"QueueEndpoint=http://127.0.0.1:{self.queue_port}/{AZURITE_ACCOUNT};"
+            f"DefaultEndpointsProtocol=http;AccountName={self.account};AccountKey={self.key};"
+            f"BlobEndpoint=http://127.0.0.1:{self.blob_port}/{self.account};"
+            f"QueueEndpoint=http://127.0.0.1:{self.queue_port}/{self.account};"
         )
 
     def start(self) -> None:
@@ -175,6 +183,7 @@ class PrivateAzurite:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "AZURITE_ACCOUNTS": f"{self.account}:{self.key}"} if self.account != AZURITE_ACCOUNT else None,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -198,16 +207,32 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def private_azurite(azurite: str, tmp_path: Path) -> Iterator[PrivateAzurite]:
-    """A separate Azurite for tests that stop storage; needs the npm install of scripts/test."""
+def _started_azurite(location: Path, account: tuple[str, str] | None = None) -> PrivateAzurite:
     if not (ROOT / "node_modules" / ".bin" / "azurite").exists():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("node_modules/.bin/azurite is missing; .ci/run must npm ci")
         pytest.skip("Azurite is not installed in node_modules (run: npm ci)")
-    server = PrivateAzurite(tmp_path / "azurite")
+    server = PrivateAzurite(location, account=account)
     server.location.mkdir()
     server.start()
+    return server
+
+
+@pytest.fixture
+def private_azurite(azurite: str, tmp_path: Path) -> Iterator[PrivateAzurite]:
+    """A separate Azurite for tests that stop storage; needs the npm install of scripts/test."""
+    server = _started_azurite(tmp_path / "azurite")
+    yield server
+    server.stop()
+
+
+SECOND_ACCOUNT = ("oldscripts", "b2xkIHNjcmlwdHMnIGFjY291bnQga2V5IGZvciB0ZXN0cyBvbmx5IQ==")
+
+
+@pytest.fixture
+def second_account(azurite: str, tmp_path: Path) -> Iterator[PrivateAzurite]:
+    """Another storage account, named ``oldscripts`` with a key of its own, on an Azurite of its own."""
+    server = _started_azurite(tmp_path / "second-account", SECOND_ACCOUNT)
     yield server
     server.stop()
 

@@ -41,7 +41,7 @@ def open_store(settings: Settings, args: argparse.Namespace) -> Any:
     from ..store.storage import probe
 
     probe(settings.require_storage(), settings.container)
-    return ModelStore.from_settings(settings, model_id=getattr(args, "model_id", None))
+    return ModelStore.from_settings(settings, profile="command", model_id=getattr(args, "model_id", None))
 
 
 def count(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -60,14 +60,47 @@ def count(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def argv_text(value: str, flag: str) -> str:
+    """Text given as an argument, or the error a file of the same bytes gets (:func:`decode_utf8`):
+    Python hands over argument bytes that are not UTF-8 as lone surrogates (U+DC80 to U+DCFF), which
+    are not what the user typed; :func:`os.fsencode` gives the bytes back.
+
+    Raises:
+        InputError: ``{flag} is not UTF-8 (looks like ...)``.
+    """
+    import os
+
+    from ..engine.question_answering import decode_utf8
+
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return decode_utf8(os.fsencode(value), what=flag)
+    return value
+
+
+def nonempty(raw: str) -> str:
+    """An argparse type for a path: an empty value is a usage error naming the flag, never "not
+    given" (``--from-dir "$DIR"`` with ``DIR`` unset would otherwise go to the Hub)."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("must not be empty (an unset shell variable?)")
+    return raw
+
+
 def revision_or_current(store: Any, revision: str | None, what: str) -> str:
-    """``--revision`` checked, or the pointer's revision; NotFoundError on an empty store."""
+    """``--revision`` checked, or the current one: the pointer's, its last recorded value when
+    ``current.json`` is damaged, or else the newest intact version; NotFoundError on an empty store."""
     from ..errors import NotFoundError
     from ..store.model_store import check_revision_arg
 
     if revision:
         return check_revision_arg(revision)
-    pointer = store.read_pointer()
-    if pointer is None:
+    state = store.read_pointer_state()
+    if state.empty:
         raise NotFoundError(f"No model has been published yet: nothing to {what}")
-    return str(pointer.revision)
+    if state.effective is not None:
+        return str(state.effective.revision)
+    order = store.serving_order(state)
+    if not order:
+        raise NotFoundError(f"current.json is damaged and no intact version is stored: nothing to {what}; see python -m shared status")
+    return str(order[0])

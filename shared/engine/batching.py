@@ -8,9 +8,9 @@ that runs alone. The windows of one run are
 padded only to their longest member, so the short last window of a long context never grows to
 384 tokens, and short windows (many questions over one paragraph) still share runs.
 
-Why a token bound (README, "Windows per run"): on 2 cores a bert-large run is bound by its
+Why a token bound (docs/benchmarks.md, "Windows per run"): on 2 cores a bert-large run is bound by its
 matrix products, and bigger runs only pay when the rows are few. On an AVX2-only CPU
-(issue 20's 2-core AMD EPYC, ONNX Runtime fp32, a 2,000-word context) one 384-token window per
+(a 2-core AMD EPYC, ONNX Runtime fp32, a 2,000-word context) one 384-token window per
 run took 24.6 s, two 27.0 s, eight 30.7 s (int8: 17.4, 18.8, 18.7 s); the transformers pipeline
 runs one window at a time. The bound is chosen from the CPU's vector width; it never changes an
 answer (spans are identical whatever the grouping, and int8 uses static scales).
@@ -28,10 +28,11 @@ BatchWindows = int | Literal["auto"]
 
 # Tokens (rows x width) of one run under ``auto``, and at most MAX_AUTO_WINDOWS windows.
 # AVX2: one 384-token window alone, or up to 3 windows of 170 tokens; 2 x 384 per run was 10%
-# slower than 1 (issue 20). AVX-512 (a 2-core Xeon with VNNI and AMX, onnx fp32): alternated in
-# one process, 512 tokens and 8 per run were within the noise of each other; in a sequential run
-# 8 per run was 11% faster on the long context (README, "Windows per run"). Until a quieter
-# measurement separates them, AVX-512 keeps the former grouping: 8 windows of 384 tokens.
+# slower than 1 (the AMD EPYC above). AVX-512 (a 2-core Xeon with VNNI and AMX, onnx fp32):
+# alternated in one process, 512 tokens and 8 per run were within the noise of each other; in a
+# sequential run 8 per run was 11% faster on the long context (docs/benchmarks.md, "Windows per
+# run"). Until a quieter measurement separates them, AVX-512 keeps the former grouping: 8
+# windows of 384 tokens.
 AVX2_RUN_TOKENS = 512
 AVX512_RUN_TOKENS = 8 * 384
 MAX_AUTO_WINDOWS = 8

@@ -16,138 +16,100 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import DeadlineExceededError, InputError, TooLargeError
+from ..settings import MAX_ANSWER_LEN, MAX_TOP_K, MIN_ANSWER_LEN, MIN_TOP_K, Limits
+from ..wire import Param, to_json, wire_field
 from .batching import AUTO, BatchWindows, plan_runs
-
-if TYPE_CHECKING:
-    from ..settings import Settings
+from .word_pattern import WORD
 
 log = logging.getLogger(__name__)
 
-# bounds of the per-item options (the OpenAPI document reads them too)
-MIN_TOP_K = 1
-MAX_TOP_K = 20
-MIN_ANSWER_LEN = 1
-MAX_ANSWER_LEN = 512
 _MASKED = -10000.0
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Budgets of one request; over them is a 400/413 before any model work."""
-
-    max_context_chars: int = 25_000
-    max_question_chars: int = 1_000
-    max_question_tokens: int = 64
-    max_items: int = 32
-    max_windows: int = 48
-
-    def check_items(self, items: Sequence[QAItem]) -> None:
-        """The checks that need no tokenizer: item count and character budgets.
-
-        Raises:
-            InputError: no item.
-            TooLargeError: over a budget; the field is named (``items[1].context``).
-        """
-        if not items:
-            raise InputError("at least one question is needed", field="items")
-        if len(items) > self.max_items:
-            raise TooLargeError(f"{len(items)} items in one request; the limit is {self.max_items}", field="items")
-        for index, item in enumerate(items):
-            where = f"items[{index}]." if len(items) > 1 else ""
-            if len(item.question) > self.max_question_chars:
-                raise TooLargeError(
-                    f"'{where}question' has {len(item.question)} characters; the limit is {self.max_question_chars}",
-                    field=where + "question",
-                )
-            if len(item.context) > self.max_context_chars:
-                raise TooLargeError(
-                    f"'{where}context' has {len(item.context)} characters; the limit is {self.max_context_chars}",
-                    field=where + "context",
-                )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
-        return cls(
-            max_context_chars=settings.max_context_chars,
-            max_question_chars=settings.max_question_chars,
-            max_question_tokens=settings.max_question_tokens,
-            max_items=settings.max_items,
-            max_windows=settings.max_windows,
-        )
+SCORE_DESCRIPTION = (
+    "the span's score as the transformers 4.57.6 question-answering pipeline computes it: its probability "
+    "(start times end, softmax over the window) in each window that found it, summed over the overlapping "
+    "windows of a long context that found the same span, so it can exceed 1. Not a percentage: compare the "
+    "scores of one answer list with each other"
+)
 
 
 @dataclass(frozen=True)
 class QAItem:
-    """One question over one context, with the pipeline's per-call options."""
+    """One question over one context, with the pipeline's per-call options: the engine's input, and
+    the ``AskItem`` of ``/api/ask`` and of each line of ``python -m shared answer`` (one shape: the
+    request validator builds it from a body that passed the schema made from these fields)."""
 
-    question: str
-    context: str
-    top_k: int = 1
-    max_answer_len: int = 15
-    handle_impossible_answer: bool = False
-
-    @classmethod
-    def from_dict(cls, data: object, *, where: str = "") -> QAItem:
-        """Build an item from decoded JSON, naming the bad field in errors.
-
-        Raises:
-            InputError: missing, empty or mistyped field; option out of range.
-        """
-        if not isinstance(data, Mapping):
-            raise InputError(f"{where or 'the request'} must be a JSON object with 'question' and 'context'", field=where or None)
-        fields = {}
-        for name in ("question", "context"):
-            value = data.get(name)
-            if value is None:
-                raise InputError(f"'{where}{name}' is required", field=where + name)
-            if not isinstance(value, str):
-                raise InputError(f"'{where}{name}' must be a string", field=where + name)
-            if not value.strip():
-                raise InputError(f"'{where}{name}' must not be empty", field=where + name)
-            _check_unicode(value, where + name)
-            fields[name] = value
-        top_k = _int_option(data, "top_k", cls.top_k, MIN_TOP_K, MAX_TOP_K, where)
-        max_answer_len = _int_option(data, "max_answer_len", cls.max_answer_len, MIN_ANSWER_LEN, MAX_ANSWER_LEN, where)
-        impossible = data.get("handle_impossible_answer", cls.handle_impossible_answer)
-        if not isinstance(impossible, bool):
-            raise InputError(f"'{where}handle_impossible_answer' must be true or false", field=where + "handle_impossible_answer")
-        return cls(
-            question=fields["question"],
-            context=fields["context"],
-            top_k=top_k,
-            max_answer_len=max_answer_len,
-            handle_impossible_answer=impossible,
-        )
+    question: str = wire_field(
+        "at most {max_question_chars} characters and {max_question_tokens} tokens, with at least one letter or digit (`pattern`)",
+        schema={"minLength": 1, "maxLength": Param("max_question_chars"), "pattern": WORD},
+    )
+    context: str = wire_field(
+        "at most {max_context_chars} characters, with at least one letter or digit (`pattern`)",
+        schema={"minLength": 1, "maxLength": Param("max_context_chars"), "pattern": WORD},
+    )
+    top_k: int = wire_field(default=1, optional=True, schema={"minimum": MIN_TOP_K, "maximum": MAX_TOP_K})
+    max_answer_len: int = wire_field(
+        "longest answer, in tokens", default=15, optional=True, schema={"minimum": MIN_ANSWER_LEN, "maximum": MAX_ANSWER_LEN}
+    )
+    handle_impossible_answer: bool = wire_field(default=False, optional=True)
 
 
 def decode_utf8(raw: bytes, *, what: str, field: str | None = None) -> str:
     """``raw`` as UTF-8 text (a leading BOM dropped), else an :class:`InputError` that says what it
     looks like instead: a lone surrogate is what Python makes of such bytes, not what the user has.
+    UTF-16 (or UTF-32) is named only when the bytes show it (a byte order mark, or NUL bytes in every
+    other position); 8-bit text is named as Latin-1 or Windows-1252; anything else is "not UTF-8".
 
     Raises:
-        InputError: ``{what} is not UTF-8 (looks like ...)``.
+        InputError: ``{what} is not UTF-8 (...)``.
     """
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:  # UTF-8 text never has NUL bytes; UTF-16 is full of them
-        looks_like = "UTF-32" if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")) else "UTF-16"
-        how = f"convert it to UTF-8, e.g. iconv -f {looks_like} -t UTF-8"
-        raise InputError(f"{what} is not UTF-8 (looks like {looks_like}); {how}", field=field)
+    wide = wide_encoding(raw)
+    if wide is not None:
+        how = f"convert it to UTF-8, e.g. iconv -f {wide} -t UTF-8"
+        raise InputError(f"{what} is not UTF-8 (looks like {wide}); {how}", field=field)
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise InputError(
-            f"{what} is not UTF-8 (looks like Latin-1 or Windows-1252: byte 0x{raw[err.start]:02X} at offset {err.start}); "
-            "convert it to UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8",
-            field=field,
-        ) from None
+        byte = f"byte 0x{raw[err.start]:02X} at offset {err.start}"
+        if not any(b in _CONTROL_BYTES for b in raw):
+            how = "convert it to UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8"
+            raise InputError(f"{what} is not UTF-8 (looks like Latin-1 or Windows-1252: {byte}); {how}", field=field) from None
+        raise InputError(f"{what} is not UTF-8 ({byte}); it does not look like text", field=field) from None
+    if "\x00" in text:  # valid UTF-8, but no text has NUL characters
+        raise InputError(f"{what} is not UTF-8 text (a NUL byte at offset {raw.index(0)})", field=field)
+    return text
 
 
-def _check_unicode(value: str, field: str) -> None:
-    """JSON can carry lone UTF-16 surrogates (``"\\ud800"``); no tokenizer can read them."""
+# bytes that 8-bit text does not have (tab, line feed, form feed and carriage return aside)
+_CONTROL_BYTES = frozenset(range(0x20)) - {0x09, 0x0A, 0x0C, 0x0D}
+
+
+def wide_encoding(raw: bytes) -> str | None:
+    """``"UTF-16"`` or ``"UTF-32"`` when ``raw`` shows it (a byte order mark, or NUL bytes in every
+    other position, as text of mostly Latin letters has in UTF-16 without one), else ``None``."""
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = raw[:4096]
+    units = len(head) // 2
+    if units == 0:
+        return None
+    nuls = sorted((head[0::2].count(0), head[1::2].count(0)))
+    return "UTF-16" if nuls[1] >= 2 and nuls[1] * 2 >= units and nuls[0] * 16 <= units else None
+
+
+def check_text(value: str, field: str) -> None:
+    """JSON can carry lone UTF-16 surrogates (``"\\ud800"``); no tokenizer can read them.
+
+    Raises:
+        InputError: naming ``field`` and the surrogate.
+    """
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -157,28 +119,17 @@ def _check_unicode(value: str, field: str) -> None:
         ) from None
 
 
-def _int_option(data: Mapping[str, Any], name: str, default: int, low: int, high: int, where: str) -> int:
-    value = data.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"'{where}{name}' must be a whole number", field=where + name)
-    if not low <= value <= high:
-        raise InputError(f"'{where}{name}' must be between {low} and {high}, got {value}", field=where + name)
-    return value
-
-
 @dataclass(frozen=True)
 class Answer:
     """A span of the context: its text, probability and character offsets (``end`` exclusive)."""
 
-    answer: str
-    score: float
-    start: int
-    end: int
+    answer: str = wire_field("the span of the context")
+    score: float = wire_field(SCORE_DESCRIPTION, schema={"minimum": 0})
+    start: int = wire_field("offset of the first character, in Unicode code points (not UTF-16 units)", schema={"minimum": 0})
+    end: int = wire_field("offset after the last character, in Unicode code points", schema={"minimum": 0})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"answer": self.answer, "score": self.score, "start": self.start, "end": self.end}
+        return to_json(self)
 
 
 @dataclass(frozen=True)
@@ -245,7 +196,6 @@ class TokenizerSpec:
             pad_token_id=token_id("pad_token"),
             input_names=input_names,
         )
-
 
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> TokenizerSpec:
@@ -379,7 +329,8 @@ class QAEngine:
         model: the :class:`Runner` of a model (torch: :class:`shared.engine.torch_model.TorchRunner`;
             ONNX Runtime: :class:`shared.engine.onnx_runner.OnnxRunner`).
         tokenizer: its fast tokenizer, as a :class:`TokenizerSpec`.
-        limits: request budgets.
+        limits: the request limits; the engine enforces those that need its tokenizer (question
+            tokens, windows), the request validator the others.
         batch_windows: windows per forward pass, or ``"auto"``: runs bounded in tokens for this
             CPU (:mod:`shared.engine.batching`).
         quantize: what the runner computes in (``none`` or ``int8``), as reported.
@@ -423,9 +374,7 @@ class QAEngine:
 
     # --- answering --------------------------------------------------------------------------
 
-    def answer(
-        self, items: Sequence[QAItem], *, deadline: float | None = None, stats: dict[str, int] | None = None
-    ) -> list[list[Answer]]:
+    def answer(self, items: Sequence[QAItem], *, deadline: float | None = None, stats: dict[str, int] | None = None) -> list[list[Answer]]:
         """Answer every item; each gets its ``top_k`` answers, best first.
 
         Args:
@@ -434,10 +383,10 @@ class QAEngine:
             stats: if given, receives ``windows``: the model windows the items took.
 
         Raises:
-            InputError, TooLargeError: an item is over a budget; nothing was run.
+            InputError, TooLargeError: an item has no word the model reads, or is over the tokens or
+                windows limit (the limits without a tokenizer are the request validator's); nothing was run.
             DeadlineExceededError: the deadline passed between forward passes.
         """
-        self.limits.check_items(items)
         windows = self._windows(items)
         if stats is not None:
             stats["windows"] = len(windows)
@@ -453,7 +402,7 @@ class QAEngine:
                 raise InputError(f"'{where}question' has no words the model can read", field=where + "question")
             if question_tokens > self.limits.max_question_tokens:
                 raise TooLargeError(
-                    f"'{where}question' has {question_tokens} tokens; the limit is {self.limits.max_question_tokens}",
+                    f"'{where}question' has {question_tokens} tokens; the limit is {self.limits.says('max_question_tokens')}",
                     field=where + "question",
                 )
             encoding = self._safe_encode(self._windowing, item.question, item.context, where)
@@ -462,8 +411,9 @@ class QAEngine:
             for enc in [encoding, *encoding.overflowing]:
                 windows.append(_Window(item=index, encoding=enc, p_mask=self._p_mask(enc)))
             if len(windows) > self.limits.max_windows:
+                setting = Limits.setting("max_windows")
                 raise TooLargeError(
-                    f"the request needs more than {self.limits.max_windows} windows of {self.max_seq_len} tokens; "
+                    f"the request needs more than {self.limits.max_windows} windows of {self.max_seq_len} tokens ({setting}); "
                     "send shorter contexts or fewer items",
                     field="context" if len(items) == 1 else "items",
                 )

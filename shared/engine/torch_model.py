@@ -283,9 +283,7 @@ def engine_from_dir(model_dir: Path | str, *, quantize: str = "none", **options:
     # the tokenizer from its files, as in memory mode: transformers 5's tokenizer classes
     # rebuild SentencePiece pipelines (XLM-R, ALBERT) that tokenize unlike their tokenizer.json
     tokenizer = TokenizerSpec.from_dir(model_dir)
-    model = AutoModelForQuestionAnswering.from_pretrained(
-        str(model_dir), use_safetensors=True, trust_remote_code=False, dtype="float32"
-    )
+    model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), use_safetensors=True, trust_remote_code=False, dtype="float32")
     return QAEngine(TorchRunner(model, quantize=quantize), tokenizer, quantize=quantize, **options)
 
 

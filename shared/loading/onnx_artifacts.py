@@ -30,11 +30,12 @@ from typing import Any
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobClient
 
-from ..engine.question_answering import Limits, QAEngine
+from ..engine.question_answering import QAEngine
 from ..errors import IntegrityError, NotFoundError, QAError
 from ..settings import ARTIFACT_VARIANTS, Settings
 from ..store.model_files import FileEntry, Manifest, utc_now
 from ..store.model_store import ModelStore, VersionInfo
+from ..store.status import ArtifactListing, ArtifactStateName, RecordDamage, StoreStatus
 from ..store.storage import storage_errors
 from .versions import LoadedModel
 
@@ -57,9 +58,7 @@ def artifact_blob(store: ModelStore, revision: str, variant: str, name: str) -> 
 
 def recorded_variants(version: VersionInfo) -> tuple[str, ...]:
     """The variants of a listed version that have a record (usable or not)."""
-    return tuple(
-        v for v in ARTIFACT_VARIANTS if f"{ARTIFACTS_FOLDER}/{v}/{ARTIFACT_RECORD}" in version.folder_blobs
-    )
+    return tuple(v for v in ARTIFACT_VARIANTS if f"{ARTIFACTS_FOLDER}/{v}/{ARTIFACT_RECORD}" in version.folder_blobs)
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,12 @@ class ArtifactRecord:
 
 # --- reading --------------------------------------------------------------------------------
 
-ARTIFACT_STATES = ("ok", "unusable", "damaged", "missing")
 DAMAGED_MARK = "damaged"  # metadata of artifact.json: the blob a serving load found damaged
+
+
+def build_command(revision: str) -> str:
+    """What builds the artifacts a version lacks."""
+    return f"python -m shared build-artifacts --revision {revision}"
 
 
 def repair_command(revision: str) -> str:
@@ -216,7 +219,7 @@ class ArtifactState:
     ``missing``."""
 
     variant: str
-    state: str
+    state: ArtifactStateName
     message: str | None = None
     blob: str | None = None
     record: ArtifactRecord | None = None
@@ -226,13 +229,15 @@ class ArtifactState:
     def to_dict(self) -> dict[str, Any]:
         return {"state": self.state, "blob": self.blob, "message": self.message}
 
-    def listing(self, revision: str) -> dict[str, Any]:
+    def listing(self, revision: str) -> ArtifactListing:
         """The ``artifacts`` entry of ``status`` and ``/api/model``: state, size, record sha256, usable, reason."""
         reason = self.message
         if self.state == "damaged":
-            reason = f"damaged ({self.blob}): {self.message}; repair: {repair_command(revision)}"
+            reason = f"{self.blob}: {self.message}; repair: {repair_command(revision)}"
+        elif self.state == "missing":
+            reason = f"MODEL_ARTIFACTS expects it and there is none; build it: {build_command(revision)}"
         size = self.record.total_bytes if self.record is not None else 0
-        return {"state": self.state, "size": size, "sha256": self.sha256, "usable": self.state == "ok", "reason": reason}
+        return ArtifactListing(state=self.state, size=size, sha256=self.sha256, usable=self.state == "ok", reason=reason)
 
 
 def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verify_blobs: bool = False) -> ArtifactState:
@@ -244,13 +249,13 @@ def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verif
     """
     try:
         stored = _read_stored_record(store, manifest, variant)
-    except ArtifactDamagedError as err:
-        return ArtifactState(variant, "damaged", err.message, err.blob)
+    except ArtifactDamagedError as err:  # the record itself: its ETag lets a rebuild replace it, and only it
+        return ArtifactState(variant, "damaged", err.message, err.blob, etag=record_etag(store, manifest.revision, variant))
     if stored is None:
         return ArtifactState(variant, "missing")
     record = stored.record
 
-    def state(name: str, message: str | None = None, blob: str | None = None) -> ArtifactState:
+    def state(name: ArtifactStateName, message: str | None = None, blob: str | None = None) -> ArtifactState:
         return ArtifactState(variant, name, message, blob, record=record, sha256=stored.sha256, etag=stored.etag)
 
     if not record.usable:
@@ -267,15 +272,31 @@ def artifact_state(store: ModelStore, manifest: Manifest, variant: str, *, verif
     return state("ok")
 
 
-def list_artifacts(store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
-    """Each recorded variant's total size, record sha256 and usability (``/api/model``, ``status``),
-    from the records alone; a damaged one is unusable, its reason saying so and how to repair it."""
-    found: dict[str, dict[str, Any]] = {}
-    for variant in variants if variants is not None else ARTIFACT_VARIANTS:
-        state = artifact_state(store, manifest, variant)
-        if state.state != "missing":
-            found[variant] = state.listing(manifest.revision)
+def artifact_states(
+    store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None, *, expected: tuple[str, ...] = ()
+) -> dict[str, ArtifactState]:
+    """The state of each of ``variants`` (default: all) that has a record, from the records alone,
+    and of each ``expected`` one (``MODEL_ARTIFACTS``), which is ``missing`` when it has none."""
+    wanted = variants if variants is not None else ARTIFACT_VARIANTS
+    found: dict[str, ArtifactState] = {}
+    for variant in ARTIFACT_VARIANTS:
+        if variant not in wanted and variant not in expected:
+            continue
+        state = artifact_state(store, manifest, variant) if variant in wanted else ArtifactState(variant, "missing")
+        if state.state != "missing" or variant in expected:
+            found[variant] = state
     return found
+
+
+def list_artifacts(
+    store: ModelStore, manifest: Manifest, variants: tuple[str, ...] | None = None, *, expected: tuple[str, ...] = ()
+) -> dict[str, ArtifactListing]:
+    """Each variant's entry of ``/api/model`` and ``status`` (:func:`artifact_states`): total size,
+    record sha256, usability, and for a damaged or missing one the reason and how to repair it."""
+    return {
+        variant: state.listing(manifest.revision)
+        for variant, state in artifact_states(store, manifest, variants, expected=expected).items()
+    }
 
 
 def record_etag(store: ModelStore, revision: str, variant: str) -> str | None:
@@ -407,7 +428,7 @@ def _staged_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord
         parts=parts,
         weights_bytes=weights.size,
         stream=stream,
-        limits=Limits.from_settings(settings),
+        limits=settings.limits,
         batch_windows=settings.batch_windows,
         threads=default_threads(settings.threads, settings.max_concurrent),
         memory_mb=settings.memory_mb,
@@ -483,7 +504,7 @@ def artifact_engine(
         files,
         record.engine,
         tokenizer,
-        limits=Limits.from_settings(settings),
+        limits=settings.limits,
         batch_windows=settings.batch_windows,
         threads=default_threads(settings.threads, settings.max_concurrent),
         prepack=prepack,
@@ -492,13 +513,22 @@ def artifact_engine(
     )
 
 
+def status(store: ModelStore, *, expected: tuple[str, ...] = ()) -> StoreStatus:
+    """:meth:`ModelStore.status` with each version's artifacts (``/api/model``, ``status``); the
+    ``expected`` variants (``MODEL_ARTIFACTS``) a complete version lacks are listed as ``missing``,
+    and damaged artifacts join the store's list of damage."""
 
-
-def status(store: ModelStore) -> dict[str, Any]:
-    """:meth:`ModelStore.status` with each version's artifacts (``/api/model``, ``status``)."""
-
-    def artifacts(version: VersionInfo, manifest: Manifest | None) -> dict[str, Any]:
-        variants = recorded_variants(version)
-        return {"artifacts": list_artifacts(store, manifest, variants) if variants and manifest is not None else {}}
+    def artifacts(version: VersionInfo, manifest: Manifest | None) -> tuple[dict[str, ArtifactListing], list[RecordDamage]]:
+        if manifest is None:
+            return {}, []
+        states = artifact_states(store, manifest, recorded_variants(version), expected=expected)
+        damage = [
+            RecordDamage(
+                f"onnx/{variant}/{state.blob} of version {version.revision}", state.message or "damaged", repair_command(version.revision)
+            )
+            for variant, state in states.items()
+            if state.state == "damaged"
+        ]
+        return {variant: state.listing(version.revision) for variant, state in states.items()}, damage
 
     return store.status(artifacts)

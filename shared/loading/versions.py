@@ -16,18 +16,32 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..engine.question_answering import Limits, QAEngine
+from ..engine.question_answering import QAEngine
 from ..engine.torch_model import engine_from_dir, engine_from_files
 from ..errors import IntegrityError
-from ..settings import Settings
+from ..settings import ARTIFACT_VARIANTS, BACKENDS, LOAD_MODES, Settings
 from ..store.model_files import Manifest, hash_file, utc_now
 from ..store.model_store import ModelStore
+from ..wire import wire_field
 
 log = logging.getLogger(__name__)
 
 CACHE_MARKER = ".verified-manifest.json"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What an instance has loaded (``GET /api/model``'s ``instance.loaded``)."""
+
+    model_id: str = wire_field()
+    revision: str = wire_field()
+    mode: str = wire_field("memory: streamed into buffers; disk: a verified copy in MODEL_CACHE_DIR", schema={"enum": list(LOAD_MODES)})
+    bytes: int = wire_field("of the version's files", schema={"minimum": 0})
+    load_seconds: float = wire_field(schema={"minimum": 0})
+    loaded_at: str = wire_field("ISO 8601 time, UTC")
+    backend: str = wire_field(schema={"enum": list(BACKENDS)})
+    variant: str = wire_field(schema={"enum": list(ARTIFACT_VARIANTS)})
 
 
 @dataclass
@@ -44,17 +58,17 @@ class LoadedModel:
     variant: str = "fp32"
     loaded_at: str = field(default_factory=utc_now)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model_id": self.model_id,
-            "revision": self.revision,
-            "mode": self.mode,
-            "bytes": self.bytes,
-            "load_seconds": round(self.load_seconds, 3),
-            "loaded_at": self.loaded_at,
-            "backend": self.backend,
-            "variant": self.variant,
-        }
+    def describe(self) -> Loaded:
+        return Loaded(
+            model_id=self.model_id,
+            revision=self.revision,
+            mode=self.mode,
+            bytes=self.bytes,
+            load_seconds=round(self.load_seconds, 3),
+            loaded_at=self.loaded_at,
+            backend=self.backend,
+            variant=self.variant,
+        )
 
 
 def load_version(
@@ -79,7 +93,7 @@ def load_version(
     began = time.monotonic()
     manifest = manifest or store.require_manifest(revision)
     mode = mode or settings.load_mode
-    options = {"limits": Limits.from_settings(settings), "batch_windows": settings.batch_windows}
+    options = {"limits": settings.limits, "batch_windows": settings.batch_windows}
     if mode == "disk":
         assert settings.cache_dir is not None
         folder = cached_version(store, manifest, Path(settings.cache_dir))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 
 from ..engine.question_answering import QAEngine
 from ..errors import IntegrityError, QAError, StorageUnavailableError, UnsafeModelError
@@ -22,6 +22,7 @@ from ..loading.onnx_artifacts import (
     ARTIFACT_FILES,
     ARTIFACT_RECORD,
     ARTIFACTS_FOLDER,
+    ArtifactDamagedError,
     ArtifactRecord,
     ArtifactState,
     artifact_blob,
@@ -32,7 +33,7 @@ from ..loading.onnx_artifacts import (
 )
 from ..memory import release_memory
 from ..settings import Settings
-from ..store.model_files import FileEntry, Manifest
+from ..store.model_files import FileEntry, Manifest, version_repair
 from ..store.model_store import ModelStore
 from ..store.storage import storage_errors
 
@@ -62,7 +63,8 @@ def build_artifacts(
             answer is wrong (the artifact is then recorded unusable). ``None``: no canary.
         progress: told each step, for a terminal.
         rebuild: build again each damaged or unusable artifact (``build-artifacts --rebuild``,
-            a repair); its record is removed first and written last, as for a new artifact.
+            a repair). Its record stays until the new artifact is built and checked, then is replaced
+            (If-Match on the record that was judged): a rebuild that fails leaves it as it was.
         build_missing: build the variants that have no record (``False``: a repair of a version
             that never had artifacts does not start exporting).
         verify_blobs: re-hash an existing artifact's blobs (else only its record is checked).
@@ -96,27 +98,24 @@ def build_artifacts(
         else:
             outcomes[variant] = f"damaged: {state.blob}: {state.message}; rebuild it: {repair_command(manifest.revision)}"
     for state in todo:
-        if state.state != "missing":
-            _remove_record(store, manifest, state)
-        outcome = _build_one(store, manifest, state.variant, settings, canary, progress)
+        try:
+            outcome = _build_one(store, manifest, state.variant, settings, canary, progress, replacing=state.etag)
+        except ArtifactDamagedError:
+            raise
+        except IntegrityError as err:  # the version's own files, read before anything is written
+            raise IntegrityError(
+                f"{err.message}: the version's own files do not verify, so its artifacts cannot be built (they were left as "
+                f"they were); repair the version first: {_version_repair(store, manifest)}"
+            ) from err
         outcomes[state.variant] = "rebuilt" if outcome == "built" and state.state != "missing" else outcome
         release_memory()
     return outcomes
 
 
-def _remove_record(store: ModelStore, manifest: Manifest, state: ArtifactState) -> None:
-    """Delete the record of a damaged or unusable artifact before it is built again: without a
-    record there is no artifact (serving uses torch meanwhile), and the new record is then written
-    the one safe way, last and If-None-Match. If-Match on the record that was judged."""
-    from azure.core import MatchConditions
-
-    blob = artifact_blob(store, manifest.revision, state.variant, ARTIFACT_RECORD)
-    conditions: dict[str, Any] = {} if state.etag is None else {"etag": state.etag, "match_condition": MatchConditions.IfNotModified}
-    with storage_errors(f"removing the {state.variant} artifact record"):
-        try:
-            blob.delete_blob(**conditions)
-        except ResourceNotFoundError:
-            pass
+def _version_repair(store: ModelStore, manifest: Manifest) -> str:
+    return version_repair(
+        manifest.revision, manifest.source, manifest.source_revision, model_id=manifest.model_id, provenance=manifest.provenance
+    )
 
 
 def _build_one(
@@ -126,7 +125,10 @@ def _build_one(
     settings: Settings,
     canary: CanaryCheck | None,
     progress: Callable[[str], None] | None,
+    *,
+    replacing: str | None = None,
 ) -> str:
+    """Build, check and record one variant; ``replacing``: the ETag of the record it replaces (a rebuild)."""
     from .onnx_export import OnnxArtifact, build_fp32, build_int8
 
     began = time.monotonic()
@@ -151,7 +153,7 @@ def _build_one(
     except (MemoryError, StorageUnavailableError, IntegrityError):
         raise  # as before the weights streamed during the build: storage, not the model
     except UnsafeModelError as err:  # the model itself: the same every time, so record it
-        return _write_unusable(store, manifest, variant, f"the exporter cannot handle this model: {err.message}")
+        return _write_unusable(store, manifest, variant, f"the exporter cannot handle this model: {err.message}", replacing=replacing)
     except Exception as err:
         log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
         return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
@@ -179,13 +181,14 @@ def _build_one(
         except StorageUnavailableError:
             raise
         except QAError as err:
-            return _write_unusable(store, manifest, variant, f"the canary failed: {err.message}", files=record.files)
+            return _write_unusable(store, manifest, variant, f"the canary failed: {err.message}", files=record.files, replacing=replacing)
         except Exception as err:
             log.exception("The %s artifact of %s failed to load or answer", variant, manifest.revision)
-            return _write_unusable(store, manifest, variant, f"it failed to load or answer ({type(err).__name__})", files=record.files)
+            reason = f"it failed to load or answer ({type(err).__name__})"
+            return _write_unusable(store, manifest, variant, reason, files=record.files, replacing=replacing)
         finally:
             release_memory()
-    outcome = _write_record(store, manifest, record)
+    outcome = _write_record(store, manifest, record, replacing=replacing)
     log.info(
         "Built the %s artifact of %s@%s (%d bytes) in %.1fs",
         variant, manifest.model_id, manifest.revision, record.total_bytes, time.monotonic() - began,
@@ -233,22 +236,38 @@ def _stored_fp32(store: ModelStore, manifest: Manifest, say: Callable[[str], Non
     return OnnxArtifact(files=dict(files), record=dict(record.engine))
 
 
-def _write_unusable(store: ModelStore, manifest: Manifest, variant: str, reason: str, *, files: tuple[FileEntry, ...] = ()) -> str:
+def _write_unusable(
+    store: ModelStore,
+    manifest: Manifest,
+    variant: str,
+    reason: str,
+    *,
+    files: tuple[FileEntry, ...] = (),
+    replacing: str | None = None,
+) -> str:
     log.warning("The %s artifact of %s is unusable: %s", variant, manifest.revision, reason)
     record = ArtifactRecord.of_version(manifest, variant, usable=False, files=files, engine={}, reason=reason)
-    outcome = _write_record(store, manifest, record)
+    outcome = _write_record(store, manifest, record, replacing=replacing)
     return outcome if outcome == "exists" else f"unusable: {reason}"
 
 
-def _write_record(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> str:
-    """Write ``artifact.json`` last, If-None-Match: a concurrent builder's record wins (``exists``)."""
+def _write_record(store: ModelStore, manifest: Manifest, record: ArtifactRecord, *, replacing: str | None = None) -> str:
+    """Write ``artifact.json`` last: If-None-Match for a new artifact (a concurrent builder's record
+    wins: ``exists``), If-Match on ``replacing`` for a rebuild (a record changed meanwhile wins too)."""
+    from azure.core import MatchConditions
+
     raw = record.to_json()
     blob = artifact_blob(store, manifest.revision, record.variant, ARTIFACT_RECORD)
+    conditions: dict[str, Any] = (
+        {"overwrite": False}
+        if replacing is None
+        else {"overwrite": True, "etag": replacing, "match_condition": MatchConditions.IfNotModified}
+    )
     try:
         with storage_errors(f"writing the {record.variant} artifact record"):
-            blob.upload_blob(raw, overwrite=False, metadata={"sha256": hashlib.sha256(raw).hexdigest()})
+            blob.upload_blob(raw, metadata={"sha256": hashlib.sha256(raw).hexdigest()}, **conditions)
     except StorageUnavailableError as err:
-        if isinstance(err.__cause__, ResourceExistsError):
+        if isinstance(err.__cause__, (ResourceExistsError, ResourceModifiedError)):
             return "exists"
         raise
     return "built"

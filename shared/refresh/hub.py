@@ -68,7 +68,7 @@ class HubSource:
         info = self._model_info()
         commit = str(info.sha)
         siblings = {s.rfilename: s for s in (info.siblings or [])}
-        names = select_files(list(siblings), where=f"repo {self.model_id}@{commit[:12]}")
+        names = select_files(list(siblings), where=f"repo {self.model_id}@{commit[:12]}", convert=True)
         files = []
         for name in names:
             sibling = siblings[check_file_name(name)]
@@ -79,7 +79,13 @@ class HubSource:
                 if name == "config.json":
                     check_config(data, where=f"of {self.model_id}@{commit[:12]}")
                 files.append(FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
-        self._snapshot = Snapshot(revision=commit, source=self.endpoint, files=tuple(files), source_revision=self.requested)
+        self._snapshot = Snapshot(
+            revision=commit,
+            source=self.endpoint,
+            files=tuple(files),
+            source_revision=self.requested,
+            label=f"repo {self.model_id}@{commit[:12]}",
+        )
         log.info("Resolved %s@%s to %s: %d files, %d bytes", self.model_id, self.requested, commit, len(files), self._snapshot.total_bytes)
         return self._snapshot
 

@@ -56,11 +56,11 @@ RECIPES = {
         Int8Recipe("per-channel, FFN output fp32, static, reduce_range", reduce_range=True),
         # for CPUs without VNNI: ONNX Runtime's AVX2 u8 x s8 kernel (vpmaddubsw) adds two
         # products in int16 and saturates past 32,767, which 8-bit weights reach (2 x 255 x 127)
-        # and 7-bit ones cannot (2 x 255 x 63); seen under qemu -cpu Haswell (README, int8 recipe)
+        # and 7-bit ones cannot (2 x 255 x 63); seen under qemu -cpu Haswell (docs/benchmarks.md, int8 on AVX2)
         Int8Recipe("per-channel, all int8, static, reduce_range", ffn_output_fp32=False, reduce_range=True),
     )
 }
-# Chosen by bench/quality.py and bench/onnx_build_load.py (README, "ONNX serving artifacts"): on all
+# Chosen by bench/quality.py and bench/onnx_build_load.py (docs/benchmarks.md, "int8 recipes"): on all
 # 5,609 SQuAD part-B questions it loses 0.81 F1 against fp32 (95% interval 0.30-1.33) with 85.7%
 # of answers identical, and bert-large serves in about 0.6 GiB. Keeping the FFN outputs in fp32
 # loses less (0.73 F1, 89.9% identical) but its 733 MB of weights serve in just over 1 GiB.

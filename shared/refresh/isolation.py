@@ -1,6 +1,6 @@
 """The refresh: copy one model snapshot from a source into the store as a verified version.
 
-Steps (DESIGN.md, Isolation): lease the lock; describe the source (revision, files, sha256);
+Steps (docs/architecture.md, Isolation): lease the lock; describe the source (revision, files, sha256);
 no-op when the pointer is already there; stream every missing file into its blob, checking
 sha256 on the fly; validate the staged version; write the manifest, move the pointer; apply
 retention; record the outcome in ``last-refresh.json``.
@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import IntegrityError, NotFoundError, QAError
+from ..errors import IntegrityError, NotFoundError, QAError, StorageUnavailableError
 from ..store.model_files import FileEntry, Manifest, Pointer, check_config, hash_file, select_files, utc_now
-from ..store.model_store import ModelStore
+from ..store.model_store import ModelStore, PointerState
 from ..store.transfer import file_chunks
 from ..telemetry import log_event
 from .model_checks import CheckedSource
@@ -35,6 +36,8 @@ class Snapshot:
     files: tuple[FileEntry, ...]
     source_revision: str | None = None
     derived: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> what it was made from, by what
+    label: str = ""  # the source as messages name it ("folder /models/x", "repo org/name@abc123")
+    provenance: dict[str, Any] = field(default_factory=dict)  # where the files were read (Manifest.provenance)
 
     @property
     def total_bytes(self) -> int:
@@ -42,7 +45,7 @@ class Snapshot:
 
 
 class Source(Protocol):
-    """A place models are isolated from (a local folder, the Hub)."""
+    """A place models are isolated from (the Hub, a local folder, a container holding a folder's files)."""
 
     def revision(self) -> str:
         """The revision the source resolves to (cheap where it can be: one Hub API call)."""
@@ -102,17 +105,25 @@ class LocalDirSource:
         return self._snapshot
 
     def _describe(self) -> Snapshot:
+        chosen = self._chosen()
+        check_config((self.folder / "config.json").read_bytes(), where=f"in folder {self.folder}")  # before anything is copied
+        files = tuple(
+            FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name)) for name in chosen
+        )
+        return Snapshot(revision=local_revision(files), source="local", files=files, label=f"folder {self.folder}")
+
+    def _chosen(self) -> list[str]:
         if not self.folder.is_dir():
             what = "is a file, not a folder" if self.folder.exists() else "does not exist"
             raise NotFoundError(f"{self.folder} {what}: give the folder of a model (config.json, *.safetensors, tokenizer files)")
         names = [p.name for p in self.folder.iterdir() if p.is_file() and not p.is_symlink()]
-        chosen = select_files(names, where=f"folder {self.folder}")
-        check_config((self.folder / "config.json").read_bytes(), where=f"in folder {self.folder}")  # before anything is copied
-        files = tuple(
-            FileEntry(name=name, size=(self.folder / name).stat().st_size, sha256=hash_file(self.folder / name))
-            for name in chosen
-        )
-        return Snapshot(revision=local_revision(files), source="local", files=files)
+        return select_files(names, where=f"folder {self.folder}", convert=True)
+
+    def config_json(self) -> bytes:
+        """The folder's ``config.json`` (for the model id) after the checks of its file names,
+        before any file is hashed."""
+        self._chosen()
+        return (self.folder / "config.json").read_bytes()
 
     def open(self, entry: FileEntry) -> Iterator[bytes]:
         with (self.folder / entry.name).open("rb") as stream:
@@ -255,13 +266,13 @@ def isolate(
         QAError: any other failure, after it was recorded in ``last-refresh.json``.
     """
     progress = progress or _Quiet()
-    if not isinstance(source, CheckedSource):
-        source = CheckedSource(source)  # refusals and the derived tokenizer.json before any copy
+    # refusals, the derived tokenizer.json and converted PyTorch weights, before any copy
+    checked = source if isinstance(source, CheckedSource) else CheckedSource(source)
     store.ensure_container()
     started = time.monotonic()
     result = IsolationResult(outcome="failed", model_id=store.model_id)
     with store.lock() as lock:
-        pointer = store.read_pointer()
+        pointer = store.read_pointer_state().effective  # a damaged current.json: its last recorded value
         # named before the source is asked: a failure then still says which version stays served
         result.previous_revision = pointer.revision if pointer else None
         if pointer is not None and pointer.pinned and not explicit and not repair:
@@ -269,12 +280,12 @@ def isolate(
             result.outcome, result.skipped_reason, result.revision = "skipped", "pinned", pointer.revision
             result.pin = "held"
             result.finished = utc_now()
-            _record_skip(store, result)
+            _record_skip(store, result, fast=False)
             _event(result, reason)
             return result
         try:
             _isolate_locked(
-                store, source, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
+                store, checked, result, lock_check=lock.check, explicit=explicit, validate=validate, progress=progress, repair=repair,
                 build=build, build_existing=build_existing, unpin=unpin,
             )  # fmt: skip
             if result.pointer_moved:
@@ -290,9 +301,12 @@ def isolate(
             result.error_code = "internal_error"
             raise
         finally:
+            checked.release()
             result.finished = utc_now()
             result.seconds = round(time.monotonic() - started, 3)
-            (_record_skip if result.outcome == "skipped" else _record)(store, result)
+            # after storage failed, one quick attempt: the outcome must not cost minutes of retries
+            fast = isinstance(sys.exc_info()[1], StorageUnavailableError) or lock.lost.is_set()
+            (_record_skip if result.outcome == "skipped" else _record)(store, result, fast=fast)
             _event(result, reason)
     log.info(
         "Refresh of %s: %s at %s, %d bytes moved in %.1fs",
@@ -313,26 +327,26 @@ def _event(result: IsolationResult, reason: str) -> None:
     )  # fmt: skip
 
 
-def _record(store: ModelStore, result: IsolationResult) -> None:
+def _record(store: ModelStore, result: IsolationResult, *, fast: bool) -> None:
     try:
-        store.write_last_refresh(result.to_dict())
-    except QAError:
-        log.warning("Could not record the refresh outcome in last-refresh.json", exc_info=True)
+        store.write_last_refresh(result.to_dict(), fast=fast)
+    except QAError as err:
+        log.warning("Could not record the refresh outcome in last-refresh.json: %s", err.message)
 
 
-def _record_skip(store: ModelStore, result: IsolationResult) -> None:
-    """Keep the last real outcome; note when and why a refresh was skipped."""
+def _record_skip(store: ModelStore, result: IsolationResult, *, fast: bool) -> None:
+    """Keep the last real outcome (a damaged record starts again); note when and why a refresh was skipped."""
     try:
         record = store.read_last_refresh() or {**result.to_dict(), "outcome": None}
         record.update(last_skipped_at=result.finished, skipped_reason=result.skipped_reason)
-        store.write_last_refresh(record)
-    except QAError:
-        log.warning("Could not record the skipped refresh in last-refresh.json", exc_info=True)
+        store.write_last_refresh(record, fast=fast)
+    except QAError as err:
+        log.warning("Could not record the skipped refresh in last-refresh.json: %s", err.message)
 
 
 def _isolate_locked(
     store: ModelStore,
-    source: Source,
+    source: CheckedSource,
     result: IsolationResult,
     *,
     lock_check: Callable[[], None],
@@ -346,25 +360,33 @@ def _isolate_locked(
 ) -> None:
     def build_for(manifest: Manifest, *, rebuild: bool = False) -> None:
         if build is not None:
-            result.artifacts = build(store, manifest, rebuild=rebuild, build_missing=not rebuild or build_existing)
+            # a repair also builds the expected artifacts a version lacks: a repaired version serves as asked
+            result.artifacts = build(store, manifest, rebuild=rebuild, build_missing=True)
             lock_check()
 
     revision = source.revision()
     result.revision = revision
-    pointer = store.read_pointer()
+    pointer = _repaired_pointer(store, store.read_pointer_state(), result)
     result.previous_revision = pointer.revision if pointer else None
-    stored = store.read_manifest(revision)
+    stored, damage = store.manifest_state(revision)
+    repaired = False
+    if damage is not None:
+        # stored, but its manifest is damaged: rewritten from the source, every file checked against it
+        log.warning("Repairing version %s of %s: %s", revision, store.model_id, damage.message)
+        stored = _rewrite_manifest(store, source, revision, result, validate=validate, lock_check=lock_check, progress=progress)
+        build_for(stored, rebuild=True)
+        repaired = True
     if stored is not None:
         # Already stored and complete: repaired if asked, then made current by the one rule.
-        repaired = False
-        if repair:
+        if repair and not repaired:
             repaired = _repair(store, source, stored, result, lock_check=lock_check, progress=progress)
+            source.release()
             build_for(stored, rebuild=True)
-            repaired = repaired or any(outcome == "rebuilt" for outcome in result.artifacts.values())
-        elif build_existing:
+            repaired = repaired or any(outcome in ("rebuilt", "built") for outcome in result.artifacts.values())
+        elif build_existing and not repaired:
             build_for(stored)
         moved = _make_current(store, pointer, revision, result, explicit=explicit, unpin=unpin)
-        if repaired:
+        if repaired or result.files_repaired:
             result.outcome = "repaired"
         elif moved:
             result.outcome = "made_current"
@@ -383,14 +405,8 @@ def _isolate_locked(
     snapshot = source.snapshot()
     result.source = snapshot.source
     _stage(store, source, snapshot, result, lock_check=lock_check, progress=progress)
-    manifest = Manifest(
-        model_id=store.model_id,
-        revision=snapshot.revision,
-        source=snapshot.source,
-        source_revision=snapshot.source_revision,
-        files=snapshot.files,
-        derived=snapshot.derived,
-    )
+    source.release()  # converted weights held for the copy: freed before the canary loads the version
+    manifest = _manifest_of(store, snapshot, validated=validate is not None)
     if validate is not None:
         validate(store, manifest)
     lock_check()
@@ -399,6 +415,72 @@ def _isolate_locked(
     result.pointer_moved = True
     result.pin = "lifted" if pointer is not None and pointer.pinned else None
     result.outcome = "published"
+
+
+def _manifest_of(store: ModelStore, snapshot: Snapshot, *, validated: bool, isolated_at: str | None = None) -> Manifest:
+    """The manifest of a staged snapshot (``validated``: it answers the canary before it is written)."""
+    manifest = Manifest(
+        model_id=store.model_id,
+        revision=snapshot.revision,
+        source=snapshot.source,
+        source_revision=snapshot.source_revision,
+        files=snapshot.files,
+        derived=snapshot.derived,
+        canary="passed" if validated else "skipped",
+        provenance=snapshot.provenance,
+    )
+    return replace(manifest, isolated_at=isolated_at) if isolated_at else manifest
+
+
+def _repaired_pointer(store: ModelStore, state: PointerState, result: IsolationResult) -> Pointer | None:
+    """The pointer to go by; a damaged or missing ``current.json`` is rewritten first, at its last
+    recorded value (noted in ``files_repaired``), when an intact version is there to point at."""
+    if state.damage is None:
+        return state.effective
+    try:
+        pointer, what = store.repair_pointer()
+    except NotFoundError:  # nothing intact to point at yet: the version this run publishes will be
+        return state.effective
+    log.warning("Repaired the pointer of %s: %s", store.model_id, what)
+    result.files_repaired.append("current.json")
+    return pointer
+
+
+def _rewrite_manifest(
+    store: ModelStore,
+    source: CheckedSource,
+    revision: str,
+    result: IsolationResult,
+    *,
+    validate: Validator | None,
+    lock_check: Callable[[], None],
+    progress: TransferProgress,
+) -> Manifest:
+    """Rewrite the damaged manifest of a stored version from its source: every stored file is
+    checked against the source's sha256 (those that differ are copied again), the canary is asked
+    again, then the manifest is replaced (If-Match on the damaged blob: a concurrent repair wins)."""
+    snapshot = source.snapshot()
+    result.source = snapshot.source
+    etag = store.manifest_etag(revision)
+    facts = store.manifest_facts(revision)
+    damaged = [entry for entry in snapshot.files if store.file_problem(revision, entry) is not None]
+    progress.plan(sum(entry.size for entry in damaged))
+    for entry in damaged:
+        lock_check()
+        log.warning("Repairing %s of %s: its stored bytes differ from the source", entry.name, revision)
+        result.bytes_moved += store.upload_file(revision, entry, source.open(entry), progress=progress.advance)
+        result.files_copied += 1
+        result.files_repaired.append(entry.name)
+    result.files_reused = len(snapshot.files) - len(damaged)
+    source.release()  # converted weights: freed before the canary loads the version
+    manifest = _manifest_of(store, snapshot, validated=validate is not None, isolated_at=facts.get("isolated_at"))
+    if validate is not None:
+        validate(store, manifest)
+    lock_check()
+    store.write_manifest(manifest, replacing_etag=etag)
+    result.files_repaired.append("manifest.json")
+    log.info("Rewrote manifest.json of %s from its source", revision)
+    return manifest
 
 
 def _make_current(
@@ -439,9 +521,7 @@ def _repair(
     snapshot = source.snapshot()
     result.source = snapshot.source
     if {(f.name, f.size, f.sha256) for f in snapshot.files} != {(f.name, f.size, f.sha256) for f in stored.files}:
-        raise IntegrityError(
-            f"The source's files for {stored.revision} differ from the stored manifest; it cannot repair this version"
-        )
+        raise IntegrityError(f"The source's files for {stored.revision} differ from the stored manifest; it cannot repair this version")
     damaged = [entry for entry in stored.files if store.file_problem(stored.revision, entry) is not None]
     progress.plan(sum(entry.size for entry in damaged))
     for entry in damaged:

@@ -121,7 +121,9 @@ def artifact_builder(settings: Settings) -> ArtifactBuilder | None:
     return build
 
 
-def run_refresh(settings: Settings, request: RefreshRequest, *, progress: TransferProgress | None = None) -> IsolationResult:
+def run_refresh(
+    settings: Settings, request: RefreshRequest, *, progress: TransferProgress | None = None, profile: str = "worker"
+) -> IsolationResult:
     """Refresh the model from the Hub as ``request`` says (the queue worker and the CLI).
 
     Raises:
@@ -130,7 +132,7 @@ def run_refresh(settings: Settings, request: RefreshRequest, *, progress: Transf
     """
     from .hub import HubSource
 
-    store = ModelStore.from_settings(settings)
+    store = ModelStore.from_settings(settings, profile=profile)  # the queue worker's patient retries; a terminal's are short
     source = HubSource.from_settings(settings, revision=request.revision)
     return isolate(
         store,

@@ -7,23 +7,23 @@ details stay in the logs.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..engine.question_answering import Answer, QAItem, decode_utf8
-from ..errors import InputError, QAError, TooLargeError
+from ..engine.question_answering import QAItem
+from ..errors import QAError
 from ..loading import onnx_artifacts
-from ..settings import Settings
+from ..store.refresh_queue import RefreshOptions, RefreshRequest, enqueue
 from ..telemetry import log_event
-from .body_size import OPERATOR_BODY_MAX_BYTES, ask_body_max_bytes
+from ..wire import to_json
 from .holder import ModelHolder
 from .openapi import document
 from .playground import FileResponse
-from .validation import check_body, check_query
+from .shapes import ModelStatus, RefreshQueued, RollbackBody, RollbackResult, Served, ask_response
+from .validation import check_ask, check_body, check_query, parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def error_response(err: BaseException) -> ApiResponse:
         if err.status >= 500:
             log.warning("Request failed: %s (%s)", err.code, err.message)
         headers = {"Retry-After": str(err.retry_after)} if err.retry_after and err.status == 503 else {}
-        return ApiResponse(err.status, {"error": {"code": err.code, "message": err.message}}, headers)
+        return ApiResponse(err.status, to_json(err.body()), headers)
     log.error("Unexpected error while handling a request", exc_info=err)
-    return ApiResponse(500, {"error": {"code": "internal_error", "message": "Internal error; see the logs"}})
+    return ApiResponse(500, to_json(QAError("Internal error; see the logs").body()))
 
 
 _Response = TypeVar("_Response", ApiResponse, FileResponse, ApiResponse | FileResponse)
@@ -57,49 +57,6 @@ def guarded(handler: Callable[[], _Response]) -> _Response | ApiResponse:
         return handler()
     except Exception as err:  # noqa: BLE001 - every failure gets a JSON answer; QAErrors keep their status
         return error_response(err)
-
-
-def parse_json_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
-    """Decode a request body that must be a JSON object.
-
-    Raises:
-        TooLargeError: over ``max_bytes``.
-        InputError: empty, not UTF-8, not JSON, nested too deeply for the decoder, or not an object.
-    """
-    if len(body) > max_bytes:
-        raise TooLargeError(f"the request body has {len(body)} bytes; the limit is {max_bytes}", field="body")
-    if not body.strip():
-        raise InputError("the request body must be a JSON object", field="body")
-    text = decode_utf8(body, what="the request body", field="body")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise InputError("the request body is not valid JSON", field="body") from None
-    except RecursionError:  # the decoder recurses once per level: thousands of '[' exhaust the stack
-        raise InputError("the request body is nested too deeply to be read", field="body") from None
-    if not isinstance(data, dict):
-        raise InputError("the request body must be a JSON object", field="body")
-    return data
-
-
-def parse_ask(data: dict[str, Any], *, settings: Settings) -> tuple[list[QAItem], bool]:
-    """The items of an ``/api/ask`` body: one item, or ``{"items": [...]}`` (then ``True``),
-    checked against the document's ``AskItem`` / ``AskBatch`` schema (the budgets that need no
-    model included), then as text the tokenizer can read (no lone surrogate)."""
-    batch = "items" in data
-    checked = check_body(settings, "AskBatch" if batch else "AskItem", data)
-    raw = checked["items"] if batch else [checked]
-    return [QAItem.from_dict(item, where=f"items[{i}]." if batch else "") for i, item in enumerate(raw)], batch
-
-
-def _shape(answers: list[Answer], top_k: int) -> dict[str, Any]:
-    if top_k == 1 and len(answers) == 1:
-        return answers[0].to_dict()
-    return {"answers": [a.to_dict() for a in answers]}
-
-
-def max_body_bytes(holder: ModelHolder) -> int:
-    return ask_body_max_bytes(holder.settings)
 
 
 @dataclass
@@ -115,7 +72,7 @@ class AskTrace:
 def ask_request(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/ask`` as the route answers it: :func:`ask`'s response or its error, and ONE
     ``event=ask`` line for every outcome (200, 400, 413, 503 busy or not ready, 500) with its
-    status and error code, so that the README's KQL counts every request."""
+    status and error code, so that the KQL of docs/operations.md counts every request."""
     started = time.monotonic()
     trace = AskTrace()
     response = guarded(lambda: ask(holder, body, trace=trace))
@@ -135,22 +92,32 @@ def _item_count(data: Mapping[str, Any]) -> int:
 
 
 def ask(holder: ModelHolder, body: bytes, *, trace: AskTrace | None = None) -> ApiResponse:
-    """``POST /api/ask``: validate, wait for the model within the deadline, answer; ``trace``
-    receives how far the request got (see :func:`ask_request`, which logs it).
+    """``POST /api/ask``: validate (:func:`~shared.serving.validation.check_ask`), then :func:`answer`;
+    ``trace`` receives how far the request got (see :func:`ask_request`, which logs it).
 
     Raises:
         QAError: bad input (400, 413), no model or no free slot in time (503), the deadline (503).
     """
     trace = trace if trace is not None else AskTrace()
     started = time.monotonic()
-    settings = holder.settings
-    deadline = started + settings.deadline_seconds
-    data = parse_json_object(body, max_bytes=max_body_bytes(holder))
+    limits = holder.settings.limits
+    data = parse_json_object(body, max_bytes=limits.max_ask_body_bytes)
     trace.items = _item_count(data)
-    items, batch = parse_ask(data, settings=settings)
+    items, batch = check_ask(limits, data)
+    return answer(holder, items, batch=batch, deadline=started + holder.settings.deadline_seconds, trace=trace)
+
+
+def answer(holder: ModelHolder, items: list[QAItem], *, batch: bool, deadline: float, trace: AskTrace | None = None) -> ApiResponse:
+    """Checked items answered by the current model within ``deadline`` (``time.monotonic()``): the
+    200 of ``/api/ask``, also what ``python -m shared ask`` prints.
+
+    Raises:
+        QAError: no model or no free slot in time (503), the deadline (503), a limit of the engine (413).
+    """
+    trace = trace if trace is not None else AskTrace()
     with holder.model(deadline) as loaded:
-        model = {"model_id": loaded.model_id, "revision": loaded.revision, "backend": loaded.backend, "variant": loaded.variant}
-        trace.model = model
+        served = Served(model_id=loaded.model_id, revision=loaded.revision, backend=loaded.backend, variant=loaded.variant)
+        trace.model = to_json(served)
         with holder.inference_slot(deadline):
             inference_started = time.perf_counter()
             results = loaded.engine.answer(items, deadline=deadline, stats=trace.stats)
@@ -158,9 +125,7 @@ def ask(holder: ModelHolder, body: bytes, *, trace: AskTrace | None = None) -> A
             trace.model_ms = inference_ms
     # the model's time alone, so a caller can tell it from queueing, loading and the network
     timing = {"Server-Timing": f"model;dur={inference_ms:.1f}"}
-    if batch:
-        return ApiResponse(200, {"results": [_shape(r, item.top_k) for r, item in zip(results, items, strict=True)], **model}, timing)
-    return ApiResponse(200, {**_shape(results[0], items[0].top_k), **model}, timing)
+    return ApiResponse(200, to_json(ask_response(results, items, served, batch=batch)), timing)
 
 
 def health(holder: ModelHolder, *, params: Mapping[str, str]) -> ApiResponse:
@@ -179,42 +144,38 @@ def health(holder: ModelHolder, *, params: Mapping[str, str]) -> ApiResponse:
 
 def model_status(holder: ModelHolder) -> ApiResponse:
     """``GET /api/model``: pointer, versions, last refresh, and what this instance loaded."""
-    return ApiResponse(200, {**onnx_artifacts.status(holder.store), "instance": holder.describe()})
+    store_status = onnx_artifacts.status(holder.store, expected=holder.settings.artifacts)
+    return ApiResponse(200, to_json(ModelStatus.of(store_status, holder.instance())))
 
 
 def request_refresh(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/model/refresh``: queue a refresh (optional revision); 202 + where to look."""
-    from ..store.refresh_queue import RefreshRequest, enqueue
-
-    request = RefreshRequest.from_request(check_body(holder.settings, "RefreshRequest", _small_json_body(body)))
+    options = check_body(holder.settings.limits, RefreshOptions, _small_json_body(holder, body))
+    request = RefreshRequest.from_options(options)
     message_id = enqueue(holder.settings, request)
-    return ApiResponse(
-        202,
-        {
-            "status": "queued",
-            "message_id": message_id,
-            "queue": holder.settings.refresh_queue,
-            "revision": request.revision,
-            "moves_pinned_pointer": request.explicit,
-            "repair": request.repair,
-            "build_artifacts": request.build_artifacts,
-            "result": "GET /api/model shows last_refresh once the worker has run",
-        },
-        {"Location": "/api/model"},
+    queued = RefreshQueued(
+        status="queued",
+        message_id=message_id,
+        queue=holder.settings.refresh_queue,
+        revision=request.revision,
+        moves_pinned_pointer=request.explicit,
+        repair=request.repair,
+        build_artifacts=request.build_artifacts,
+        result="GET /api/model shows last_refresh once the worker has run",
     )
+    return ApiResponse(202, to_json(queued), {"Location": "/api/model"})
 
 
 def rollback(holder: ModelHolder, body: bytes) -> ApiResponse:
     """``POST /api/model/rollback``: point back at ``{"to": revision}`` or the previous version, pinned.
     Uses the serving profile's short timeouts: an HTTP request must not wait minutes on storage."""
-    target = check_body(holder.settings, "RollbackRequest", _small_json_body(body)).get("to")
-    pointer = holder.store.rollback(target)
-    return ApiResponse(200, {"revision": pointer.revision, "previous": list(pointer.previous), "pinned": pointer.pinned})
+    target = check_body(holder.settings.limits, RollbackBody, _small_json_body(holder, body)).to
+    return ApiResponse(200, to_json(RollbackResult.of(holder.store.rollback(target))))
 
 
-def _small_json_body(body: bytes) -> dict[str, Any]:
+def _small_json_body(holder: ModelHolder, body: bytes) -> dict[str, Any]:
     """The optional JSON object of an operator route (empty body: ``{}``)."""
-    return parse_json_object(body, max_bytes=OPERATOR_BODY_MAX_BYTES) if body.strip() else {}
+    return parse_json_object(body, max_bytes=holder.settings.limits.max_operator_body_bytes) if body.strip() else {}
 
 
 def openapi_document(holder: ModelHolder, *, params: Mapping[str, str], url: str) -> ApiResponse:

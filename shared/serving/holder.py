@@ -3,16 +3,18 @@
 A :class:`ModelHolder` lives at module level in ``function_app.py``. Importing it costs nothing:
 settings are read, storage is touched and the model is loaded on the first request (or on
 ``/api/health?warm=1``), in a background thread that concurrent first requests all wait for
-(single flight). A poller thread checks ``current.json``'s ETag every ``MODEL_POLL_SECONDS`` and
-loads a new version without a restart: ``overlap`` keeps the old engine serving meanwhile,
-``replace`` lets in-flight requests finish, frees the old engine, then loads (two bert-large
-copies never sit in a 4 GB instance).
+(single flight). A poller (:mod:`shared.serving.pointer_poll`) checks ``current.json``'s ETag every
+``MODEL_POLL_SECONDS`` and loads a new version without a restart: ``overlap`` keeps the old engine
+serving meanwhile, ``replace`` lets in-flight requests finish, frees the old engine, then loads (two
+bert-large copies never sit in a 4 GB instance).
 
-Which version and backend a load ends up with is :mod:`shared.serving.fallback`'s walk. A current
-version whose files fail verification is *damaged*: an earlier one serves meanwhile (``degraded``),
-and a background check here re-hashes the damaged files as they stream (no second model in
-memory), with backoff up to 15 minutes, loading the current version again only once the re-hash
-passes (after a repair).
+Which version and backend a load ends up with is :mod:`shared.serving.fallback`'s walk; the states
+and their transitions are :class:`~shared.serving.load_state.LoadState`. A current version whose
+files (or manifest) fail verification is *damaged*: an earlier one serves meanwhile (``degraded``),
+and :class:`~shared.serving.damage_watch.DamageWatch` re-hashes it in the background with a backoff,
+loading it again only once it verifies (after a repair). A damaged or missing ``current.json`` never
+leaves the instance without a model while an intact version exists: the pointer's last recorded
+value serves, ``degraded``, with the repair in ``/api/model``.
 """
 
 from __future__ import annotations
@@ -29,20 +31,19 @@ from ..errors import BusyError, ModelNotReadyError, QAError, SettingsError
 from ..loading.onnx_artifacts import record_etag
 from ..loading.versions import LoadedModel, load_version
 from ..settings import Settings
-from ..store.model_files import Pointer, utc_now
-from ..store.model_store import ModelStore
+from ..store.model_files import utc_now
+from ..store.model_store import ModelStore, PointerState
+from ..wire import to_json
+from .damage_watch import DamageWatch
 from .fallback import ArtifactLoader, Loader, load_best
+from .load_state import LoadState
+from .pointer_poll import PointerPoller
+from .shapes import DamagedVersion, Fallback, Health, HealthState, InstanceStatus, LoadError, LoadProblem
 
 log = logging.getLogger(__name__)
 
 NO_MODEL = "No model has been isolated yet: run a refresh (POST /api/model/refresh, or python -m shared isolate), then retry"
 GATE_WAIT_SECONDS = 5.0
-
-
-def utc_now_plus(seconds: float) -> str:
-    import datetime as dt
-
-    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat(timespec="seconds")
 
 
 class ModelHolder:
@@ -78,28 +79,19 @@ class ModelHolder:
         self._max_backoff = max_backoff_seconds
         self._damage_backoff = damage_backoff_seconds
         self._max_damage_backoff = max_damage_backoff_seconds
-        self._damaged: dict[str, Any] | None = None
-        self._fallbacks: list[dict[str, Any]] = []
-        # (revision, variant, record ETag) of the current version's artifact refused as damaged:
-        # the poller reloads once its record changes (rebuilt by build-artifacts --rebuild or a repair)
-        self._artifact_watch: tuple[str, str, str | None] | None = None
-        self._watcher: threading.Thread | None = None
         self._cond = threading.Condition()
+        self._state = LoadState()
+        self._active = 0  # requests holding the current model
         self._settings: Settings | None = None
         self._store: ModelStore | None = None
         self._gate: threading.BoundedSemaphore | None = None
-        self._current: LoadedModel | None = None
-        self._pointer_etag: str | None = None
-        self._loading: str | None = None  # "pending" or the revision being loaded
-        self._replacing = False
-        self._active = 0
-        self._no_model = False
-        self._failures = 0
-        self._retry_at = 0.0
-        self._last_error: dict[str, str] | None = None
         self._last_check: str | None = None
-        self._loads = 0
-        self._poller: threading.Thread | None = None
+        self._last_failure: QAError | None = None
+        # (revision, variant, record ETag) of the current version's artifact refused as damaged:
+        # the poller reloads once its record changes (rebuilt by build-artifacts --rebuild or a repair)
+        self._artifact_watch: tuple[str, str, str | None] | None = None
+        self._watch: DamageWatch | None = None
+        self._poller: PointerPoller | None = None
         self._stop = threading.Event()
 
     # --- configuration ----------------------------------------------------------------------
@@ -121,66 +113,66 @@ class ModelHolder:
     # --- state ------------------------------------------------------------------------------
 
     @property
-    def state(self) -> str:
+    def state(self) -> HealthState:
         """``ready``, ``loading``, ``empty`` (nothing loaded, nothing to load) or ``error``."""
         with self._cond:
-            return self._state_locked()
+            return self._state.public_state
 
-    def _state_locked(self) -> str:
-        if self._current is not None and not self._replacing:
-            return "ready"
-        if self._loading is not None:
-            return "loading"
-        if self._last_error is not None and not self._no_model:
-            return "error"
-        return "empty"
+    @property
+    def last_failure(self) -> QAError | None:
+        """The error of the last failed load, as raised (the command line names its cause with it)."""
+        return self._last_failure
 
     @property
     def loads(self) -> int:
         """How many loads this holder started (tests count single flight with it)."""
-        return self._loads
+        return self._state.loads
 
     def health(self) -> dict[str, Any]:
-        """State as fixed codes, for the anonymous health route (no reasons, no settings)."""
+        """State as fixed codes, for the anonymous health route (no reasons, no settings): the
+        JSON of :class:`~shared.serving.shapes.Health`."""
         with self._cond:
-            state = self._state_locked()
-            body: dict[str, Any] = {"state": state, "degraded": self._degraded_locked()}
-            if self._current is not None:
-                body.update(
-                    model_id=self._current.model_id,
-                    revision=self._current.revision,
-                    load_seconds=round(self._current.load_seconds, 3),
-                    backend=self._current.backend,
-                    variant=self._current.variant,
-                )
-            return body
-
-    def _degraded_locked(self) -> bool:
-        """Serving, but not what was asked for: an earlier version, or a fallback backend because
-        an artifact failed (a version that simply has no artifact is served by torch, not degraded)."""
-        return self._current is not None and (
-            self._damaged is not None or any(f["code"] != "not_found" for f in self._fallbacks)
+            state, degraded, current = self._state.public_state, self._state.degraded, self._state.current
+        if current is None:
+            return to_json(Health(state, degraded))
+        return to_json(
+            Health(
+                state,
+                degraded,
+                model_id=current.model_id,
+                revision=current.revision,
+                load_seconds=round(current.load_seconds, 3),
+                backend=current.backend,
+                variant=current.variant,
+            )
         )
 
-    def describe(self) -> dict[str, Any]:
+    def instance(self) -> InstanceStatus:
         """What this instance has loaded, is loading, and its last load error (operators only)."""
         with self._cond:
             settings = self._settings
-            return {
-                "state": self._state_locked(),
-                "degraded": self._degraded_locked(),
-                "loaded": None if self._current is None else self._current.describe(),
-                "loading": self._loading,
-                "last_error": self._last_error,
-                "damaged": None if self._damaged is None else dict(self._damaged),
-                "fallbacks": [dict(f) for f in self._fallbacks],
-                "last_pointer_check": self._last_check,
-                "load_mode": settings.load_mode if settings else None,
-                "reload": settings.reload if settings else None,
-                "poll_seconds": settings.poll_seconds if settings else None,
-                "backend": settings.backend if settings else None,
-                "quantize": settings.quantize if settings else None,
-            }
+            state = self._state
+            damaged = state.damaged
+            return InstanceStatus(
+                state=state.public_state,
+                degraded=state.degraded,
+                problems=tuple(LoadProblem(**p) for p in state.problems) if state.current is not None else (),
+                loaded=None if state.current is None else state.current.describe(),
+                loading=state.loading,
+                last_error=None if state.last_error is None else LoadError(**state.last_error),
+                damaged=None if damaged is None else DamagedVersion(**damaged),
+                fallbacks=tuple(Fallback(**f) for f in state.fallbacks),
+                last_pointer_check=self._last_check,
+                load_mode=settings.load_mode if settings else None,
+                reload=settings.reload if settings else None,
+                poll_seconds=settings.poll_seconds if settings else None,
+                backend=settings.backend if settings else None,  # type: ignore[arg-type]
+                quantize=settings.quantize if settings else None,  # type: ignore[arg-type]
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`instance` as JSON (``GET /api/model``'s ``instance``)."""
+        return to_json(self.instance())
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -208,11 +200,12 @@ class ModelHolder:
         with self._cond:
             self._start_locked()
             while True:
-                if self._current is not None and not self._replacing:
+                current = self._state.servable()
+                if current is not None:
                     self._active += 1
-                    return self._current
-                if self._loading is None:
-                    if time.monotonic() >= self._retry_at:
+                    return current
+                if self._state.phase != "loading":
+                    if self._state.may_begin(time.monotonic()):
                         self._begin_load_locked()
                         continue
                     raise self._not_ready_locked()
@@ -222,8 +215,8 @@ class ModelHolder:
                 self._cond.wait(remaining)
 
     def _not_ready_locked(self) -> ModelNotReadyError:
-        retry_after = max(1, int(self._retry_at - time.monotonic()) + 1)
-        if self._no_model:
+        retry_after = max(1, int(self._state.retry_at - time.monotonic()) + 1)
+        if self._state.phase == "no_model":
             return ModelNotReadyError(NO_MODEL, retry_after=retry_after)
         return ModelNotReadyError("The model could not be loaded; operators: see GET /api/model and the logs", retry_after=retry_after)
 
@@ -242,11 +235,21 @@ class ModelHolder:
         finally:
             gate.release()
 
+    def wait_loaded(self, timeout_seconds: float) -> str:
+        """Start a load if none is under way and wait for it to end (a terminal can wait for a
+        1.3 GB load; a request has its deadline instead); returns the state then."""
+        self.warm()
+        deadline = time.monotonic() + timeout_seconds
+        with self._cond:
+            while self._state.phase == "loading" and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return self._state.public_state
+
     def warm(self) -> None:
         """Start loading in the background if nothing is loaded or loading (``?warm=1``)."""
         with self._cond:
             self._start_locked()
-            if self._current is None and self._loading is None and time.monotonic() >= self._retry_at:
+            if self._state.current is None and self._state.may_begin(time.monotonic()):
                 self._begin_load_locked()
 
     # --- loading ----------------------------------------------------------------------------
@@ -258,36 +261,40 @@ class ModelHolder:
             log.error("Bad app settings: %s", err.message)
             raise
         if self._poller is None and settings.poll_seconds > 0:
-            self._poller = threading.Thread(target=self._poll, name="model-pointer-poll", daemon=True)
+            self._poller = PointerPoller(self.check_pointer, interval=settings.poll_seconds, stop=self._stop)
             self._poller.start()
 
     def _begin_load_locked(self) -> None:
-        self._loading = "pending"
-        self._loads += 1
+        self._state.begin(time.monotonic())
         threading.Thread(target=self._load, name="model-load", daemon=True).start()
 
     def _load(self) -> None:
         """Resolve the pointer and load the best version it allows (runs in its own thread)."""
         try:
             store = self.store
-            pointer = store.read_pointer()
+            state = store.read_pointer_state()
             with self._cond:
                 self._last_check = utc_now()
-            if pointer is None:
+            if state.empty:
                 self._finish_empty()
                 return
+            if self._keep_current(store, state):
+                return
             with self._cond:
-                if self._current is not None and self._current.revision == pointer.revision and not self._fallbacks:
-                    self._pointer_etag = pointer.etag  # touched, same revision
-                    self._loading = None
-                    self._cond.notify_all()
-                    return
-                self._loading = pointer.revision
+                self._state.resolving(state.effective.revision if state.effective else "newest intact version")
             if self.settings.reload == "replace":
                 self._release_current()
-            loaded, fallbacks, damaged = self._load_best(store, pointer)
-            watch = self._damaged_artifact(store, pointer.revision, fallbacks)
+            walk = load_best(store, state, self.settings, loader=self._loader, artifact_loader=self._artifact_loader)
+            if walk.loaded is None:
+                assert walk.error is not None
+                if walk.damaged is not None:
+                    with self._cond:
+                        self._state.damaged = walk.damaged
+                    self._watch_damaged(walk.damaged["revision"])
+                raise walk.error
+            watch = self._damaged_artifact(store, walk.loaded.revision, walk.tried)
         except QAError as err:
+            self._last_failure = err
             self._finish_failed(err.code, err.message)
             return
         except Exception as err:  # a load failure must never kill the worker
@@ -295,98 +302,98 @@ class ModelHolder:
             self._finish_failed("load_failed", f"unexpected {type(err).__name__}; see the logs")
             return
         with self._cond:
-            previous = self._current
-            self._current = loaded
-            self._pointer_etag = pointer.etag
-            self._loading = None
-            self._replacing = False
-            self._failures = 0
-            self._no_model = False
-            self._fallbacks = fallbacks
-            self._damaged = damaged
+            previous = self._state.loaded(
+                walk.loaded, pointer_etag=state.etag, fallbacks=walk.tried, problems=walk.problems, damaged=walk.damaged
+            )
             self._artifact_watch = watch
             self._cond.notify_all()
-        if damaged is not None:
-            log.warning(
-                "Serving %s instead of the current version %s, which failed verification (%s); degraded until it is repaired",
-                loaded.revision,
-                pointer.revision,
-                damaged["message"],
-            )
-            self._watch_damaged(pointer.revision)
+        for problem in walk.problems:
+            log.warning("Serving %s, degraded: %s; repair: %s", walk.loaded.revision, problem["problem"], problem["repair"])
+        if walk.damaged is not None:
+            self._watch_damaged(walk.damaged["revision"])
         if previous is not None:
-            log.info("Now serving %s (was %s)", loaded.revision, previous.revision)
+            log.info("Now serving %s (was %s)", walk.loaded.revision, previous.revision)
             del previous
             gc.collect()
 
-    @staticmethod
-    def _damaged_artifact(store: ModelStore, revision: str, fallbacks: list[dict[str, Any]]) -> tuple[str, str, str | None] | None:
-        """What to watch when the current version's artifact was refused as damaged (its record's
-        ETag now, after the load marked it), else ``None``."""
-        for tried in fallbacks:
-            if (tried["revision"], tried["backend"], tried["code"]) == (revision, "onnx", "integrity_error"):
-                return revision, tried["variant"], record_etag(store, revision, tried["variant"])
-        return None
+    def _keep_current(self, store: ModelStore, state: PointerState) -> bool:
+        """The pointer was touched (a pin, a rewrite of a damaged current.json) but names the version
+        already served, which served without a fallback: keep it, with the pointer's problems now."""
+        with self._cond:
+            current = self._state.current
+            base = state.effective
+            if current is None or base is None or current.revision != base.revision:
+                return False
+            if any(p["cause"] != "pointer" for p in self._state.problems) or self._state.damaged is not None:
+                return False
+            if self._state.fallbacks and current.backend != "onnx" and self.settings.backend == "onnx":
+                return False  # an artifact may be back: load again
+            pointer = (
+                []
+                if state.damage is None
+                else [{"cause": "pointer", "problem": f"{state.damage.message}; serving {current.revision}", "repair": state.damage.repair}]
+            )
+            self._state.unchanged(pointer_etag=state.etag, problems=pointer)
+            self._cond.notify_all()
+            return True
 
-    def _load_best(self, store: ModelStore, pointer: Pointer) -> tuple[LoadedModel, list[dict[str, Any]], dict[str, Any] | None]:
-        """Walk the fallback order (:func:`~shared.serving.fallback.load_best`); when nothing loads
-        and the current version is damaged, watch it before raising the current version's error."""
-        walk = load_best(store, pointer, self.settings, loader=self._loader, artifact_loader=self._artifact_loader)
-        if walk.loaded is not None:
-            return walk.loaded, walk.tried, walk.damaged
-        assert walk.error is not None
-        if walk.damaged is not None:
-            with self._cond:
-                self._damaged = walk.damaged
-            self._watch_damaged(pointer.revision)
-        raise walk.error
+    @staticmethod
+    def _damaged_artifact(store: ModelStore, revision: str, tried: list[dict[str, Any]]) -> tuple[str, str, str | None] | None:
+        """What to watch when the served version's artifact was refused as damaged (its record's
+        ETag now, after the load marked it), else ``None``."""
+        for refused in tried:
+            if (refused["revision"], refused["backend"], refused["code"]) == (revision, "onnx", "integrity_error"):
+                return revision, refused["variant"], record_etag(store, revision, refused["variant"])
+        return None
 
     def _watch_damaged(self, revision: str) -> None:
         """Re-hash the damaged current version in the background until it verifies, then reload."""
         with self._cond:
-            if self._watcher is not None and self._watcher.is_alive():
+            if self._watch is not None and self._watch.alive:
                 return
-            self._watcher = threading.Thread(target=self._recheck_damaged, args=(revision,), name="model-damage-check", daemon=True)
-            self._watcher.start()
 
-    def _recheck_damaged(self, revision: str) -> None:
-        delay = self._damage_backoff
-        while True:
-            with self._cond:
-                if self._damaged is None or self._damaged["revision"] != revision:
-                    return
-                self._damaged["next_check_at"] = utc_now_plus(delay)
-            if self._stop.wait(delay):
-                return
-            try:
-                problems = self.store.verify_version(revision)  # streamed: no second model in memory
-            except QAError as err:
-                problems = [err.message]
-            if not problems:
+            def still_wanted() -> bool:
+                with self._cond:
+                    return self._state.damaged is not None and self._state.damaged["revision"] == revision
+
+            def set_field(name: str) -> Callable[[str], None]:
+                def update(value: str) -> None:
+                    with self._cond:
+                        if self._state.damaged is not None:
+                            self._state.damaged[name] = value
+
+                return update
+
+            def repaired() -> None:
                 log.info("The current version %s verifies again; loading it", revision)
                 with self._cond:
-                    self._damaged = None
-                    self._fallbacks = []
-                    self._retry_at = 0.0
-                    if self._loading is None:
+                    self._state.verified_again()
+                    if self._state.may_begin(time.monotonic()):
                         self._begin_load_locked()
-                return
-            log.warning("The current version %s still fails verification (%s); next check in %.0fs", revision, problems[0], delay * 2)
-            with self._cond:
-                if self._damaged is not None:
-                    self._damaged["message"] = problems[0]
-            delay = min(self._max_damage_backoff, delay * 2)
+
+            self._watch = DamageWatch(
+                verify=lambda: self.store.verify_version(revision),
+                still_wanted=still_wanted,
+                on_next_check=set_field("next_check_at"),
+                on_problem=set_field("message"),
+                on_repaired=repaired,
+                first_delay=self._damage_backoff,
+                max_delay=self._max_damage_backoff,
+                stop=self._stop,
+            )
+            self._watch.start()
 
     def _release_current(self) -> None:
         """``replace`` mode: stop handing out the old engine, let in-flight requests finish, free it."""
         with self._cond:
-            if self._current is None:
+            if self._state.release() is None:
                 return
-            self._replacing = True
             patience = time.monotonic() + self.settings.deadline_seconds
             while self._active > 0 and time.monotonic() < patience:
                 self._cond.wait(patience - time.monotonic())
-            old, self._current = self._current, None
+            old = self._state.current
+            self._state.released()
+        assert old is not None
         log.info("Freed %s before loading the new version (MODEL_RELOAD=replace)", old.revision)
         del old
         gc.collect()
@@ -394,56 +401,43 @@ class ModelHolder:
     def _finish_empty(self) -> None:
         log.warning("No model isolated yet in the container; serving 503 until a refresh publishes one")
         with self._cond:
-            self._no_model = True
-            self._last_error = {"code": "no_model", "message": NO_MODEL, "at": utc_now()}
-            self._retry_at = time.monotonic() + min(10.0, self._backoff * 5)
-            self._loading = None
-            self._replacing = False
+            self._state.empty(NO_MODEL, at=utc_now(), now=time.monotonic(), retry_in=min(10.0, self._backoff * 5))
             self._cond.notify_all()
 
     def _finish_failed(self, code: str, message: str) -> None:
         with self._cond:
-            self._failures += 1
-            delay = min(self._max_backoff, self._backoff * 2 ** (self._failures - 1))
-            self._retry_at = time.monotonic() + delay
-            self._last_error = {"code": code, "message": message, "at": utc_now()}
-            self._no_model = False
-            self._loading = None
-            self._replacing = False
-            keeps = self._current.revision if self._current is not None else None
+            delay = self._state.failed(
+                code, message, at=utc_now(), now=time.monotonic(), backoff=self._backoff, max_backoff=self._max_backoff
+            )
+            keeps = self._state.current.revision if self._state.current is not None else None
             self._cond.notify_all()
         log.error("Model load failed (%s): %s; retrying in %.0fs; still serving: %s", code, message, delay, keeps)
 
     # --- hot reload -------------------------------------------------------------------------
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.settings.poll_seconds):
-            try:
-                self.check_pointer()
-            except Exception:  # the poller must outlive storage outages
-                log.warning("Pointer check failed; will retry", exc_info=True)
-
     def check_pointer(self) -> None:
         """Start a load if ``current.json`` changed (or a failed load is due for a retry)."""
         with self._cond:
-            if self._loading is not None or time.monotonic() < self._retry_at:
+            state = self._state
+            if not state.may_begin(time.monotonic()):
                 return
-            if self._current is None and self._last_error is None:
+            if state.current is None and state.last_error is None:
                 return  # never asked for: loading stays lazy
             watch = self._artifact_watch
+            seen = state.pointer_etag
         etag = self.store.pointer_etag()
         rebuilt = False
-        if watch is not None and etag == self._pointer_etag:
-            revision, variant, seen = watch
+        if watch is not None and etag == seen:
+            revision, variant, recorded = watch
             now = record_etag(self.store, revision, variant)
-            rebuilt = now is not None and now != seen
+            rebuilt = now is not None and now != recorded
             if rebuilt:
                 log.info("The %s artifact of %s was rebuilt; loading it in the background", variant, revision)
         with self._cond:
             self._last_check = utc_now()
-            changed = etag is not None and etag != self._pointer_etag
-            due = self._current is None and self._last_error is not None
-            if (changed or due or rebuilt) and self._loading is None:
+            changed = etag != self._state.pointer_etag  # also a pointer deleted under a loaded model: said degraded
+            due = self._state.current is None and self._state.last_error is not None
+            if (changed or due or rebuilt) and self._state.may_begin(time.monotonic()):
                 log.info("current.json changed (or a retry is due); loading in the background")
                 self._begin_load_locked()
 

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IntegrityError, UnsafeModelError
+from .records import seal, shape_error, unseal
 
 FORMAT_VERSION = 1
 TASK = "question-answering"
+POINTER_REPAIR = "python -m shared repair (rewrites current.json from its history), or python -m shared rollback --to REVISION"
 
 ALLOWED_NAMES = frozenset(
     {
@@ -40,6 +42,11 @@ ALLOWED_NAMES = frozenset(
 # files a tokenizer is read from, or converted from at isolation (DeBERTa-v3 ships only spm.model)
 _TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model", "sentencepiece.bpe.model")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.pkl", "*.pickle")
+# PyTorch weights isolation converts to safetensors (shared.refresh.weights_conversion) when a
+# source has no safetensors; never stored in a version, and refused everywhere else
+PYTORCH_WEIGHTS = "pytorch_model.bin"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
+_PYTORCH_SHARD_RE = re.compile(r"^pytorch_model-\d{5}-of-\d{5}\.bin$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REVISION_RE = re.compile(r"^([0-9a-f]{40}|local-[0-9a-f]{16})$")
 
@@ -72,6 +79,12 @@ def is_allowed(name: str) -> bool:
     return name in ALLOWED_NAMES or (name.endswith(".safetensors") and "/" not in name)
 
 
+def is_convertible(name: str) -> bool:
+    """Whether a file is PyTorch weights that isolation converts to safetensors (``pytorch_model.bin``,
+    its shards ``pytorch_model-00001-of-00002.bin`` or their index)."""
+    return name in (PYTORCH_WEIGHTS, PYTORCH_INDEX) or bool(_PYTORCH_SHARD_RE.match(name))
+
+
 def is_pickle(name: str) -> bool:
     """Whether a file holds pickle-based weights, which are never loaded."""
     return any(fnmatch.fnmatch(name.lower(), pattern) for pattern in PICKLE_PATTERNS)
@@ -99,15 +112,19 @@ def check_config(raw: bytes, *, where: str) -> dict[str, Any]:
     return data
 
 
-def select_files(names: list[str], *, where: str) -> list[str]:
+def select_files(names: list[str], *, where: str, convert: bool = False) -> list[str]:
     """Pick the allowed files of a model source, refusing one with no safetensors weights.
 
     Args:
         names: every file name the source has (top level only; sub-folders are ignored).
         where: the source, for messages ("folder /x", "repo a/b@c").
+        convert: the caller converts PyTorch weights (isolation): a source without safetensors but
+            with ``pytorch_model.bin`` (or its index and shards) gets those picked too, for
+            :mod:`shared.refresh.weights_conversion`; any other pickle is still refused.
 
     Raises:
-        UnsafeModelError: no safetensors weights or no config.json; the message lists what is there.
+        UnsafeModelError: no safetensors weights (nor convertible ones) or no config.json; the
+            message lists what is there.
     """
     top_level = [n for n in names if "/" not in n]
     chosen = sorted(n for n in top_level if is_allowed(n))
@@ -115,17 +132,35 @@ def select_files(names: list[str], *, where: str) -> list[str]:
         found = f"it has only {', '.join(sorted(top_level)[:5])}" if top_level else "it is empty"
         raise UnsafeModelError(f"{where} is not a model folder ({found}); {MODEL_FILES_NEEDED}")
     if not any(n.endswith(".safetensors") for n in chosen):
-        pickles = sorted(n for n in top_level if is_pickle(n))
-        found = ", ".join(pickles) if pickles else "no weights"
-        raise UnsafeModelError(
-            f"{where} has no safetensors weights (found {found}); only safetensors are isolated. "
-            "Convert the weights to safetensors or pick a revision that has them."
-        )
+        weights = _convertible_weights(top_level) if convert else []
+        if not weights:
+            pickles = sorted(n for n in top_level if is_pickle(n))
+            found = ", ".join(pickles) if pickles else "no weights"
+            how = (
+                "only safetensors are isolated, and a pytorch_model.bin (or its index and shards) is converted to them; "
+                "any other pickle, TensorFlow or Flax weights are not"
+                if convert
+                else "only safetensors are loaded"
+            )
+            raise UnsafeModelError(
+                f"{where} has no safetensors weights (found {found}); {how}. Convert the weights to safetensors or pick a revision "
+                "that has them."
+            )
+        chosen = sorted([*chosen, *weights])
     if "config.json" not in chosen:
         raise UnsafeModelError(f"{where} has no config.json")
     if not any(n in chosen for n in _TOKENIZER_VOCABULARIES):
         raise UnsafeModelError(f"{where} has no tokenizer files ({', '.join(_TOKENIZER_VOCABULARIES)})")
     return chosen
+
+
+def _convertible_weights(names: list[str]) -> list[str]:
+    """``pytorch_model.bin`` alone, else the index and the shards, else nothing."""
+    if PYTORCH_WEIGHTS in names:
+        return [PYTORCH_WEIGHTS]
+    if PYTORCH_INDEX in names:
+        return [PYTORCH_INDEX, *(n for n in names if _PYTORCH_SHARD_RE.match(n))]
+    return []
 
 
 @dataclass(frozen=True)
@@ -182,6 +217,13 @@ class Manifest:
     # files made at isolation rather than copied (a tokenizer.json converted from the slow
     # tokenizer's files): name -> {"from": [source files], "by": "transformers X.Y.Z", ...}
     derived: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # "passed": the staged version answered the canary before it was published; "skipped": published
+    # without (--skip-canary); "" for manifests written before this was recorded
+    canary: str = ""
+    # where the files were read (empty for the Hub, whose source and commit name them): for a
+    # container {"kind": "blob", "account", "endpoint", "container", "prefix",
+    # "blobs": {name: {"etag", "last_modified", "size"}}}; never a key or a SAS token
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -194,19 +236,23 @@ class Manifest:
         raise KeyError(name)
 
     def to_json(self) -> bytes:
+        """The sealed record (:mod:`shared.store.records`)."""
         data = asdict(self)
         data["files"] = [asdict(f) for f in self.files]
-        return json.dumps(data, indent=2, sort_keys=True).encode()
+        return seal(data, kind="manifest")
 
     @classmethod
-    def from_json(cls, raw: bytes, *, revision: str) -> Manifest:
-        """Parse and check a manifest read from storage.
+    def from_json(cls, raw: bytes, *, revision: str, repair: str = "") -> Manifest:
+        """Parse and check a manifest read from storage (``repair``: the command that rewrites it).
 
         Raises:
-            IntegrityError: malformed JSON, wrong revision, unsafe or duplicate file names.
+            RecordDamagedError: not the manifest of ``revision`` (damaged bytes, a checksum that does
+                not match, another shape, another revision, unsafe or duplicate file names).
         """
+        record = f"manifest.json of version {revision}"
+        repair = repair or version_repair(revision)
+        data = unseal(raw, kind="manifest", record=record, repair=repair).data
         try:
-            data = json.loads(raw)
             files = tuple(FileEntry(name=f["name"], size=f["size"], sha256=f["sha256"]) for f in data["files"])
             manifest = cls(
                 model_id=str(data["model_id"]),
@@ -219,21 +265,52 @@ class Manifest:
                 libraries=dict(data.get("libraries", {})),
                 format=int(data.get("format", FORMAT_VERSION)),
                 derived={str(name): dict(facts) for name, facts in data.get("derived", {}).items()},
+                canary=str(data.get("canary", "")),
+                provenance=dict(data.get("provenance", {})),
             )
-        except IntegrityError:
-            raise
-        except (ValueError, KeyError, TypeError) as err:
-            raise IntegrityError(f"manifest.json of version {revision} is malformed") from err
+        except (ValueError, KeyError, TypeError, AttributeError, IntegrityError) as err:
+            what = err.message if isinstance(err, IntegrityError) else "it is not a manifest (a field is missing or of the wrong type)"
+            raise shape_error(record, repair, what) from None
         if manifest.revision != revision:
-            raise IntegrityError(f"manifest.json under {revision} names revision {manifest.revision}")
+            raise shape_error(record, repair, f"it names revision {manifest.revision}")
         if not set(manifest.derived) <= {f.name for f in files}:
-            raise IntegrityError(f"manifest.json of version {revision} marks a file derived that it does not list")
+            raise shape_error(record, repair, "it marks a file derived that it does not list")
         if len({f.name for f in files}) != len(files):
-            raise IntegrityError(f"manifest.json of version {revision} lists a file twice")
+            raise shape_error(record, repair, "it lists a file twice")
         for entry in files:
             if not is_allowed(entry.name):
-                raise IntegrityError(f"manifest.json of version {revision} lists a file that is not allowed: {entry.name!r}")
+                raise shape_error(record, repair, f"it lists a file that is not allowed: {entry.name!r}")
         return manifest
+
+
+def version_repair(
+    revision: str,
+    source: str | None = None,
+    source_revision: str | None = None,
+    *,
+    model_id: str | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> str:
+    """The command that rewrites a version's files and manifest from where it came: the Hub at its
+    commit, the local folder, or the container it was adopted from (``source``: the manifest's, when
+    known; else guessed from the revision's form). With the manifest's ``model_id`` and
+    ``provenance``, the command names them (a local source is stored under the id it is given)."""
+    named = f" --model-id {model_id}" if model_id else ""
+    if source == "blob":
+        where = provenance or {}
+        if not where.get("container"):
+            return "python -m shared adopt --repair (with the --container and --prefix it was adopted from)"
+        prefix = f" --prefix {str(where['prefix']).rstrip('/')}" if where.get("prefix") else ""
+        return (
+            f"python -m shared adopt --repair --container {where['container']}{prefix}{named} "
+            f"(from account {where.get('account', '?')}: AZURE_STORAGE_CONNECTION_STRING or --account-url)"
+        )
+    if source == "local" or (source is None and revision.startswith("local-")):
+        return (
+            f"python -m shared isolate --repair --from-dir DIR{named} (the folder it was isolated from), "
+            "or python -m shared adopt --repair for an adopted container"
+        )
+    return f"python -m shared isolate --repair --revision {source_revision or revision}"
 
 
 @dataclass(frozen=True)
@@ -248,6 +325,7 @@ class Pointer:
     etag: str | None = field(default=None, compare=False)
 
     def to_json(self) -> bytes:
+        """The sealed record (:mod:`shared.store.records`)."""
         data: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "model_id": self.model_id,
@@ -256,24 +334,30 @@ class Pointer:
             "pinned": self.pinned,
             "updated_at": self.updated_at,
         }
-        return json.dumps(data, indent=2).encode()
+        return seal(data, kind="pointer")
 
     @classmethod
-    def from_json(cls, raw: bytes, *, etag: str | None) -> Pointer:
+    def from_json(cls, raw: bytes, *, etag: str | None, record: str = "current.json") -> Pointer:
+        """Parse and check ``current.json`` (or one of its history entries, ``record``).
+
+        Raises:
+            RecordDamagedError: damaged bytes, a checksum that does not match, or another shape.
+        """
+        data = unseal(raw, kind="pointer", record=record, repair=POINTER_REPAIR).data
         try:
-            data = json.loads(raw)
+            previous = data["previous"]  # every pointer this app wrote has both
+            if not isinstance(previous, list) or not isinstance(data["pinned"], bool) or "files" in data:
+                raise TypeError("previous or pinned")
             return cls(
                 model_id=str(data["model_id"]),
                 revision=check_revision(data["revision"]),
-                previous=tuple(check_revision(r) for r in data.get("previous", [])),
-                pinned=bool(data.get("pinned", False)),
+                previous=tuple(check_revision(r) for r in previous),
+                pinned=data["pinned"],
                 updated_at=str(data.get("updated_at", "")),
                 etag=etag,
             )
-        except IntegrityError:
-            raise
-        except (ValueError, KeyError, TypeError) as err:
-            raise IntegrityError("current.json is malformed") from err
+        except (ValueError, KeyError, TypeError, AttributeError, IntegrityError):
+            raise shape_error(record, POINTER_REPAIR, "it is not a pointer (a field is missing or of the wrong type)") from None
 
     def moved_to(self, revision: str, *, pinned: bool, history: int = 20) -> Pointer:
         """A new pointer at ``revision`` with this one's revision first in ``previous``."""

@@ -1,41 +1,51 @@
 """Versioned, verified model versions in one Blob container.
 
-Layout (DESIGN.md)::
+Layout (docs/architecture.md, docs/storage.md)::
 
     {model_id}/versions/{revision}/{file}      the files; each blob's metadata keeps its sha256
     {model_id}/versions/{revision}/manifest.json  written last: without it a version is incomplete
     {model_id}/versions/{revision}/onnx/{variant}/...  serving artifacts (shared.loading.onnx_artifacts), not in the manifest
     {model_id}/current.json                    the pointer, replaced with If-Match on its ETag
+    {model_id}/pointer-history/{time}.json     every value the pointer took, newest last: its way back
     {model_id}/refresh.lock                    leased by the one writer at work
     {model_id}/last-refresh.json               outcome of the last refresh
+
+Every JSON record is sealed with a checksum of its own content (:mod:`shared.store.records`). A
+damaged record damages what it describes and nothing else: a damaged manifest, its version; a
+damaged or missing ``current.json``, only the pointer, whose last value the history keeps
+(:meth:`ModelStore.read_pointer_state`); a damaged ``last-refresh.json``, only the last outcome.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.storage.blob import BlobClient, ContainerClient
 
 from ..errors import (
+    ConflictError,
     IntegrityError,
     NotFoundError,
     PreconditionFailedError,
+    QAError,
+    RecordDamagedError,
     StorageUnavailableError,
 )
 from ..settings import Settings
 from .lease import RefreshLock
-from .model_files import FileEntry, Manifest, Pointer, check_file_name, check_revision, utc_now
-from .storage import container_client, storage_errors
+from .model_files import POINTER_REPAIR, FileEntry, Manifest, Pointer, check_file_name, check_revision, utc_now, version_repair
+from .records import seal, unseal
+from .status import ArtifactListing, LastRefresh, PointerStatus, RecordDamage, StoreStatus, VersionStatus, is_refresh_record
+from .storage import QUICK, container_client, storage_errors
 from .transfer import BlobChangedError, Progress, _noop, download_ranges, upload_blocks
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,9 @@ MANIFEST = "manifest.json"
 POINTER = "current.json"
 LOCK = "refresh.lock"
 LAST_REFRESH = "last-refresh.json"
+LAST_REFRESH_REPAIR = "python -m shared repair (removes it), or nothing: the next refresh writes it anew"
+POINTER_HISTORY = "pointer-history"
+HISTORY_KEEP = 50
 INCOMPLETE_GRACE = dt.timedelta(days=1)
 CHANGED_RETRIES = 2
 MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 15, 60  # what Blob Storage accepts for a fixed-duration lease
@@ -59,6 +72,36 @@ class VersionInfo:
     bytes: int
     last_modified: dt.datetime
     folder_blobs: tuple[str, ...] = ()  # blobs in sub-folders of the version (derived files: artifacts), relative paths
+
+
+@dataclass(frozen=True)
+class PointerState:
+    """``current.json`` as found.
+
+    ``pointer``: the intact pointer (``None`` when it is damaged or missing). ``etag``: the blob's
+    ETag as found, damaged or not, for the If-Match of its rewrite. ``damage``: why it cannot be
+    trusted (also set when it is missing while versions are stored). ``history``: then, the newest
+    intact value the pointer's history recorded.
+    """
+
+    pointer: Pointer | None = None
+    etag: str | None = None
+    damage: RecordDamage | None = None
+    history: Pointer | None = None
+
+    @property
+    def effective(self) -> Pointer | None:
+        """The pointer to go by: current.json when intact, else its last recorded value."""
+        return self.pointer or self.history
+
+    @property
+    def empty(self) -> bool:
+        """No pointer was ever written: no current.json and no history of one (nothing damaged)."""
+        return self.pointer is None and self.damage is None
+
+
+# a version's artifacts and their damage, given the version and its manifest (None: incomplete or damaged)
+DescribeVersion = Callable[[VersionInfo, Manifest | None], tuple[dict[str, ArtifactListing], list[RecordDamage]]]
 
 
 class ModelStore:
@@ -86,9 +129,12 @@ class ModelStore:
         self.lease_seconds = lease_seconds
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, serving: bool = False, model_id: str | None = None) -> ModelStore:
-        """The store the settings describe (``serving``: short timeouts, few retries)."""
-        client = container_client(settings.require_storage(), settings.container, serving=serving)
+    def from_settings(
+        cls, settings: Settings, *, serving: bool = False, profile: str | None = None, model_id: str | None = None
+    ) -> ModelStore:
+        """The store the settings describe, with a storage ``profile`` (``serving``: short timeouts, few
+        retries, also given as ``serving=True``; ``command``: a terminal's; default ``worker``: patient)."""
+        client = container_client(settings.require_storage(), settings.container, profile=profile or ("serving" if serving else "worker"))
         return cls(
             client,
             model_id or settings.model_id,
@@ -123,21 +169,47 @@ class ModelStore:
             except ResourceExistsError:
                 pass
 
-    # --- small JSON blobs ------------------------------------------------------------------
+    # --- small JSON records ----------------------------------------------------------------
 
-    def _read_json_blob(self, name: str) -> tuple[bytes, str] | None:
+    def _read_record(self, name: str, *, fast: bool = False) -> tuple[bytes, str, dict[str, str]] | None:
+        """A small JSON record's bytes, ETag and metadata, or ``None`` when the blob is absent."""
         blob = self.container.get_blob_client(name)
         with storage_errors(f"reading {name.rsplit('/', 1)[-1]}"):
             try:
-                downloader = blob.download_blob()
+                downloader = blob.download_blob(**(QUICK if fast else {}))
             except ResourceNotFoundError:
                 return None
             # small JSON documents (a few KB); model files are never read this way
-            return downloader.readall(), downloader.properties.etag
+            return downloader.readall(), str(downloader.properties.etag), dict(downloader.properties.metadata or {})
+
+    def read_pointer_state(self) -> PointerState:
+        """``current.json`` as it is: intact, damaged or missing, with the pointer's last recorded
+        value from its history when it cannot be trusted (see :class:`PointerState`)."""
+        found = self._read_record(self._path(POINTER))
+        damage = None
+        if found is not None:
+            raw, etag, _ = found
+            try:
+                return PointerState(pointer=Pointer.from_json(raw, etag=etag), etag=etag)
+            except RecordDamagedError as err:
+                damage = RecordDamage(POINTER, err.message, err.repair)
+                log.warning("current.json of %s is damaged: %s", self.model_id, err.message)
+        history = self.pointer_history(limit=1)
+        if found is None:
+            if not history:
+                # never published (a first refresh may have stopped between its manifest and the pointer)
+                return PointerState()
+            damage = RecordDamage(POINTER, "current.json is missing (its history keeps its last value)", POINTER_REPAIR)
+            log.warning("current.json of %s is missing; its history keeps its last value", self.model_id)
+        return PointerState(etag=found[1] if found else None, damage=damage, history=history[0] if history else None)
 
     def read_pointer(self) -> Pointer | None:
-        """``current.json`` with its ETag, or ``None`` when no version was published yet."""
-        found = self._read_json_blob(self._path(POINTER))
+        """``current.json`` with its ETag, or ``None`` when it is absent.
+
+        Raises:
+            RecordDamagedError: it is damaged (use :meth:`read_pointer_state` to go on without it).
+        """
+        found = self._read_record(self._path(POINTER))
         return None if found is None else Pointer.from_json(found[0], etag=found[1])
 
     def pointer_etag(self) -> str | None:
@@ -148,21 +220,22 @@ class ModelStore:
             except ResourceNotFoundError:
                 return None
 
-    def write_pointer(self, pointer: Pointer, *, replacing: Pointer | None) -> Pointer:
-        """Write ``current.json``: If-None-Match * the first time, If-Match on ``replacing.etag`` after.
+    def write_pointer(self, pointer: Pointer, *, replacing: Pointer | None, etag: str | None = None) -> Pointer:
+        """Write ``current.json``: If-None-Match * the first time, If-Match on ``replacing.etag``
+        (or ``etag``: the ETag of a damaged pointer being rewritten) after; then note the new value
+        in the pointer's history.
 
         Raises:
             PreconditionFailedError: someone else changed (or created) the pointer meanwhile.
         """
         blob = self.container.get_blob_client(self._path(POINTER))
+        match = replacing.etag if replacing is not None else etag
         try:
             with storage_errors("writing current.json"):
-                if replacing is None:
+                if match is None:
                     result = blob.upload_blob(pointer.to_json(), overwrite=False)
                 else:
-                    result = blob.upload_blob(
-                        pointer.to_json(), overwrite=True, etag=replacing.etag, match_condition=MatchConditions.IfNotModified
-                    )
+                    result = blob.upload_blob(pointer.to_json(), overwrite=True, etag=match, match_condition=MatchConditions.IfNotModified)
         except StorageUnavailableError as err:
             cause = err.__cause__
             if isinstance(cause, (ResourceExistsError, ResourceModifiedError)) or (
@@ -171,50 +244,155 @@ class ModelStore:
                 raise PreconditionFailedError("current.json changed while this writer worked; nothing was overwritten") from cause
             raise
         log.info("Pointer of %s now at %s (pinned=%s)", self.model_id, pointer.revision, pointer.pinned)
-        return Pointer(
-            model_id=pointer.model_id,
-            revision=pointer.revision,
-            previous=pointer.previous,
-            pinned=pointer.pinned,
-            updated_at=pointer.updated_at,
-            etag=str(result["etag"]),
-        )
+        written = replace(pointer, etag=str(result["etag"]))
+        self._note_in_history(written)
+        return written
+
+    def _note_in_history(self, pointer: Pointer) -> None:
+        """Keep the pointer's new value in its history (newest :data:`HISTORY_KEEP` entries). Best
+        effort: current.json is already written, and a missed entry only makes the way back one
+        step shorter."""
+        name = self._path(POINTER_HISTORY, f"{_history_stamp()}.json")
+        try:
+            with storage_errors("writing the pointer's history"):
+                self.container.get_blob_client(name).upload_blob(pointer.to_json(), overwrite=False)
+                names = sorted(b.name for b in self.container.list_blobs(name_starts_with=self._path(POINTER_HISTORY) + "/"))
+                for old in names[:-HISTORY_KEEP]:
+                    self.container.delete_blob(old)
+        except (QAError, ResourceNotFoundError, ResourceExistsError) as err:
+            log.warning("Could not note the pointer's new value in its history: %s", getattr(err, "message", type(err).__name__))
+
+    def pointer_history(self, *, limit: int = HISTORY_KEEP) -> list[Pointer]:
+        """The pointer's recorded values, newest first, damaged entries skipped (``limit``: at most)."""
+        prefix = self._path(POINTER_HISTORY) + "/"
+        with storage_errors("listing the pointer's history"):
+            try:
+                names = sorted((b.name for b in self.container.list_blobs(name_starts_with=prefix)), reverse=True)
+            except ResourceNotFoundError:
+                return []
+        found: list[Pointer] = []
+        for name in names:
+            record = self._read_record(name)
+            if record is None:
+                continue
+            try:
+                found.append(Pointer.from_json(record[0], etag=None, record=f"the pointer's history entry {name.rsplit('/', 1)[-1]}"))
+            except RecordDamagedError as err:
+                log.warning("Skipping a damaged entry of the pointer's history: %s", err.message)
+                continue
+            if len(found) >= limit:
+                break
+        return found
 
     def read_manifest(self, revision: str) -> Manifest | None:
-        """The manifest of ``revision``, or ``None`` when the version is absent or incomplete."""
-        found = self._read_json_blob(self.version_prefix(revision) + MANIFEST)
-        return None if found is None else Manifest.from_json(found[0], revision=revision)
+        """The manifest of ``revision``, or ``None`` when the version is absent or incomplete.
+
+        Raises:
+            RecordDamagedError: the manifest is damaged; the message names the version and how to
+                rewrite it from its source.
+        """
+        manifest, damage = self.manifest_state(revision)
+        if damage is not None:
+            raise RecordDamagedError(damage.message, record=damage.record, repair=damage.repair)
+        return manifest
+
+    def manifest_state(self, revision: str) -> tuple[Manifest | None, RecordDamage | None]:
+        """The manifest of ``revision`` and ``None``, or ``None`` and what is wrong with it (or
+        ``(None, None)``: no manifest, an incomplete or absent version)."""
+        found = self._read_record(self.version_prefix(revision) + MANIFEST)
+        if found is None:
+            return None, None
+        raw, _, metadata = found
+        adopted: dict[str, Any] = {key: metadata[key] for key in ("account", "container", "prefix") if key in metadata}
+        repair = version_repair(
+            revision, metadata.get("source"), metadata.get("source_revision"), model_id=self.model_id, provenance=adopted
+        )
+        try:
+            return Manifest.from_json(raw, revision=revision, repair=repair), None
+        except RecordDamagedError as err:
+            log.warning("manifest.json of version %s of %s is damaged: %s", revision, self.model_id, err.message)
+            return None, RecordDamage(err.record, err.message, err.repair)
 
     def require_manifest(self, revision: str) -> Manifest:
         manifest = self.read_manifest(revision)
         if manifest is None:
-            raise NotFoundError(f"Version {revision} of {self.model_id} is not a complete version in this container")
+            raise NotFoundError(
+                f"Version {revision} of {self.model_id} is not a complete version in this container (python -m shared status lists them)"
+            )
         return manifest
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        """Write ``manifest.json`` with If-None-Match *: a complete version never changes."""
+    def write_manifest(self, manifest: Manifest, *, replacing_etag: str | None = None) -> None:
+        """Write ``manifest.json`` with If-None-Match *: a complete version never changes; except a
+        damaged manifest, rewritten from the version's source with If-Match on the damaged blob's
+        ``replacing_etag``. A few facts go into the blob's metadata too, so that the repair of a
+        damaged manifest can still be named."""
         blob = self.file_blob(manifest.revision, MANIFEST)
+        facts = {"source": manifest.source, "source_revision": manifest.source_revision or "", "isolated_at": manifest.isolated_at}
+        facts.update({key: str(manifest.provenance[key]) for key in ("account", "container", "prefix") if manifest.provenance.get(key)})
+        metadata = {key: value for key, value in facts.items() if value and value.isascii() and "\n" not in value}
         try:
             with storage_errors("writing manifest.json"):
-                blob.upload_blob(manifest.to_json(), overwrite=False)
+                if replacing_etag is None:
+                    blob.upload_blob(manifest.to_json(), overwrite=False, metadata=metadata)
+                else:
+                    blob.upload_blob(
+                        manifest.to_json(),
+                        overwrite=True,
+                        metadata=metadata,
+                        etag=replacing_etag,
+                        match_condition=MatchConditions.IfNotModified,
+                    )
         except StorageUnavailableError as err:
             if isinstance(err.__cause__, ResourceExistsError):
                 raise IntegrityError(f"Version {manifest.revision} already has a manifest; versions are immutable") from err
+            if isinstance(err.__cause__, ResourceModifiedError):
+                raise PreconditionFailedError(
+                    f"manifest.json of {manifest.revision} changed while it was repaired; nothing was overwritten"
+                ) from err
             raise
 
-    def read_last_refresh(self) -> dict[str, Any] | None:
-        found = self._read_json_blob(self._path(LAST_REFRESH))
-        if found is None:
-            return None
-        try:
-            data = json.loads(found[0])
-        except ValueError:
-            return None
-        return data if isinstance(data, dict) else None
+    def manifest_facts(self, revision: str) -> dict[str, str]:
+        """What the metadata of a version's ``manifest.json`` keeps (source, source revision, isolation
+        time; an adopted container's account, container and prefix): readable when its content is
+        damaged. Empty when absent, or written by an older app."""
+        with storage_errors("checking manifest.json"):
+            try:
+                return dict(self.file_blob(revision, MANIFEST).get_blob_properties().metadata or {})
+            except ResourceNotFoundError:
+                return {}
 
-    def write_last_refresh(self, record: dict[str, Any]) -> None:
+    def manifest_etag(self, revision: str) -> str | None:
+        """The ETag of a version's ``manifest.json`` (a HEAD), ``None`` when there is none."""
+        with storage_errors("checking manifest.json"):
+            try:
+                return str(self.file_blob(revision, MANIFEST).get_blob_properties().etag)
+            except ResourceNotFoundError:
+                return None
+
+    def last_refresh_state(self) -> tuple[dict[str, Any] | None, RecordDamage | None]:
+        """``last-refresh.json``'s record, or what is wrong with it (the next refresh rewrites it)."""
+        found = self._read_record(self._path(LAST_REFRESH))
+        if found is None:
+            return None, None
+        try:
+            record = unseal(found[0], kind="last-refresh", record=LAST_REFRESH, repair=LAST_REFRESH_REPAIR).data
+        except RecordDamagedError as err:
+            log.warning("last-refresh.json of %s is damaged: %s", self.model_id, err.message)
+            return None, RecordDamage(LAST_REFRESH, err.message, err.repair)
+        if not is_refresh_record(record):
+            return None, RecordDamage(LAST_REFRESH, f"{LAST_REFRESH} is damaged: it is not a refresh record", LAST_REFRESH_REPAIR)
+        return record, None
+
+    def read_last_refresh(self) -> dict[str, Any] | None:
+        """``last-refresh.json``'s record; ``None`` when there is none or it is damaged."""
+        return self.last_refresh_state()[0]
+
+    def write_last_refresh(self, record: dict[str, Any], *, fast: bool = False) -> None:
+        """Write ``last-refresh.json`` (sealed); ``fast``: one attempt with short timeouts, for a record
+        written after storage already failed (the command must end, not retry for minutes)."""
         with storage_errors("writing last-refresh.json"):
-            self.container.get_blob_client(self._path(LAST_REFRESH)).upload_blob(json.dumps(record, indent=2).encode(), overwrite=True)
+            blob = self.container.get_blob_client(self._path(LAST_REFRESH))
+            blob.upload_blob(seal(record, kind="last-refresh"), overwrite=True, **(QUICK if fast else {}))
 
     # --- versions --------------------------------------------------------------------------
 
@@ -337,6 +515,7 @@ class ModelStore:
                     into=into,
                     sink=sink,
                     progress=progress,
+                    recorded_in="the manifest" if blob is None else "its artifact record",
                 )
                 return
             except BlobChangedError as err:
@@ -348,9 +527,7 @@ class ModelStore:
             except IntegrityError as err:
                 raise IntegrityError(f"Version {revision}: {err.message}") from err
 
-    def read_file(
-        self, revision: str, entry: FileEntry, *, progress: Progress = _noop, blob: BlobClient | None = None
-    ) -> bytearray:
+    def read_file(self, revision: str, entry: FileEntry, *, progress: Progress = _noop, blob: BlobClient | None = None) -> bytearray:
         """The bytes of one file (or of ``blob``, an artifact's) in memory, sha256 checked while they stream in.
 
         Raises:
@@ -438,47 +615,162 @@ class ModelStore:
         return self.move_pointer(manifest.revision, pinned=pinned)
 
     def move_pointer(self, revision: str, *, pinned: bool) -> Pointer:
-        """Point ``current.json`` at the complete version ``revision``. Call under :meth:`lock`."""
+        """Point ``current.json`` at the complete version ``revision``. Call under :meth:`lock`.
+
+        A damaged or missing ``current.json`` is replaced, its history continued from its last
+        recorded value."""
         self.require_manifest(revision)
-        current = self.read_pointer()
-        if current is None:
-            return self.write_pointer(Pointer(model_id=self.model_id, revision=revision, pinned=pinned), replacing=None)
-        return self.write_pointer(current.moved_to(revision, pinned=pinned), replacing=current)
+        state = self.read_pointer_state()
+        base = state.effective
+        pointer = (
+            Pointer(model_id=self.model_id, revision=revision, pinned=pinned) if base is None else base.moved_to(revision, pinned=pinned)
+        )
+        return self.write_pointer(pointer, replacing=state.pointer, etag=state.etag)
+
+    def intact_versions(self) -> list[Manifest]:
+        """The manifests of the complete versions whose manifest is intact, newest isolation first."""
+        manifests = [m for m in (self.manifest_state(r)[0] for r in self.complete_revisions()) if m is not None]
+        return sorted(manifests, key=lambda m: _isolated_at(m.isolated_at), reverse=True)
 
     def publication_order(self) -> list[Manifest]:
-        """The complete versions' manifests, newest isolation first."""
-        manifests = [m for m in (self.read_manifest(r) for r in self.complete_revisions()) if m is not None]
-        return sorted(manifests, key=lambda m: _isolated_at(m.isolated_at), reverse=True)
+        """The intact complete versions' manifests, newest isolation first (damaged ones skipped)."""
+        return self.intact_versions()
+
+    def serving_order(self, state: PointerState) -> list[str]:
+        """The revisions serving may load, best first: the pointer's own (or, when it is damaged or
+        missing, its last recorded value), then the earlier values of its history, newest first, then
+        any other intact complete version, newest isolation first. Versions that passed their canary
+        come before those published with ``--skip-canary``."""
+        intact = self.intact_versions()
+        by_revision = {m.revision: m for m in intact}
+        base = state.effective
+        history = [] if base is None else [base.revision, *base.previous]
+        order = [r for r in dict.fromkeys(history) if r in by_revision]
+        order += [m.revision for m in intact if m.revision not in order]
+        return sorted(order, key=lambda r: by_revision[r].canary == "skipped")  # stable: keeps the order within each tier
 
     def rollback(self, to: str | None = None) -> Pointer:
         """Point back at ``to``, or at the complete version isolated just before the current one, and pin it.
 
         Repeated rollbacks walk back in publication order (v3 -> v2 -> v1), never flip between two.
+        A damaged or missing ``current.json`` is rewritten (it is the way to repair it by hand);
+        versions whose manifest is damaged are never a target.
 
         Raises:
             RefreshAlreadyRunningError: a refresh holds the lock.
             NotFoundError: nothing isolated yet, ``to`` is not a complete version, or there is
                 no earlier complete version.
+            ConflictError: ``to`` is a version whose manifest is damaged (repair it first).
         """
-        if self.read_pointer() is None:  # before the lock: an empty store (no container) stays untouched
+        if self.read_pointer_state().empty:  # before the lock: an empty store (no container) stays untouched
             raise NotFoundError("Nothing has been isolated yet: there is nothing to roll back")
         with self.lock():
-            current = self.read_pointer()
-            if current is None:
-                raise NotFoundError("Nothing has been isolated yet: there is nothing to roll back")
-            order = [m.revision for m in self.publication_order()]
+            state = self.read_pointer_state()
+            base = state.effective
+            order = [m.revision for m in self.intact_versions()]
             if to is None:
-                earlier = order[order.index(current.revision) + 1 :] if current.revision in order else order
+                if base is None or base.revision not in order:
+                    earlier = order if base is None or state.damage is None else [r for r in order if r != base.revision]
+                else:
+                    earlier = order[order.index(base.revision) + 1 :]
                 if not earlier:
-                    raise NotFoundError(f"There is no complete version isolated before {current.revision}: nothing earlier to roll back to")
+                    what = base.revision if base is not None else "the current version"
+                    raise NotFoundError(
+                        f"There is no intact complete version isolated before {what}: nothing earlier to roll back to "
+                        "(python -m shared status lists the versions, and the repair of a damaged one)"
+                    )
                 target = earlier[0]
             else:
                 target = check_revision_arg(to)
                 if target not in order:
-                    raise NotFoundError(f"Version {target} is not a complete version of {self.model_id}")
-            pointer = self.write_pointer(current.moved_to(target, pinned=True), replacing=current)
-        log.info("Rolled %s back from %s to %s", self.model_id, current.revision, target)
+                    _, damage = self.manifest_state(target)
+                    if damage is not None:
+                        raise ConflictError(f"Version {target} cannot be made current: {damage.message}; repair it first: {damage.repair}")
+                    raise NotFoundError(
+                        f"Version {target} is not a complete version of {self.model_id} (python -m shared status lists them)"
+                    )
+            moved = Pointer(model_id=self.model_id, revision=target, pinned=True) if base is None else base.moved_to(target, pinned=True)
+            pointer = self.write_pointer(moved, replacing=state.pointer, etag=state.etag)
+        log.info("Rolled %s back from %s to %s", self.model_id, base.revision if base else None, target)
         return pointer
+
+    def repair_pointer(self) -> tuple[Pointer | None, str]:
+        """Rewrite a damaged, missing or dangling ``current.json``: its last recorded value (from its
+        history) when that version is intact, else the first intact version of :meth:`serving_order`;
+        the pin is kept as recorded. Call under :meth:`lock`.
+
+        Returns:
+            The pointer now in place (``None``: nothing isolated) and one line saying what was done.
+        """
+        state = self.read_pointer_state()
+        if state.empty:
+            return None, "nothing isolated yet: there is no pointer to repair"
+        order = self.serving_order(state)
+        base = state.effective
+        if state.pointer is not None and state.pointer.revision in order:
+            return state.pointer, f"current.json is intact and points at the intact version {state.pointer.revision}: nothing to repair"
+        if not order:
+            raise NotFoundError("No intact complete version is stored: repair a version first (python -m shared verify names how)")
+        target = order[0]
+        if base is None:
+            pointer = Pointer(model_id=self.model_id, revision=target)
+        elif base.revision == target:
+            pointer = Pointer(model_id=self.model_id, revision=target, previous=base.previous, pinned=base.pinned)
+        else:
+            pointer = base.moved_to(target, pinned=base.pinned)
+        written = self.write_pointer(pointer, replacing=state.pointer, etag=state.etag)
+        if state.pointer is None:
+            was = "damaged" if state.damage is not None and "missing" not in state.damage.message else "missing"
+            how = "its last recorded value" if base is not None and base.revision == target else "the newest intact version"
+            return written, f"current.json was {was}: rewritten at {target} ({how}{', pinned' if written.pinned else ''})"
+        return written, f"current.json pointed at {state.pointer.revision}, which is not an intact version: now at {target}"
+
+    def repair_last_refresh(self) -> str:
+        """Remove a damaged ``last-refresh.json`` (its outcome is lost either way; the next refresh
+        writes a new one). Call under :meth:`lock`. Returns one line saying what was done."""
+        found = self._read_record(self._path(LAST_REFRESH))
+        if found is None or self.last_refresh_state()[1] is None:
+            return "last-refresh.json is intact (or absent): nothing to repair"
+        with storage_errors("removing the damaged last-refresh.json"):
+            try:
+                blob = self.container.get_blob_client(self._path(LAST_REFRESH))
+                blob.delete_blob(etag=found[1], match_condition=MatchConditions.IfNotModified)
+            except (ResourceNotFoundError, ResourceModifiedError):
+                return "last-refresh.json changed meanwhile (a refresh wrote it): nothing to repair"
+        return "last-refresh.json was damaged: removed (the next refresh writes a new one)"
+
+    def lock_damage(self) -> RecordDamage | None:
+        """A lease on ``refresh.lock`` that nobody will release (an infinite one: this app's last at
+        most 60 s), which keeps every writer out; ``None`` otherwise (a writer at work is no damage)."""
+        with storage_errors("checking refresh.lock"):
+            try:
+                lease = self.container.get_blob_client(self._path(LOCK)).get_blob_properties().lease
+            except ResourceNotFoundError:
+                return None
+        if lease.state == "leased" and lease.duration == "infinite":
+            return RecordDamage(
+                LOCK,
+                "refresh.lock holds an infinite lease, which this app never takes: no refresh, repair or rollback can run",
+                "python -m shared repair --break-lock (once you know no refresh is running)",
+            )
+        return None
+
+    def break_lock(self) -> str:
+        """Break the lease on ``refresh.lock`` (one nobody will release: an infinite lease taken by
+        hand). A writer at work then loses its lease and stops at its next step. Returns one line."""
+        from azure.storage.blob import BlobLeaseClient
+
+        blob = self.container.get_blob_client(self._path(LOCK))
+        with storage_errors("breaking the lease on refresh.lock"):
+            try:
+                state = blob.get_blob_properties().lease.state
+                if state != "leased":
+                    return f"refresh.lock is not leased ({state}): nothing to break"
+                BlobLeaseClient(blob).break_lease(lease_break_period=0)
+            except ResourceNotFoundError:
+                return "refresh.lock does not exist: nothing to break"
+        log.warning("Broke the lease on refresh.lock of %s", self.model_id)
+        return "refresh.lock: its lease was broken"
 
     def apply_retention(self, keep: int, *, now: dt.datetime | None = None) -> list[str]:
         """Delete old versions: keep the newest ``keep`` complete ones and always the current and
@@ -491,8 +783,8 @@ class ModelStore:
             The deleted revisions.
         """
         now = now or dt.datetime.now(dt.UTC)
-        pointer = self.read_pointer()
-        history = [] if pointer is None else [pointer.revision, *pointer.previous]
+        base = self.read_pointer_state().effective
+        history = [] if base is None else [base.revision, *base.previous]
         versions = self.list_versions()
         complete = {v.revision for v in versions if v.complete}
         ranked = [r for r in dict.fromkeys(history) if r in complete]
@@ -508,40 +800,82 @@ class ModelStore:
             deleted.append(version.revision)
         return deleted
 
-    def status(self, describe_version: Callable[[VersionInfo, Manifest | None], dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Pointer, versions and last refresh, as plain JSON-able data (an empty or missing
-        container reads as nothing isolated yet: ``pointer`` is ``None``). ``describe_version``
-        adds fields to each version's entry, given its manifest (``None`` while incomplete): the
-        artifacts code lists its artifacts so."""
-        pointer = self.read_pointer()
+    def status(self, describe_version: DescribeVersion | None = None) -> StoreStatus:
+        """Pointer, versions and last refresh, every damaged record listed with its repair (an empty
+        or missing container reads as nothing isolated yet: ``pointer`` is ``None``).
+        ``describe_version`` lists a version's artifacts and their damage, given its manifest
+        (``None`` while incomplete or damaged): the artifacts code fills it."""
+        state = self.read_pointer_state()
         versions = self.list_versions()
-        isolated = {v.revision: self.read_manifest(v.revision) for v in versions if v.complete}
-        extra = {v.revision: describe_version(v, isolated.get(v.revision)) for v in versions} if describe_version else {}
-        return {
-            "model_id": self.model_id,
-            "container": self.container.container_name,
-            "pointer": None
-            if pointer is None
-            else {
-                "revision": pointer.revision,
-                "previous": list(pointer.previous),
-                "pinned": pointer.pinned,
-                "updated_at": pointer.updated_at,
-            },
-            "versions": [
-                {
-                    "revision": v.revision,
-                    "complete": v.complete,
-                    "files": v.files,
-                    "bytes": v.bytes,
-                    "last_modified": v.last_modified.isoformat(timespec="seconds"),
-                    "isolated_at": manifest.isolated_at if (manifest := isolated.get(v.revision)) else None,
-                    **extra.get(v.revision, {}),
-                }
-                for v in versions
-            ],
-            "last_refresh": self.read_last_refresh(),
-        }
+        manifests: dict[str, Manifest | None] = {}
+        damages: dict[str, RecordDamage] = {}
+        for version in versions:
+            if version.complete:
+                manifests[version.revision], damage = self.manifest_state(version.revision)
+                if damage is not None:
+                    damages[version.revision] = damage
+        last, last_damage = self.last_refresh_state()
+        damage_list = [d for d in (state.damage, *damages.values(), last_damage, self.lock_damage()) if d is not None]
+        entries = []
+        for v in versions:
+            manifest = manifests.get(v.revision)
+            damage = damages.get(v.revision)
+            artifacts: dict[str, ArtifactListing] = {}
+            if describe_version is not None:
+                artifacts, artifact_damage = describe_version(v, manifest)
+                damage_list += artifact_damage
+            entries.append(
+                VersionStatus(
+                    revision=v.revision,
+                    state="damaged" if damage else "complete" if v.complete else "incomplete",
+                    complete=v.complete,
+                    files=v.files,
+                    bytes=v.bytes,
+                    last_modified=v.last_modified.isoformat(timespec="seconds"),
+                    isolated_at=manifest.isolated_at if manifest else None,
+                    problem=None if damage is None else damage.problem,
+                    repair=None if damage is None else damage.repair,
+                    artifacts=artifacts,
+                )
+            )
+        return StoreStatus(
+            model_id=self.model_id,
+            container=self.container.container_name,
+            pointer=self._pointer_status(state, {r for r, m in manifests.items() if m is not None}),
+            versions=tuple(entries),
+            last_refresh=None if last is None else LastRefresh.of(last),
+            damage=tuple(damage_list),
+        )
+
+    def _pointer_status(self, state: PointerState, intact: set[str]) -> PointerStatus | None:
+        """The ``pointer`` of :meth:`status`: current.json's values (or its last recorded ones) and its
+        ``state``: ``ok``, ``damaged``, ``missing`` or ``dangling`` (intact, but pointing at a
+        version that is gone or damaged)."""
+        if state.empty:
+            return None
+        base = state.effective
+        problem, repair = (state.damage.problem, state.damage.repair) if state.damage else (None, None)
+        kind: Literal["ok", "damaged", "missing", "dangling"] = "ok"
+        if state.damage is not None:
+            kind = "missing" if state.etag is None else "damaged"
+        elif base is not None and base.revision not in intact:
+            kind = "dangling"
+            problem = f"current.json points at {base.revision}, which is not an intact complete version"
+            repair = f"{POINTER_REPAIR}, or repair the version"
+        return PointerStatus(
+            state=kind,
+            revision=base.revision if base else None,
+            previous=tuple(base.previous) if base else (),
+            pinned=base.pinned if base else False,
+            updated_at=base.updated_at if base else None,
+            problem=problem,
+            repair=repair,
+        )
+
+
+def _history_stamp() -> str:
+    """A name that sorts in time order (microseconds, UTC) for a pointer history entry."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _isolated_at(value: str) -> dt.datetime:
@@ -560,4 +894,4 @@ def check_revision_arg(revision: str) -> str:
         raise NotFoundError(f"{revision!r} is not a stored revision (40 hex characters, or local- and 16 hex)") from None
 
 
-__all__ = ["ModelStore", "VersionInfo", "check_revision_arg", "utc_now"]
+__all__ = ["ModelStore", "PointerState", "RecordDamage", "VersionInfo", "check_revision_arg", "utc_now"]

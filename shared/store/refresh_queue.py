@@ -9,16 +9,31 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import InputError, StorageUnavailableError
 from ..settings import Settings
+from ..wire import wire_field
 from .model_files import utc_now
-from .storage import queue_client, storage_errors, with_endpoint
+from .storage import queue_client, storage_errors
 
 log = logging.getLogger(__name__)
 
 REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")  # a Hub branch, tag or commit
+# A revision a refresh may name: the pattern of check_hub_revision, and no ".." anywhere (it refuses those too).
+REFRESH_REVISION_PATTERN = "^(?!.*\\.\\.)" + REVISION_RE.pattern.removeprefix("^")
+
+
+@dataclass(frozen=True)
+class RefreshOptions:
+    """The body of ``POST /api/model/refresh`` (the document's ``RefreshRequest``): what the caller may ask."""
+
+    wire_description: ClassVar[str] = "`{{}}` or an empty body refreshes to MODEL_REVISION; at most {max_operator_body_bytes} bytes"
+
+    revision: str | None = wire_field("branch, tag or commit", default=None, optional=True, schema={"pattern": REFRESH_REVISION_PATTERN})
+    unpin: bool = wire_field("move a pinned pointer", default=False, optional=True)
+    repair: bool = wire_field("re-copy stored files whose bytes differ", default=False, optional=True)
+    build_artifacts: bool = wire_field("build missing ONNX artifacts", default=False, optional=True)
 
 
 @dataclass(frozen=True)
@@ -57,34 +72,20 @@ class RefreshRequest:
         return request
 
     @classmethod
-    def from_request(cls, data: dict[str, Any]) -> RefreshRequest:
-        """``POST /api/model/refresh`` body: ``{}`` or ``{"revision"?, "unpin"?, "repair"?, "build_artifacts"?}``.
+    def from_options(cls, options: RefreshOptions) -> RefreshRequest:
+        """The queued refresh of a ``POST /api/model/refresh`` body (checked against its schema).
 
         Naming a revision (or ``unpin: true``) moves a pinned pointer; a bare refresh respects it.
         ``repair`` re-copies the stored files of the revision whose bytes differ from the source;
         ``build_artifacts`` builds the serving artifacts a complete version lacks.
         """
-        unknown = sorted(set(data) - {"revision", "unpin", "repair", "build_artifacts"})
-        if unknown:
-            raise InputError(f"unknown field {unknown[0]!r}; allowed: revision, unpin, repair, build_artifacts", field=unknown[0])
-        revision = data.get("revision")
-        if revision is not None:
-            if not isinstance(revision, str):
-                raise InputError("'revision' must be a string (branch, tag or commit)", field="revision")
-            check_hub_revision(revision)
-        flags = {}
-        for name in ("unpin", "repair", "build_artifacts"):
-            value = data.get(name, False)
-            if not isinstance(value, bool):
-                raise InputError(f"'{name}' must be true or false", field=name)
-            flags[name] = value
         return cls(
-            revision=revision,
-            explicit=revision is not None or flags["unpin"],
+            revision=options.revision,
+            explicit=options.revision is not None or options.unpin,
             reason="http",
-            repair=flags["repair"],
-            build_artifacts=flags["build_artifacts"],
-            unpin=flags["unpin"],
+            repair=options.repair,
+            build_artifacts=options.build_artifacts,
+            unpin=options.unpin,
         )
 
 
@@ -95,15 +96,21 @@ def check_hub_revision(revision: str) -> str:
 
 
 def enqueue(settings: Settings, request: RefreshRequest) -> str:
-    """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id."""
+    """Put ``request`` on ``MODEL_REFRESH_QUEUE`` (created if missing); returns the message id.
+
+    Raises:
+        StorageUnavailableError: the queue's account (``AzureWebJobsStorage``, not the models') failed;
+            its ``service`` is ``queue``, so that a terminal can name that endpoint (HTTP callers get
+            no internal details).
+    """
     conn = settings.require_queue_storage()
     client = queue_client(conn, settings.refresh_queue)
     try:
         with storage_errors(f"queueing the refresh on {settings.refresh_queue}"):
             ensure_queue(client)
             message = client.send_message(request.to_bytes())
-    except StorageUnavailableError as err:  # the queue's account (AzureWebJobsStorage), not the models'
-        raise with_endpoint(err, conn, "queue") from err.__cause__
+    except StorageUnavailableError as err:
+        raise type(err)(err.message, service="queue") from err.__cause__
     log.info("Queued a refresh (%s, revision=%s, explicit=%s)", request.reason, request.revision, request.explicit)
     return str(message.id)
 

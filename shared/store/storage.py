@@ -1,10 +1,13 @@
 """Blob and Queue clients built from :class:`~shared.settings.StorageConnection`.
 
-Two profiles. The serving path (HTTP routes, the holder's loads, the CLI's probe) fails fast: an
+Three profiles. ``serving`` (HTTP routes, the holder's loads, the CLI's probe) fails fast: an
 explicit retry policy of one retry after one second, short connect and read timeouts, and longer
 read timeouts only for model ranges (:data:`RANGE_READ_TIMEOUT`), so that a request facing a dead
-or silent account answers within seconds. The refresh path keeps patient retries: it runs in a
-queue worker where minutes of waiting are cheaper than a failed 1.3 GB copy.
+or silent account answers within seconds. ``command`` (the command line's writes: isolate,
+build-artifacts, rollback) retries a little, then stops: a terminal is waiting. ``worker`` (the
+queue-triggered refresh) keeps patient retries: minutes of waiting are cheaper there than a failed
+1.3 GB copy. Whatever the profile, once storage has failed, the writes that only record the outcome
+(``last-refresh.json``, the lease's release) make one quick attempt (:data:`QUICK`).
 
 The storage SDK ignores azure-core's ``retry_backoff_factor``: its own ``ExponentialRetry``
 defaults wait 15 s then 18 s, hence the explicit ``retry_policy`` of each profile.
@@ -44,6 +47,14 @@ SERVING_BACKOFF = 1
 # An 8 MB range on a slow link needs longer than a small JSON read; passed per operation.
 RANGE_READ_TIMEOUT = 30
 REFRESH_OPTIONS: dict[str, Any] = {"connection_timeout": 20, "read_timeout": 120}
+# The command line: 3 attempts, 2 s apart; an unreachable account fails in about 5 s.
+COMMAND_CONNECT_TIMEOUT = 5
+COMMAND_READ_TIMEOUT = 10
+COMMAND_RETRIES = 2
+COMMAND_BACKOFF = 2
+# Per-operation options of a write made after storage already failed: one attempt, short timeouts.
+QUICK: dict[str, Any] = {"retry_total": 0, "connection_timeout": 3, "read_timeout": 3}
+PROFILES = ("serving", "command", "worker")
 
 
 def serving_budget_seconds() -> int:
@@ -52,14 +63,22 @@ def serving_budget_seconds() -> int:
     return attempts * max(SERVING_CONNECT_TIMEOUT, SERVING_READ_TIMEOUT) + SERVING_RETRIES * SERVING_BACKOFF
 
 
-def _options(serving: bool) -> dict[str, Any]:
-    if serving:
+def _options(profile: str) -> dict[str, Any]:
+    if profile == "serving":
         return {
             "connection_timeout": SERVING_CONNECT_TIMEOUT,
             "read_timeout": SERVING_READ_TIMEOUT,
             # linear: ExponentialRetry adds increment_base**count to its initial backoff (1 + 2 = 3 s)
             "retry_policy": LinearRetry(backoff=SERVING_BACKOFF, retry_total=SERVING_RETRIES, random_jitter_range=0),
         }
+    if profile == "command":
+        return {
+            "connection_timeout": COMMAND_CONNECT_TIMEOUT,
+            "read_timeout": COMMAND_READ_TIMEOUT,
+            "retry_policy": LinearRetry(backoff=COMMAND_BACKOFF, retry_total=COMMAND_RETRIES, random_jitter_range=0),
+        }
+    if profile != "worker":
+        raise ValueError(f"unknown storage profile {profile!r}; one of {', '.join(PROFILES)}")
     return {**REFRESH_OPTIONS, "retry_policy": ExponentialRetry(initial_backoff=2, increment_base=3, retry_total=6)}
 
 
@@ -84,7 +103,7 @@ def is_local(conn: StorageConnection, service: str = "blob") -> bool:
 def _service_url(conn: StorageConnection, service: str) -> str:
     if service == "queue":
         return conn.queue_service_uri or str(queue_client(conn, "probe").url)
-    return conn.blob_service_uri or str(blob_service_client(conn, serving=True).url)
+    return conn.blob_service_uri or str(blob_service_client(conn, profile="serving").url)
 
 
 AZURITE_HINT = "Is Azurite running? Start it in another terminal with: npm run azurite (after npm ci), or ./scripts/test starts one"
@@ -96,14 +115,14 @@ def _credential(conn: StorageConnection) -> Any:
     return DefaultAzureCredential(managed_identity_client_id=conn.client_id) if conn.client_id else DefaultAzureCredential()
 
 
-def blob_service_client(conn: StorageConnection, *, serving: bool = False) -> BlobServiceClient:
+def blob_service_client(conn: StorageConnection, *, profile: str = "worker") -> BlobServiceClient:
     """A :class:`BlobServiceClient` for a connection string or a managed identity.
 
     Args:
         conn: where the account is and how to authenticate.
-        serving: use the short-timeout profile of the request path.
+        profile: ``serving``, ``command`` or ``worker`` (see the module's docstring).
     """
-    options = _options(serving)
+    options = _options(profile)
     if conn.connection_string:
         try:
             return BlobServiceClient.from_connection_string(conn.connection_string, **options)
@@ -135,13 +154,13 @@ def queue_client(conn: StorageConnection, queue_name: str) -> Any:
         except ValueError as err:
             raise SettingsError(f"{conn.setting} is not a storage connection string") from err
     if not conn.queue_service_uri:
-        raise StorageUnavailableError(f"Set {conn.setting}__queueServiceUri to reach the refresh queue with an identity")
+        raise StorageUnavailableError(f"Set {conn.setting}__queueServiceUri to reach the refresh queue with an identity", service="queue")
     return QueueClient(conn.queue_service_uri, queue_name, credential=_credential(conn), **options)
 
 
-def container_client(conn: StorageConnection, container: str, *, serving: bool = False) -> ContainerClient:
+def container_client(conn: StorageConnection, container: str, *, profile: str = "worker") -> ContainerClient:
     """The model container's client (not created here; see ``ModelStore.ensure_container``)."""
-    return blob_service_client(conn, serving=serving).get_container_client(container)
+    return blob_service_client(conn, profile=profile).get_container_client(container)
 
 
 # 403 error codes that mean "these credentials are refused" (a wrong or truncated key signs
@@ -190,7 +209,7 @@ def probe(conn: StorageConnection, container: str) -> bool:
         StorageUnavailableError: the account cannot be reached or refuses us; the message names
             the endpoint and, for a local one, how to start Azurite.
     """
-    client = container_client(conn, container, serving=True)
+    client = container_client(conn, container, profile="serving")
     try:
         with storage_errors(f"checking the container {container!r}"):
             return bool(client.exists())
@@ -205,4 +224,4 @@ def with_endpoint(err: StorageUnavailableError, conn: StorageConnection, service
     where = endpoint(conn, service)
     # a refused key comes from a running Azurite: starting one is not the fix
     hint = f" {AZURITE_HINT}." if is_local(conn, service) and not isinstance(err, StorageCredentialsError) else ""
-    return type(err)(f"{err.message} (storage at {where}, from {conn.setting}).{hint}")
+    return type(err)(f"{err.message} (storage at {where}, from {conn.setting}).{hint}", service=service)

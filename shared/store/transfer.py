@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError
@@ -134,12 +134,6 @@ class BlobChangedError(IntegrityError):
     """The blob was rewritten (its ETag changed) while its ranges were read: start the file over."""
 
 
-class Sink(Protocol):
-    """Where downloaded bytes go: ``take`` is called in order, once per range."""
-
-    def take(self, offset: int, data: memoryview) -> None: ...
-
-
 class _ViewWriter:
     """A write-only stream over a slice of a buffer, for ``StorageStreamDownloader.readinto``."""
 
@@ -174,9 +168,11 @@ def download_ranges(
     into: memoryview | None = None,
     sink: Callable[[memoryview], object] | None = None,
     progress: Progress = _noop,
+    recorded_in: str = "the manifest",
 ) -> None:
     """Fetch ``blob`` in parallel ranges and check its sha256 while the ranges arrive in order.
 
+    ``recorded_in`` names where ``size`` and ``expected_sha256`` come from, for messages.
     Either ``into`` (a writable buffer of exactly ``size`` bytes: ranges land in place, no
     extra copy) or ``sink`` (called with each range in order, for example a file's ``write``).
     Every range is read with If-Match on the ETag seen first, so a concurrent rewrite (a repair)
@@ -194,8 +190,36 @@ def download_ranges(
         properties = blob.get_blob_properties(read_timeout=RANGE_READ_TIMEOUT)
     actual_size, etag = properties.size, properties.etag
     if actual_size != size:
-        raise IntegrityError(f"{name} is {actual_size} bytes in storage, the manifest says {size}")
+        raise IntegrityError(f"{name} is {actual_size} bytes in storage, {recorded_in} says {size}")
     digest = hashlib.sha256()
+    for view in read_ranges(blob, name=name, size=size, etag=etag, block_size=block_size, concurrency=concurrency, into=into):
+        digest.update(view)
+        if sink is not None:
+            sink(view)
+        progress(len(view))
+    actual = digest.hexdigest()
+    if actual != expected_sha256:
+        raise IntegrityError(f"{name}: sha256 in storage is {actual[:12]}..., {recorded_in} says {expected_sha256[:12]}...")
+
+
+def read_ranges(
+    blob: BlobClient,
+    *,
+    name: str,
+    size: int,
+    etag: str,
+    block_size: int,
+    concurrency: int,
+    into: memoryview | None = None,
+) -> Iterator[memoryview]:
+    """The ``size`` bytes of ``blob`` as it is at ``etag``, in order, one range at a time, while up to
+    ``concurrency`` ranges are fetched ahead: memory stays bounded by ``block_size x (concurrency + 1)``
+    (ranges land in ``into``, a buffer of ``size`` bytes, when given).
+
+    Raises:
+        BlobChangedError: the blob no longer has ``etag`` (it was rewritten).
+        IntegrityError: storage returned a range of another length.
+    """
     ranges = [(offset, min(block_size, size - offset)) for offset in range(0, size, block_size)]
     in_flight: deque[tuple[int, int, Future[memoryview]]] = deque()
 
@@ -228,18 +252,12 @@ def download_ranges(
                 if len(in_flight) >= concurrency:
                     break
             while in_flight:
-                offset, length, future = in_flight.popleft()
+                _offset, _length, future = in_flight.popleft()
                 view = future.result()
                 nxt = next(pending, None)
                 if nxt is not None:
                     in_flight.append((nxt[0], nxt[1], pool.submit(fetch, *nxt)))
-                digest.update(view)
-                if sink is not None:
-                    sink(view)
-                progress(length)
+                yield view
         finally:
             for _, _, future in in_flight:
                 future.cancel()
-    actual = digest.hexdigest()
-    if actual != expected_sha256:
-        raise IntegrityError(f"{name}: sha256 in storage is {actual[:12]}..., the manifest says {expected_sha256[:12]}...")

@@ -289,7 +289,7 @@ def test_playground_in_headless_chromium(served: FunctionsHost, browser: Any, ti
     )
     assert [v for v in report if v["impact"] in ("serious", "critical")] == []
 
-    # both widths: no horizontal overflow on a phone, screenshots for a human (and the README)
+    # both widths: no horizontal overflow on a phone, screenshots for a human (and docs/playground.png)
     narrow = _screenshot(driver, 375, OUT / "playground-375.png")
     assert narrow["viewport"] == 375 and narrow["scroll"] <= narrow["client"] and narrow["body"] <= narrow["client"], narrow
     wide = _screenshot(driver, 1280, OUT / "playground-1280.png")
@@ -303,7 +303,7 @@ def _ask_requests(host: FunctionsHost) -> int:
 
 
 def test_playground_edges(served: FunctionsHost, browser: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 18: the trailing-slash URL, top_k checked in the page as the API checks it, the answer
+    """The playground's edges: the trailing-slash URL, top_k checked in the page as the API checks it, the answer
     brought into view on a 375 px phone, and scores above 1 shown as what they are."""
     import time
 

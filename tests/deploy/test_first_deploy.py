@@ -1,4 +1,4 @@
-"""The first deploy and the days after it (issue 17): what azd, ARM and the platform would accept or
+"""The first deploy and the days after it: what azd, ARM and the platform would accept or
 do, checked offline against azure.yaml, infra/, host.json and the settings code. Each test names
 the defect it guards against."""
 
@@ -54,8 +54,8 @@ def test_azd_version_that_reads_remote_build_false_is_required(azure_yaml: dict[
     found = re.fullmatch(r">=\s*(\d+\.\d+\.\d+)", constraint.strip())
     assert found, f"requiredVersions.azd must be '>= X.Y.Z', got {constraint!r}"
     assert version_tuple(found.group(1)) >= (1, 23, 5)
-    readme = (ROOT / "README.md").read_text()
-    assert "azd >= 1.23.5" in readme or "azd 1.23.5" in readme, "the README's prerequisites name the azd version"
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text()
+    assert "azd >= 1.23.5" in deploy_doc or "azd 1.23.5" in deploy_doc, "docs/deploy.md's prerequisites name the azd version"
 
 
 # --- 2. Windows: every hook has a pwsh variant running the same script -----------------------------
@@ -198,11 +198,11 @@ def test_no_diagnostic_logs_without_a_reader() -> None:
         assert "StorageQueueLogs" in readers, "diagnostic settings whose logs nothing reads"
 
 
-def test_readme_is_current_on_easyauth_and_secrets() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert "EasyAuth is not supported on Flex Consumption" not in readme
-    assert "azd env set HF_TOKEN" not in readme, "the token would sit in plain text in .azure/<env>/.env"
-    assert "azd env set-secret HF_TOKEN" in readme
+def test_docs_are_current_on_easyauth_and_secrets() -> None:
+    every_doc = "\n".join(path.read_text() for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    assert "EasyAuth is not supported on Flex Consumption" not in every_doc
+    assert "azd env set HF_TOKEN" not in every_doc, "the token would sit in plain text in .azure/<env>/.env"
+    assert "azd env set-secret HF_TOKEN" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 # --- every user setting is an azd parameter from an environment variable --------------------------
@@ -227,7 +227,7 @@ def test_every_user_setting_is_an_azd_parameter_with_its_documented_default(bice
     """Set with `azd env set NAME value`, kept in .azure/<env>/.env, applied on every provision."""
     params = bicep_trees["main.bicep"]["parameters"]
     mapped = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
-    readme = (ROOT / "README.md").read_text()
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text()
     resources_text = (INFRA / "resources.bicep").read_text()
     for param, (variable, drives) in USER_SETTINGS.items():
         assert param in params, param
@@ -237,7 +237,7 @@ def test_every_user_setting_is_an_azd_parameter_with_its_documented_default(bice
         assert found and found.group(1) == variable, f"{param}: {value!r} should read ${{{variable}=...}}"
         default = params[param].get("default")
         assert found.group(2) == ("" if default is None else str(default)), f"{param}: default {found.group(2)!r} vs Bicep {default!r}"
-        assert f"`{variable}`" in readme, f"README does not document {variable}"
+        assert f"`{variable}`" in deploy_doc, f"docs/deploy.md does not document {variable}"
         assert drives in resources_text, f"{param} drives nothing named {drives}"
 
 
@@ -253,13 +253,33 @@ def workbook_queries() -> list[str]:
     return [item["content"]["query"] for item in workbook()["items"] if item["type"] == 3]
 
 
-# The event-line contract (shared/telemetry.log_event; the brief's "Event lines"): the fields a
-# query may parse from each event.
+# The event-line contract (shared/telemetry/events.py, log_event; docs/operations.md, "Event lines"): the
+# fields a query may parse from each event.
 EVENT_FIELDS = {
     "ask": {"status", "error_code", "items", "windows", "seconds", "model_ms", "model_id", "revision", "backend", "variant"},
     "model_load": {"model_id", "revision", "backend", "variant", "mode", "bytes", "seconds", "outcome", "error_code"},
     "refresh": {"outcome", "model_id", "revision", "bytes", "seconds", "error_code", "reason"},
 }
+
+
+def logged_fields() -> dict[str, set[str]]:
+    """event name -> the fields the code passes to log_event (every call in shared/, by its AST)."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "shared").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "log_event":
+                name = node.args[1] if len(node.args) > 1 else None
+                assert isinstance(name, ast.Constant), f"{path.name}:{node.lineno}: an event name must be a literal"
+                found.setdefault(name.value, set()).update(k.arg for k in node.keywords if k.arg not in (None, "level"))
+    return found
+
+
+def test_the_event_contract_is_what_the_code_logs() -> None:
+    """The queries are checked against EVENT_FIELDS; EVENT_FIELDS is what the code sends (the
+    exported records carry the same fields as the line, tests/integration/test_event_delivery.py)."""
+    assert logged_fields() == EVENT_FIELDS
 
 
 def parsed_fields(query: str) -> set[str]:
@@ -289,23 +309,49 @@ def test_workbook_charts_read_the_event_lines_of_the_contract(resources: dict[st
         assert chart["resourceType"] == "microsoft.insights/components" and chart["queryType"] == 0
     # shipped with the app: a workbook resource loading this file, on the app's Application Insights
     wb = body(resources["workbook"])
-    loaded = json.dumps(wb["properties"]["serializedData"])
-    assert "load_text_content" in loaded and "workbook.json" in loaded, loaded
     source = {"operator": {"type": "property_accessor", "operands": {"operand_1": "applicationInsights", "operand_2": "id"}}}
     assert wb["properties"]["sourceId"] == source
 
 
-def test_readme_queries_are_the_workbooks() -> None:
-    """The README's saved queries are the workbook's, word for word (no second copy to drift)."""
-    readme = (ROOT / "README.md").read_text()
-    operations = readme.split("## Operations", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```kusto\n(.*?)```", operations, re.S)
-    assert blocks, "no query in README, Operations"
+def test_workbook_opened_from_azure_monitor_queries_the_apps_application_insights(resources: dict[str, Any]) -> None:
+    """``fallbackResourceIds`` is what a workbook opened outside its resource (Azure Monitor >
+    Workbooks) queries: the app's Application Insights (set by Bicep, the id being known only
+    there), not the placeholder "Azure Monitor", under which every query had no resource."""
+    assert "fallbackResourceIds" not in workbook(), "set by infra/resources.bicep from the resource id"
+    serialized = body(resources["workbook"])["properties"]["serializedData"]["function"]
+    assert serialized["type"] == "string"
+    merged = serialized["parameters"]["value_to_convert"]["function"]
+    assert merged["type"] == "union"
+    loaded, added = merged["parameters"]["arg_1"]["function"], merged["parameters"]["arg_2"]
+    assert loaded["type"] == "load_json_content" and loaded["parameters"]["file_path"] == "workbook.json"
+    app_insights = {"operator": {"type": "property_accessor", "operands": {"operand_1": "applicationInsights", "operand_2": "id"}}}
+    assert added == {"fallbackResourceIds": [app_insights]}
+
+
+def test_alerts_read_the_event_lines_of_the_contract(resources: dict[str, Any]) -> None:
+    alerts = [body(r) for r in resources.values() if r["type"] == "Microsoft.Insights/scheduledQueryRules"]
+    events = 0
+    for alert in alerts:
+        query = alert["properties"]["criteria"]["allOf"][0]["query"]
+        event = re.search(r'startswith "event=(\w+) "', query)
+        if event:
+            events += 1
+            unknown = parsed_fields(query) - EVENT_FIELDS[event.group(1)]
+            assert not unknown, f"{alert['properties']['displayName']} parses {sorted(unknown)}, not fields of event={event.group(1)}"
+    assert events >= 1, "no alert reads an event line"
+
+
+def test_documented_queries_are_the_workbooks() -> None:
+    """The saved queries of docs/operations.md are the workbook's, word for word (no second copy to drift)."""
+    operations_doc = (ROOT / "docs" / "operations.md").read_text()
+    saved = operations_doc.split("## Workbook and saved queries", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```kusto\n(.*?)```", saved, re.S)
+    assert blocks, "no query in docs/operations.md, Workbook and saved queries"
     queries = {q.strip() for q in workbook_queries()}
     for block in blocks:
         for query in re.split(r"\n\s*\n", block.strip()):
             query = "\n".join(line for line in query.splitlines() if not line.startswith("//")).strip()
-            assert query in queries, f"README query not in infra/workbook.json:\n{query}"
+            assert query in queries, f"docs/operations.md query not in infra/workbook.json:\n{query}"
 
 
 def test_local_settings_example_names_every_azd_setting() -> None:

@@ -165,7 +165,7 @@ def test_functions_doctor_deploy_profile_for_flex_consumption(tmp_path: Path) ->
     required = ("check_flex_runtime_config", "check_flex_deployment_storage", "check_binding_connection_resolution")
     for rule in (*required, "check_flex_deprecated_settings"):
         assert items[rule]["status"] == "pass", f"{rule}: {items[rule]['status']}: {items[rule].get('value')}"
-    # Warnings the README explains (Deploy, "What the checks say"); a new one must be looked at.
+    # Warnings docs/deploy.md explains ("What is checked"); a new one must be looked at.
     explained = {"check_native_dependency_risk", "check_app_insights", "check_unpinned_requirements"}
     warned = {rule for rule, item in items.items() if item["status"] == "warn"}
     assert warned <= explained, f"unexplained doctor warnings: {sorted(warned - explained)}"

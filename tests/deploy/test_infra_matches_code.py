@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from shared.settings import Settings
+from shared.settings import Settings, app_insights_from_env, parse_app_insights_authentication
 from tests.conftest import registered_functions
 from tests.deploy.conftest import INFRA
 
 pytestmark = pytest.mark.deploy
 
 # Settings read by shared/settings.py that infra/ leaves unset on purpose: the default is right
-# on Flex Consumption (reviewed; README, Settings). A name the code reads that is in neither this
+# on Flex Consumption (reviewed; docs/settings.md). A name the code reads that is in neither this
 # list nor the Bicep app settings fails the test, so a new setting gets a decision.
 DEFAULT_IS_RIGHT = {
     "AzureWebJobsStorage": "no connection string: identity-based AzureWebJobsStorage__* instead",
@@ -26,22 +26,22 @@ DEFAULT_IS_RIGHT = {
     "MODEL_CACHE_DIR": "memory mode on Flex: 0.8 GB of temp disk cannot hold bert-large",
     "MODEL_POLL_SECONDS": "60 s: a new version reaches every instance within a minute",
     "MODEL_CANARY": "the bert-large-squad canary; set your own for another model",
-    "MODEL_TRANSFER_CONCURRENCY": "4 ranges in flight: the bounded-memory copy measured in the README",
+    "MODEL_TRANSFER_CONCURRENCY": "4 ranges in flight: the bounded-memory copy of docs/refresh.md",
     "MODEL_BLOCK_SIZE_MB": "8 MB blocks: 41 MB copy buffers with the default concurrency",
     "MODEL_ARTIFACTS": "fp32,int8 ONNX artifacts, so QA_QUANTIZE can switch without a refresh",
     "QA_THREADS": "derived from the instance's CPU quota and QA_MAX_CONCURRENT",
-    "QA_MAX_CONTEXT_CHARS": "request limits: the README's defaults",
-    "QA_MAX_QUESTION_CHARS": "request limits: the README's defaults",
-    "QA_MAX_QUESTION_TOKENS": "request limits: the README's defaults",
-    "QA_MAX_ITEMS": "request limits: the README's defaults",
-    "QA_MAX_WINDOWS": "request limits: the README's defaults",
+    "QA_MEMORY_MB": "unset: not bounded, the 4 GB instance holds bert-large's weights twice",
+    "QA_MAX_CONTEXT_CHARS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_QUESTION_CHARS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_QUESTION_TOKENS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_ITEMS": "request limits: the defaults of docs/settings.md",
+    "QA_MAX_WINDOWS": "request limits: the defaults of docs/settings.md",
     "QA_BATCH_WINDOWS": "auto: runs sized for the instance's CPU (an integer overrides)",
     "QA_DEADLINE_SECONDS": "60 s, well under the 230 s HTTP limit",
     "HF_ENDPOINT": "the Hub itself",
+    "AZURE_STORAGE_CONNECTION_STRING": "read by python -m shared adopt on an operator's machine; the app never uses it",
+    "WEBSITE_SITE_NAME": "set by the platform: the app's name, the exported events' cloud_RoleName",
 }
-# Settings of this round that may not have landed in shared/settings.py on every branch yet.
-NEW_THIS_ROUND = {"QA_BACKEND", "MODEL_ARTIFACTS", "QA_THREADS"}
-
 # Settings Flex Consumption deprecates or ignores (Microsoft Learn, "Flex Consumption plan
 # deprecations", and azure-functions-doctor's list).
 FLEX_DEPRECATED = {
@@ -69,7 +69,10 @@ class RecordingEnv(dict[str, str]):
 def settings_read_by_code() -> set[str]:
     env = RecordingEnv()
     Settings.from_env(env)
-    return env.read
+    telemetry = RecordingEnv()  # with a connection string, so that every telemetry setting is read
+    telemetry["APPLICATIONINSIGHTS_CONNECTION_STRING"] = "InstrumentationKey=00000000-0000-0000-0000-000000000001"
+    app_insights_from_env(telemetry)
+    return env.read | telemetry.read
 
 
 def walk(node: Any) -> Iterator[dict[str, Any]]:
@@ -104,7 +107,7 @@ def test_every_setting_the_code_reads_is_set_in_bicep_or_reviewed(app_settings: 
     assert not undecided, f"set these in infra/resources.bicep or review their defaults in DEFAULT_IS_RIGHT: {undecided}"
     both = sorted(set(app_settings) & set(DEFAULT_IS_RIGHT))
     assert not both, f"set in Bicep and listed as default: {both}"
-    stale = sorted(set(DEFAULT_IS_RIGHT) - read - NEW_THIS_ROUND)
+    stale = sorted(set(DEFAULT_IS_RIGHT) - read)
     assert not stale, f"no longer read by shared/settings.py: {stale}"
 
 
@@ -182,6 +185,27 @@ def test_no_keys_connection_strings_or_deprecated_settings_in_infra(app_settings
     connection_strings = [name for name in app_settings if name.endswith("CONNECTION_STRING") or name in bare]
     assert connection_strings == ["APPLICATIONINSIGHTS_CONNECTION_STRING"]
     assert app_settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"].endswith("Authorization=AAD")
+
+
+def test_the_apps_event_export_signs_in_as_the_apps_identity_with_the_role_to_publish(
+    app_settings: dict[str, Any], bicep_trees: dict[str, dict[str, Any]]
+) -> None:
+    """The exporter in the app (shared/telemetry/export.py) reads the authentication string Bicep
+    writes as a user-assigned identity's, and that identity may publish to Application Insights."""
+    written = str(app_settings["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"])
+    assert "identity.properties.clientId" in written
+    resolved = re.sub(r"\$\{[^}]*\}", "11111111-2222-3333-4444-555555555555", written)
+    assert parse_app_insights_authentication("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", resolved) == (
+        True,
+        "11111111-2222-3333-4444-555555555555",
+    )
+    publishers = [
+        r["config"]
+        for r in bicep_trees["resources.bicep"]["resources"].values()
+        if r["type"] == "Microsoft.Authorization/roleAssignments" and "monitoringMetricsPublisher" in str(r["config"])
+    ]
+    assert len(publishers) == 1 and publishers[0]["scope"] == "applicationInsights"
+    assert "identity" in str(publishers[0]["properties"]["principalId"])
 
 
 def test_hf_token_is_a_key_vault_reference_through_the_identity(site: dict[str, Any], bicep_trees: dict[str, dict[str, Any]]) -> None:

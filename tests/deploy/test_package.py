@@ -1,5 +1,5 @@
 """scripts/package.py (azd's prepackage hook) installs the locked, hashed dependency set, CPU-only,
-under the 1 GB limit; the zip it builds the way azd does (the folder minus .funcignore) holds the
+under the project's 1 GB budget; the zip it builds the way azd does (the folder minus .funcignore) holds the
 app and imports on its own."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.deploy.conftest import ROOT
 pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 SITE = ".python_packages/lib/site-packages/"
-LIMIT = 1_000_000_000  # Flex Consumption's deployment package limit, 1 GB (README, Deploy)
+LIMIT = 1_000_000_000  # the project's own package budget, 1 GB (docs/deploy.md, The package)
 
 
 def normalize(name: str) -> str:
@@ -92,6 +92,52 @@ def test_package_script_installs_the_lock_with_require_hashes() -> None:
     script = (ROOT / "scripts" / "package.py").read_text()
     assert '"--require-hashes"' in script and '"--no-deps"' in script and "requirements.lock" in script
     assert not re.search(r'"-r",\s*str\(root / "requirements\.txt"\)', script), "installs requirements.txt, not the lock"
+
+
+def test_an_unreachable_torch_index_is_named_with_pips_cause_not_blamed_on_a_hash(tmp_path: Path) -> None:
+    """The script used to probe PyTorch's index itself and drop it silently on a TLS or proxy
+    error; pip then found no torch==X+cpu and the message blamed a hash. Now pip reaches the index
+    with its own settings, and the error names the index and the cause pip reported."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "package.py").write_text((ROOT / "scripts" / "package.py").read_text())
+    lock = (ROOT / "requirements.lock").read_text()
+    torch = re.search(r"^torch==.*?(?=^\S)", lock, re.M | re.S)
+    assert torch
+    (tmp_path / "requirements.lock").write_text(torch.group(0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(
+        PIP_CONFIG_FILE=os.devnull,  # no pip.conf (no find-links holding the wheel)
+        PIP_INDEX_URL=f"http://127.0.0.1:{closed}/simple",
+        PIP_RETRIES="1",  # pip names the cause in its retry warnings
+        TORCH_INDEX_URL=f"http://127.0.0.1:{closed}/whl/cpu",
+        PYTHON=sys.executable,
+    )
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "scripts" / "package.py")], capture_output=True, text=True, check=False, env=env, timeout=300
+    )
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()
+    assert error and error[0].startswith(f"error: pip could not install requirements.lock (exit {1}): it could not reach "), done.stderr
+    assert f"http://127.0.0.1:{closed}/whl/cpu" in error[0] and "Connection refused" in error[0], error[0]
+    assert "hash" not in error[0].lower()
+    assert "TORCH_INDEX_URL" in done.stderr and "HTTPS_PROXY" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_file_that_differs_from_the_lock_is_named_as_such() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import package
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    output = "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE.\n    torch==2.13.0+cpu from ...\n"
+    assert "differs from the one locked" in package.install_failure(output, 1, "https://download.pytorch.org/whl/cpu")
+    missing = "ERROR: No matching distribution found for onnx==9.9.9\n"
+    assert package.install_failure(missing, 1, "https://x").endswith("No matching distribution found for onnx==9.9.9")
 
 
 # --- the package (slow: installs ~900 MB) --------------------------------------------------------
@@ -177,6 +223,7 @@ def test_the_app_imports_from_the_zip_alone(package: tuple[zipfile.ZipFile, str,
     code = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
         "import function_app, torch, transformers, onnxruntime, azure.identity\n"
+        "import opentelemetry.sdk._logs, azure.monitor.opentelemetry.exporter  # the event export (shared/telemetry/export.py)\n"
         "assert function_app.__file__.startswith(sys.argv[2]), function_app.__file__\n"
         "assert torch.__file__.startswith(sys.argv[1]), torch.__file__\n"
         "print(torch.__version__, len(function_app.app.get_functions()))"

@@ -4,6 +4,7 @@ by the holder, refused when a byte of them changes (with the fallback taken), li
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -101,10 +102,10 @@ def test_the_refresh_builds_both_artifacts_apart_from_the_files(built: tuple[Mod
     assert version.files == len(manifest.files) and version.bytes == manifest.total_bytes  # artifacts not counted as files
     assert recorded_variants(version) == ("fp32", "int8")
     listed = list_artifacts(store, manifest)
-    assert set(listed) == {"fp32", "int8"} and all(a["usable"] and a["state"] == "ok" and a["size"] > 0 for a in listed.values())
-    assert listed["int8"]["size"] < listed["fp32"]["size"]
+    assert set(listed) == {"fp32", "int8"} and all(a.usable and a.state == "ok" and a.size > 0 for a in listed.values())
+    assert listed["int8"].size < listed["fp32"].size
     status = artifacts_status(store)
-    assert status["versions"][0]["artifacts"] == listed
+    assert status.versions[0].artifacts == listed
     record, _ = read_record(store, manifest, "int8") or (None, None)
     assert record is not None and record.source_files == {f.name: f.sha256 for f in manifest.files}
     assert record.engine["variant"] == "int8" and record.engine["max_seq_len"] == 384
@@ -164,7 +165,7 @@ def test_a_flipped_byte_is_refused_and_serving_falls_back(store: ModelStore, set
     flip_byte(store, revision, "fp32", name, at=-20 if name != ARTIFACT_RECORD else 40)
     with pytest.raises(IntegrityError):
         load_artifact(store, store.require_manifest(revision), "fp32", settings)
-    assert list_artifacts(store, store.require_manifest(revision))["fp32"]["usable"] is False or name != ARTIFACT_RECORD
+    assert list_artifacts(store, store.require_manifest(revision))["fp32"].usable is False or name != ARTIFACT_RECORD
     holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
     try:
         response = api.ask(holder, json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode())
@@ -177,18 +178,42 @@ def test_a_flipped_byte_is_refused_and_serving_falls_back(store: ModelStore, set
         holder.close()
 
 
-def test_a_version_without_artifacts_is_served_by_torch_not_degraded(store: ModelStore, settings: Settings, tiny_bert_dir: Path) -> None:
+def test_a_version_without_an_expected_artifact_is_served_by_torch_and_degraded(
+    store: ModelStore, env: dict[str, str], tiny_bert_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3)  # no builder: an older version
     assert result.artifacts == {}
-    holder = ModelHolder(lambda: settings, artifact_loader=load_artifact)
+    expects = Settings.from_env(env)  # MODEL_ARTIFACTS defaults to fp32,int8: an fp32 artifact is expected
+    holder = ModelHolder(lambda: expects, artifact_loader=load_artifact)
     try:
         response = api.ask(holder, json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode())
         assert response.status == 200 and response.body["backend"] == "torch"
         [fallback] = holder.describe()["fallbacks"]
         assert fallback["code"] == "not_found" and "build-artifacts" in fallback["message"]
-        assert holder.health()["degraded"] is False
+        assert holder.health()["degraded"] is True
+        [problem] = holder.describe()["problems"]
+        assert problem["cause"] == "artifact" and "missing" in problem["problem"]
+        assert problem["repair"] == f"python -m shared build-artifacts --revision {result.revision}"
     finally:
         holder.close()
+    assert any("event=model_load" in r.getMessage() and "outcome=failed" in r.getMessage() for r in caplog.records)
+
+
+def test_an_artifact_no_setting_asks_for_is_neither_a_problem_nor_a_failed_load(
+    store: ModelStore, env: dict[str, str], tiny_bert_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="shared")
+    isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3)
+    none = Settings.from_env({**env, "MODEL_ARTIFACTS": "none"})
+    holder = ModelHolder(lambda: none, artifact_loader=load_artifact)
+    try:
+        response = api.ask(holder, json.dumps({"question": "Who won the game?", "context": CONTEXT}).encode())
+        assert response.status == 200 and response.body["backend"] == "torch"
+        assert holder.health()["degraded"] is False and holder.describe()["problems"] == []
+    finally:
+        holder.close()
+    loads = [r.getMessage() for r in caplog.records if "event=model_load" in r.getMessage()]
+    assert loads and all("outcome=ok" in line for line in loads), loads
 
 
 def test_artifacts_exist_before_the_pointer_moves(store: ModelStore, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,7 +228,7 @@ def test_artifacts_exist_before_the_pointer_moves(store: ModelStore, tiny_bert_d
     monkeypatch.setattr(ModelStore, "publish", checking_publish)
     result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(only_int8))
     assert result.outcome == "published" and result.artifacts == {"int8": "built"}
-    assert [set(s) for s in seen] == [{"int8"}] and seen[0]["int8"]["usable"]
+    assert [set(s) for s in seen] == [{"int8"}] and seen[0]["int8"].usable
 
 
 def test_a_failed_canary_marks_the_artifact_unusable_not_the_version(store: ModelStore, tiny_bert_dir: Path) -> None:
@@ -218,7 +243,7 @@ def test_a_failed_canary_marks_the_artifact_unusable_not_the_version(store: Mode
     manifest = store.require_manifest(result.revision)
     outcomes = build_artifacts(store, manifest, Settings.from_env({"MODEL_ARTIFACTS": "fp32"}), canary=refuse)
     assert outcomes["fp32"].startswith("unusable: the canary failed") and len(calls) == 1
-    assert list_artifacts(store, manifest)["fp32"]["usable"] is False and list_artifacts(store, manifest)["fp32"]["state"] == "unusable"
+    assert list_artifacts(store, manifest)["fp32"].usable is False and list_artifacts(store, manifest)["fp32"].state == "unusable"
     with pytest.raises(NotFoundError, match="unusable"):
         load_artifact(store, manifest, "fp32", Settings.from_env({}))
     # recorded: the next build does not retry it (a new model version, or --rebuild, is the fix) and says so
@@ -291,6 +316,12 @@ def cli(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
 
 
 @pytest.fixture
+def int8_env(env: dict[str, str]) -> dict[str, str]:
+    """The settings the int8-only version was isolated with: only an int8 artifact is expected."""
+    return {**env, "MODEL_ARTIFACTS": "int8"}
+
+
+@pytest.fixture
 def int8_version(store: ModelStore, tiny_bert_dir: Path) -> str:
     """A version of the tiny BERT with its int8 artifact only (one export per test)."""
     only_int8 = Settings.from_env({"MODEL_ARTIFACTS": "int8", "MODEL_CANARY": json.dumps(CANARY)})
@@ -301,12 +332,12 @@ def int8_version(store: ModelStore, tiny_bert_dir: Path) -> str:
 
 @pytest.mark.parametrize("name", ["model.onnx", ARTIFACT_RECORD])
 def test_verify_reports_a_damaged_artifact_by_variant_and_blob(
-    env: dict[str, str], store: ModelStore, int8_version: str, name: str
+    int8_env: dict[str, str], store: ModelStore, int8_version: str, name: str
 ) -> None:
-    code, intact, _ = cli(env, "verify")
+    code, intact, _ = cli(int8_env, "verify")
     assert code == 0 and intact["ok"] is True and intact["artifacts"]["int8"]["state"] == "ok"
     flip_byte(store, int8_version, "int8", name, at=-20 if name != ARTIFACT_RECORD else 40)
-    code, out, text = cli(env, "verify")
+    code, out, text = cli(int8_env, "verify")
     assert code == 1 and out["ok"] is False
     assert out["artifacts"]["int8"]["state"] == "damaged" and out["artifacts"]["int8"]["blob"] == name
     assert any("int8" in p and name in p for p in out["problems"]), out["problems"]
@@ -315,13 +346,15 @@ def test_verify_reports_a_damaged_artifact_by_variant_and_blob(
 
 
 @pytest.mark.parametrize("name", ["model.onnx", ARTIFACT_RECORD])
-def test_build_artifacts_rebuild_replaces_a_damaged_artifact(env: dict[str, str], store: ModelStore, int8_version: str, name: str) -> None:
+def test_build_artifacts_rebuild_replaces_a_damaged_artifact(
+    int8_env: dict[str, str], store: ModelStore, int8_version: str, name: str
+) -> None:
     flip_byte(store, int8_version, "int8", name, at=-20 if name != ARTIFACT_RECORD else 40)
-    code, out, text = cli(env, "build-artifacts", "--variant", "int8")
+    code, out, text = cli(int8_env, "build-artifacts", "--variant", "int8")
     assert code == 1 and out["artifacts"]["int8"].startswith("damaged") and "--rebuild" in text
-    code, out, _ = cli(env, "build-artifacts", "--variant", "int8", "--rebuild")
+    code, out, _ = cli(int8_env, "build-artifacts", "--variant", "int8", "--rebuild")
     assert code == 0 and out["artifacts"] == {"int8": "rebuilt"}
-    code, verified, _ = cli(env, "verify")
+    code, verified, _ = cli(int8_env, "verify")
     assert code == 0 and verified["artifacts"]["int8"]["state"] == "ok"
     loaded = load_artifact(store, store.require_manifest(int8_version), "int8", Settings.from_env({}))
     assert loaded.variant == "int8" and loaded.engine.answer([QAItem("Who won the game?", CONTEXT)])[0]
@@ -336,17 +369,20 @@ def test_build_artifacts_rebuild_replaces_an_unusable_artifact(env: dict[str, st
     assert code == 1 and out["artifacts"]["int8"].startswith("unusable")  # recorded: not retried without --rebuild
     code, out, _ = cli(env, "build-artifacts", "--variant", "int8", "--rebuild")
     assert code == 0 and out == {"revision": revision, "artifacts": {"int8": "rebuilt"}}
-    assert list_artifacts(store, store.require_manifest(str(revision)))["int8"]["usable"] is True
+    assert list_artifacts(store, store.require_manifest(str(revision)))["int8"].usable is True
 
 
-def test_isolate_repair_rebuilds_a_damaged_artifact(env: dict[str, str], store: ModelStore, int8_version: str, tiny_bert_dir: Path) -> None:
+def test_isolate_repair_rebuilds_a_damaged_artifact(
+    int8_env: dict[str, str], store: ModelStore, int8_version: str, tiny_bert_dir: Path
+) -> None:
     flip_byte(store, int8_version, "int8", "weights.bin", at=-20)
-    code, out, text = cli({**env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir))
+    isolate_again = ("isolate", "--from-dir", str(tiny_bert_dir), "--model-id", int8_env["MODEL_ID"])
+    code, out, text = cli({**int8_env, "MODEL_ARTIFACTS": "int8"}, *isolate_again)
     assert code == 0 and out["outcome"] == "up_to_date"  # a plain isolate does not re-hash
-    code, out, text = cli({**env, "MODEL_ARTIFACTS": "int8"}, "isolate", "--from-dir", str(tiny_bert_dir), "--repair")
+    code, out, text = cli({**int8_env, "MODEL_ARTIFACTS": "int8"}, *isolate_again, "--repair")
     assert code == 0 and (out["outcome"], out["artifacts"], out["files_repaired"]) == ("repaired", {"int8": "rebuilt"}, [])
     assert "int8 rebuilt" in text
-    code, verified, _ = cli(env, "verify")
+    code, verified, _ = cli(int8_env, "verify")
     assert code == 0 and verified["artifacts"]["int8"]["state"] == "ok"
 
 
@@ -367,10 +403,10 @@ def test_a_refresh_with_repair_rebuilds_a_damaged_artifact(env: dict[str, str], 
 
 
 def test_serving_marks_a_damaged_artifact_once_and_names_the_repair(
-    env: dict[str, str], store: ModelStore, int8_version: str, monkeypatch: pytest.MonkeyPatch
+    int8_env: dict[str, str], store: ModelStore, int8_version: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     flip_byte(store, int8_version, "int8", "model.onnx", at=-20)
-    settings = Settings.from_env({**env, "QA_QUANTIZE": "int8", "MODEL_POLL_SECONDS": "0.2"})
+    settings = Settings.from_env({**int8_env, "QA_QUANTIZE": "int8", "MODEL_POLL_SECONDS": "0.2"})
     reads: list[str] = []
     read_file = ModelStore.read_file
 
@@ -397,14 +433,14 @@ def test_serving_marks_a_damaged_artifact_once_and_names_the_repair(
         [version] = api.model_status(holders[1]).body["versions"]
         listed = version["artifacts"]["int8"]
         assert listed["usable"] is False and listed["state"] == "damaged"
-        assert "damaged" in listed["reason"] and "build-artifacts --rebuild" in listed["reason"]
+        assert listed["reason"].startswith("model.onnx") and "build-artifacts --rebuild" in listed["reason"]
         proc = subprocess.run(
-            [sys.executable, "-m", "shared", "status"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+            [sys.executable, "-m", "shared", "status"], cwd=ROOT, env={"PATH": "/usr/bin:/bin", **int8_env}, capture_output=True, text=True,
             timeout=120,
         )  # fmt: skip
         assert "onnx int8:" in proc.stdout and "DAMAGED" in proc.stdout and "build-artifacts --rebuild" in proc.stdout, proc.stdout
         # repaired: a running instance notices the new record and serves the artifact again
-        code, out, _ = cli(env, "build-artifacts", "--variant", "int8", "--rebuild")
+        code, out, _ = cli(int8_env, "build-artifacts", "--variant", "int8", "--rebuild")
         assert code == 0 and out["artifacts"] == {"int8": "rebuilt"}
         for _ in range(600):  # bounded only so that a broken build cannot hang CI
             if holders[0].health().get("backend") == "onnx":

@@ -1,5 +1,5 @@
-"""One ``event=ask`` line for every ``/api/ask`` request, whatever its outcome (issue 18; the
-contract of the README's KQL): ``status`` and ``error_code`` always, the model's fields when a
+"""One ``event=ask`` line for every ``/api/ask`` request, whatever its outcome (the
+contract of the KQL in docs/operations.md): ``status`` and ``error_code`` always, the model's fields when a
 model answered, ``-`` for none."""
 
 from __future__ import annotations

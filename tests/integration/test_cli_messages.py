@@ -51,10 +51,11 @@ def env(azurite: str, container_name: str, hub: FakeHubServer) -> Iterator[dict[
         pass
 
 
-def test_a_wrong_storage_key_is_refused_credentials_not_an_outage(azurite: str, container_name: str) -> None:
+@pytest.mark.parametrize("command", [["status"], ["ask", "--question", "Who won?", "--context", "The Broncos won."]], ids=lambda c: c[0])
+def test_a_wrong_storage_key_is_refused_credentials_not_an_outage(azurite: str, container_name: str, command: list[str]) -> None:
     env = {"MODEL_CONTAINER": container_name, "MODEL_ID": "org/tiny-bert"}
     wrong = AZURITE_KEY[:-4] + ("AAA=" if not AZURITE_KEY.endswith("AAA=") else "BBB=")
-    code, out, _ = cli({**env, "MODEL_STORAGE": azurite.replace(AZURITE_KEY, wrong)}, "status")
+    code, out, _ = cli({**env, "MODEL_STORAGE": azurite.replace(AZURITE_KEY, wrong)}, *command)
     message = str(out["error"]["message"])  # type: ignore[index]
     assert code == 1 and "refused the credentials" in message, message
     assert "Azurite running" not in message and "Start it" not in message
@@ -82,7 +83,7 @@ def test_a_hub_that_refuses_the_model_is_a_permanent_error(
 def test_offline_isolate_names_the_hub_suggests_from_dir_and_keeps_the_served_version_clear(
     env: dict[str, str], tiny_bert_dir: Path
 ) -> None:
-    code, first, _ = cli(env, "isolate", "--from-dir", str(tiny_bert_dir))
+    code, first, _ = cli(env, "isolate", "--from-dir", str(tiny_bert_dir), "--model-id", env["MODEL_ID"])
     assert code == 0
     with socket.socket() as dead:
         dead.bind(("127.0.0.1", 0))

@@ -36,7 +36,7 @@ def test_identity_connection_uses_default_azure_credential() -> None:
 def test_serving_profile_has_short_timeouts() -> None:
     conn = parse_storage({"MODEL_STORAGE": "UseDevelopmentStorage=true"})
     assert conn is not None
-    serving = blob_service_client(conn, serving=True)
+    serving = blob_service_client(conn, profile="serving")
     policy = serving._pipeline._impl_policies  # type: ignore[attr-defined]
     retry = next(p for p in policy if type(p).__name__ == "ExponentialRetry" or "Retry" in type(p).__name__)
     assert retry.total_retries <= 2

@@ -1,6 +1,6 @@
-"""Isolating the families of issue 19 into Azurite: a derived tokenizer.json for a model that ships
+"""Isolating the model families (docs/model-families.md) into Azurite: a derived tokenizer.json for a model that ships
 only its SentencePiece model, one-line refusals before any weight is copied, and the model id of
-a ``--from-dir`` folder."""
+a ``--from-dir`` folder (the Hub id its config.json names, or ``--model-id``; never ``MODEL_ID``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from shared.engine.torch_model import engine_from_files
 from shared.errors import UnsafeModelError
 from shared.refresh.isolation import LocalDirSource, isolate
+from shared.settings import Settings
 from shared.store.model_store import ModelStore
 from tests.fixtures.cli_runs import run_cli
 from tests.unit.test_question_answering_golden import RECORDS, ROOMY, assert_same, item
@@ -71,6 +72,7 @@ def test_unservable_models_are_refused_before_any_weight_is_copied(
     with pytest.raises(UnsafeModelError, match=message) as raised:
         isolate(store, LocalDirSource(folder, block_size=store.block_size), explicit=True, keep_versions=5)
     assert "\n" not in raised.value.message
+    assert raised.value.message.startswith(f"folder {folder}: ")  # the source as the user named it, not "local local-..."
     assert not [b.name for b in store.container.list_blobs() if "/versions/" in b.name]  # nothing copied
     assert store.read_pointer() is None
 
@@ -88,7 +90,11 @@ def test_a_slow_only_tokenizer_that_cannot_be_converted_is_refused(store: ModelS
     assert not [b.name for b in store.container.list_blobs() if "/versions/" in b.name]
 
 
-def test_a_folder_naming_another_model_needs_model_id(azurite: str, container_name: str, tmp_path: Path) -> None:
+def test_a_folder_is_stored_under_the_model_its_config_names_or_the_model_id_given(
+    azurite: str, container_name: str, tmp_path: Path
+) -> None:
+    """Never under MODEL_ID: a folder is stored and reported under the Hub id its config.json names,
+    or under --model-id; one that names none is refused, saying what to pass."""
     folder = copy_model("electra", tmp_path)
     edit_config(folder, _name_or_path="deepset/electra-base-squad2")
     env = {
@@ -99,10 +105,16 @@ def test_a_folder_naming_another_model_needs_model_id(azurite: str, container_na
         "MODEL_CANARY": json.dumps({"question": "Who won?", "context": "The Denver Broncos won the game."}),
     }
     code, out, err = run_cli(env, "isolate", "--from-dir", str(folder))
-    assert code == 1 and out["error"]["code"] == "bad_request"  # type: ignore[index]
-    assert "names model 'deepset/electra-base-squad2'" in err and "pass --model-id deepset/electra-base-squad2" in err
-    assert "Traceback" not in err
-    code, out, err = run_cli(env, "isolate", "--from-dir", str(folder), "--model-id", "deepset/electra-base-squad2")
     assert code == 0 and out["outcome"] == "published" and out["model_id"] == "deepset/electra-base-squad2", err
     code, out, _ = run_cli({**env, "MODEL_ID": "deepset/electra-base-squad2"}, "isolate", "--from-dir", str(folder))
-    assert code == 0 and out["outcome"] == "up_to_date"  # the same id in MODEL_ID: no --model-id needed
+    assert code == 0 and out["outcome"] == "up_to_date"
+
+    unnamed = copy_model("bert", tmp_path)  # saved by transformers 5: no _name_or_path
+    code, out, err = run_cli(env, "isolate", "--from-dir", str(unnamed))
+    assert code == 1 and out["error"]["code"] == "bad_request"  # type: ignore[index]
+    assert "config.json names no model: pass --model-id ID (for example local/bert)" in err, err
+    code, out, err = run_cli(env, "isolate", "--from-dir", str(unnamed), "--model-id", "local/bert")
+    assert code == 0 and out["outcome"] == "published" and out["model_id"] == "local/bert", err
+    store = ModelStore.from_settings(Settings.from_env(env))
+    assert store.read_pointer() is None  # nothing ever stored under MODEL_ID
+    store.container.delete_container()

@@ -35,7 +35,7 @@ from tests.fixtures.tiny_models import publish
 pytestmark = pytest.mark.integration
 FUNCTIONS = registered_functions()
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game against Carolina."
-# round-contracts.md: every error code the API may answer, with its status
+# every error code the API may answer, with its status (shared/errors.py)
 CONTRACT_CODES = {
     "bad_request": 400,
     "too_large": 413,

@@ -187,9 +187,11 @@ def test_pickle_only_repo_is_refused(settings: Settings, store: ModelStore, hub:
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "vocab.txt").write_text("[UNK]\n")
-    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    # weights that are never converted (pytorch_model.bin is: test_pytorch_weights.py): refused before any download
+    (folder / "tf_model.h5").write_bytes(b"\x89HDF not really")
+    (folder / "flax_model.msgpack").write_bytes(b"\x80 not really")
     hub.hub.publish(REPO, folder)
-    with pytest.raises(UnsafeModelError, match="pytorch_model.bin"):
+    with pytest.raises(UnsafeModelError, match=r"no safetensors weights \(found flax_model\.msgpack, tf_model\.h5\)"):
         run_refresh(settings, RefreshRequest())
     assert store.read_pointer() is None and store.list_versions() == []
     assert not any("/resolve/" in p or "/cdn/" in p for p in hub.hub.requests)

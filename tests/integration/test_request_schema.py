@@ -1,4 +1,4 @@
-"""One schema (issue 18): the request schemas of the OpenAPI document are what validates requests,
+"""One schema: the request schemas of the OpenAPI document are what validates requests,
 so the document's verdict on a body (jsonschema, as any client or tester checks it) and the API's
 are the same; failures keep the messages that name the field; the rules for ``null``, ``2.0`` and
 unknown fields hold on every route and are stated in the document."""
@@ -116,9 +116,9 @@ def test_size_budgets_stay_413(env: dict[str, str], install: Callable[..., Model
     install({**env, "QA_MAX_CONTEXT_CHARS": "50", "QA_MAX_ITEMS": "2"})
     status, answer, _ = call("ask", body=Q)
     assert (status, answer["error"]["code"]) == (413, "too_large")
-    assert answer["error"]["message"] == f"'context' has {len(CONTEXT)} characters; the limit is 50"
+    assert answer["error"]["message"] == f"'context' has {len(CONTEXT)} characters; the limit is 50 (QA_MAX_CONTEXT_CHARS)"
     status, answer, _ = call("ask", body={"items": [{"question": "Who?", "context": "Denver won."}] * 3})
-    assert (status, answer["error"]["message"]) == (413, "'items' has 3 entries; the limit is 2")
+    assert (status, answer["error"]["message"]) == (413, "'items' has 3 entries; the limit is 2 (QA_MAX_ITEMS)")
     # a wrong field is named before a budget
     status, answer, _ = call("ask", body={**Q, "top_k": "3"})
     assert (status, answer["error"]["message"]) == (400, "'top_k' must be a whole number")

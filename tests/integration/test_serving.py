@@ -91,7 +91,7 @@ def test_answers_come_from_the_published_model(
     assert status == 200 and len(body["results"]) == 2
     assert "answer" in body["results"][0] and len(body["results"][1]["answers"]) == 2
     assert body["revision"] == revision
-    # one operator line per request, in key=value form for KQL's parse-kv (README, Operations)
+    # one operator line per request, in key=value form for KQL's parse-kv (docs/operations.md)
     asks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=ask ")]
     assert len(asks) == 3
     fields = dict(pair.split("=", 1) for pair in asks[-1].split(" "))

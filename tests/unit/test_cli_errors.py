@@ -66,6 +66,22 @@ def test_numeric_flags_are_range_checked(value: str) -> None:
     assert proc.returncode == 2 and "--top-k" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "args"),
+    [
+        ("--from-dir", ("isolate", "--from-dir")),
+        ("--model-dir", ("answer", "--model-dir")),
+        ("--context-file", ("ask", "--question", "Who won?", "--context-file")),
+    ],
+)
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_path_flag_is_a_usage_error_naming_it(flag: str, args: tuple[str, ...], value: str) -> None:
+    """``--from-dir "$DIR"`` with DIR unset must not mean "no folder" (isolate would go to the Hub)."""
+    proc = run(*args, value, env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"argument {flag}: must not be empty" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
 def test_answer_takes_json_for_a_summary_line() -> None:
     item = json.dumps({"question": "Who won?", "context": "The Denver Broncos won the game."})
     proc = run("answer", "--model-dir", str(MODEL), "--json", stdin=item + "\n")
@@ -93,7 +109,7 @@ def test_a_bad_setting_is_one_line() -> None:
     assert proc.returncode == 1 and proc.stderr.strip() == "error: MODEL_KEEP_VERSIONS must be a whole number, got 'many'"
 
 
-# --- messages that name the cause (issue "Every edge a new user hit") ---------------------------
+# --- messages that name the cause -----------------------------------------------------------------
 
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
@@ -154,6 +170,62 @@ def test_answer_input_that_is_not_utf8_says_so(data: bytes, looks_like: str) -> 
     out = proc.stdout.decode() + proc.stderr.decode()
     assert "Traceback" not in out and "surrogate" not in out, out
     assert "not UTF-8" in out and looks_like in out, out
+
+
+@pytest.mark.parametrize("flag", ["--question", "--context"])
+def test_an_argument_that_is_not_utf8_gets_the_message_of_a_file(flag: str, dead_port: int) -> None:
+    """Argument bytes reach Python as lone surrogates; the message names the flag and the encoding
+    (as --context-file does for a file of the same bytes), not a surrogate."""
+    latin1 = "Qui a gagné?".encode("latin-1")
+    args = {"--question": latin1, "--context": b"Who won?"}
+    if flag == "--context":
+        args = {"--question": b"Who won?", "--context": latin1}
+    command = [sys.executable, "-m", "shared", "ask", "--question", args["--question"], "--context", args["--context"], "--json"]
+    env = {**os.environ, "MODEL_STORAGE": azurite_at(blob=dead_port)}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    message = str(last_json(proc)["error"]["message"])  # type: ignore[index]
+    assert message.startswith(f"{flag} is not UTF-8 (looks like Latin-1"), message
+    assert "iconv" in message and "surrogate" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (bytes(range(256)) * 4, "is not UTF-8 (byte 0x80 at offset 128)"),  # binary: no guess
+        (b"\x00\x01\x02\x03" + bytes(range(0x80, 0x100)), "is not UTF-8 (byte 0x80 at offset 4)"),
+        (b"ab\x00cd", "is not UTF-8 text (a NUL byte at offset 2)"),  # one NUL is not UTF-16
+        ("Les Broncos ont gagné.".encode("utf-16-le"), "looks like UTF-16"),  # no BOM: NULs every other byte
+        ("Les Broncos ont gagné.".encode("utf-16-be"), "looks like UTF-16"),
+        ("Les Broncos ont gagné.".encode("utf-16"), "looks like UTF-16"),
+        ("Les Broncos ont gagné.".encode("utf-32"), "looks like UTF-32"),
+        ("Les Broncos ont gagné.".encode("cp1252"), "looks like Latin-1 or Windows-1252: byte 0xE9"),
+    ],
+)
+def test_utf16_is_named_only_when_the_bytes_show_it(data: bytes, says: str) -> None:
+    from shared.engine.question_answering import decode_utf8
+    from shared.errors import InputError
+
+    with pytest.raises(InputError) as caught:
+        decode_utf8(data, what="the input")
+    assert says in caught.value.message, caught.value.message
+    if "UTF-16" not in says:
+        assert "UTF-16" not in caught.value.message
+
+
+def test_random_bytes_are_never_said_to_be_utf16() -> None:
+    import random
+
+    from shared.engine.question_answering import decode_utf8
+    from shared.errors import InputError
+
+    generator = random.Random(24)
+    for _ in range(200):
+        data = bytes(generator.randrange(256) for _ in range(generator.randrange(2, 600)))
+        try:
+            decode_utf8(data, what="the input")
+        except InputError as err:
+            assert "UTF-16" not in err.message and "UTF-32" not in err.message, (data[:20], err.message)
 
 
 def test_a_request_body_that_is_not_utf8_says_so() -> None:

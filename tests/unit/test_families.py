@@ -1,4 +1,4 @@
-"""The families of the Hub's extractive QA models (issue 19) through ONNX, int8 and tokenizer conversion.
+"""The families of the Hub's extractive QA models (docs/model-families.md) through ONNX, int8 and tokenizer conversion.
 
 The torch engine's golden parity of every family is in ``test_question_answering_golden.py``;
 here: the fp32 ONNX artifact of XLM-R, DeBERTa-v3, ELECTRA, ALBERT and MobileBERT against the same
@@ -175,7 +175,7 @@ def test_unconvertible_tokenizers_are_refused_naming_files_found_and_needed() ->
 
 def test_int8_that_cannot_be_built_says_why(tmp_path: Path) -> None:
     """A tokenizer with more tokens than the embedding has rows (a BERT of vocabulary 116 with a
-    254-token tokenizer: the "unexpected IndexError" after calibration of issue 19) is refused by
+    254-token tokenizer: once an "unexpected IndexError" after calibration) is refused by
     name; a model that cannot run the calibration windows gets the reason, not an internal error."""
     import safetensors.torch
 

@@ -58,6 +58,15 @@ def test_manifest_round_trip() -> None:
     assert again.total_bytes == 1
 
 
+def test_manifest_provenance_round_trips_and_an_older_manifest_reads_without_it() -> None:
+    blobs = {"config.json": {"etag": '"0x8DC"', "last_modified": "2024-05-01T10:00:00+00:00", "size": 1}}
+    provenance = {"kind": "blob", "account": "old", "container": "ml-poc-container", "prefix": "", "blobs": blobs}
+    manifest = Manifest(model_id="a/b", revision=REV, source="blob", files=(FileEntry("config.json", 1, SHA),), provenance=provenance)
+    assert Manifest.from_json(manifest.to_json(), revision=REV).provenance == provenance
+    older = Manifest.from_json(_manifest_json(["config.json"]), revision=REV)  # written before provenance existed
+    assert older.provenance == {} and older.derived == {}
+
+
 @pytest.mark.parametrize("bad", ["../config.json", "sub/model.safetensors", "/abs.safetensors", "", "..", "evil.py"])
 def test_manifest_with_unsafe_or_unknown_names_is_rejected(bad: str) -> None:
     with pytest.raises(IntegrityError):

@@ -1,4 +1,4 @@
-"""The engine's validation, budgets, thread safety, quantization and deadline."""
+"""The engine's limits, thread safety, quantization and deadline, and the request check of its items."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ import pytest
 from shared.engine.question_answering import Limits, QAEngine, QAItem, decode_spans
 from shared.engine.torch_model import TorchRunner, engine_from_dir
 from shared.errors import DeadlineExceededError, InputError, TooLargeError
+from shared.serving.validation import check_ask
 
 MODELS = Path(__file__).resolve().parents[1] / "fixtures" / "models"
 CONTEXT = "Super Bowl 50 was played in 2016 in San Francisco. The Denver Broncos won the game."
 
 
+LIMITS = Limits(max_context_chars=5000, max_question_chars=200, max_windows=6, max_items=4)
+
+
 @pytest.fixture(scope="module")
 def qa() -> QAEngine:
-    return engine_from_dir(MODELS / "bert", limits=Limits(max_context_chars=5000, max_question_chars=200, max_windows=6, max_items=4))
+    return engine_from_dir(MODELS / "bert", limits=LIMITS)
 
 
 @pytest.mark.parametrize(
@@ -42,33 +46,35 @@ def qa() -> QAEngine:
 )
 def test_bad_items_name_the_field(data: dict[str, object], field: str) -> None:
     with pytest.raises(InputError) as info:
-        QAItem.from_dict(data)
+        check_ask(LIMITS, data)
     assert info.value.field == field and field in info.value.message
     assert info.value.status == 400
 
 
 def test_not_an_object() -> None:
     with pytest.raises(InputError):
-        QAItem.from_dict(["question", "context"])
+        check_ask(LIMITS, {"items": [["question", "context"]]})
 
 
 def test_budgets_are_413_naming_the_field(qa: QAEngine) -> None:
+    """The limits without a tokenizer are the request check's (the same for HTTP and the command
+    line); those of tokens and windows are the engine's. Each names its setting."""
     with pytest.raises(TooLargeError) as info:
-        qa.answer([QAItem("q" * 201, CONTEXT)])
-    assert info.value.field == "question" and info.value.status == 413
+        check_ask(LIMITS, {"question": "q" * 201, "context": CONTEXT})
+    assert info.value.field == "question" and info.value.status == 413 and "QA_MAX_QUESTION_CHARS" in info.value.message
     with pytest.raises(TooLargeError) as info:
-        qa.answer([QAItem("who?", "word " * 1001)])
-    assert info.value.field == "context"
+        check_ask(LIMITS, {"question": "who?", "context": "word " * 1001})
+    assert info.value.field == "context" and "(QA_MAX_CONTEXT_CHARS)" in info.value.message
     with pytest.raises(TooLargeError) as info:
-        qa.answer([QAItem("who?", CONTEXT)] * 5)
-    assert info.value.field == "items"
-    with pytest.raises(TooLargeError, match="windows"):
+        check_ask(LIMITS, {"items": [{"question": "who?", "context": CONTEXT}] * 5})
+    assert info.value.field == "items" and "(QA_MAX_ITEMS)" in info.value.message
+    with pytest.raises(TooLargeError, match=r"windows.*QA_MAX_WINDOWS"):
         qa.answer([QAItem("who?", "x " * 2400)])  # under 5000 chars, over 6 windows
-    with pytest.raises(TooLargeError, match="tokens") as info:
+    with pytest.raises(TooLargeError, match=r"tokens.*QA_MAX_QUESTION_TOKENS") as info:
         qa.answer([QAItem(" ".join(["a"] * 65), CONTEXT)])
     assert info.value.field == "question"
     with pytest.raises(InputError):
-        qa.answer([])
+        check_ask(LIMITS, {"items": []})
 
 
 def test_question_leaving_no_room_is_an_input_error_not_a_crash() -> None:
@@ -83,7 +89,10 @@ def test_question_leaving_no_room_is_an_input_error_not_a_crash() -> None:
 
 def test_multi_item_errors_name_the_item(qa: QAEngine) -> None:
     with pytest.raises(TooLargeError) as info:
-        qa.answer([QAItem("who?", CONTEXT), QAItem("q" * 201, CONTEXT)])
+        check_ask(LIMITS, {"items": [{"question": "who?", "context": CONTEXT}, {"question": "q" * 201, "context": CONTEXT}]})
+    assert info.value.field == "items[1].question"
+    with pytest.raises(TooLargeError) as info:
+        qa.answer([QAItem("who?", CONTEXT), QAItem(" ".join(["a"] * 65), CONTEXT)])
     assert info.value.field == "items[1].question"
 
 
@@ -122,7 +131,7 @@ def test_lone_surrogate_is_named_as_such(field: str) -> None:
     data = {"question": "who won?", "context": CONTEXT}
     data[field] = data[field][:3] + "\ud800" + data[field][3:]
     with pytest.raises(InputError, match="lone surrogate") as info:
-        QAItem.from_dict(data, where="items[0].")
+        check_ask(LIMITS, {"items": [data]})
     assert info.value.field == f"items[0].{field}" and "character 3" in info.value.message
 
 

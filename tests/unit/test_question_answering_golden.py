@@ -2,7 +2,7 @@
 
 ``tests/fixtures/make_golden.py`` produced ``golden.json`` and the models under
 ``tests/fixtures/models/`` with transformers 4.57.6; this test needs only the project's own stack.
-One model per family of the Hub's extractive QA models (issue 19): BERT (also as a SQuAD 2.0
+One model per family of the Hub's extractive QA models (docs/model-families.md): BERT (also as a SQuAD 2.0
 kind), DistilBERT, RoBERTa, XLM-RoBERTa, DeBERTa-v3, ELECTRA, ALBERT, MobileBERT. Answers are
 checked through both ways a version is loaded: from a folder (disk mode, ``answer --model-dir``)
 and from files in memory (memory mode), the DeBERTa-v3 one converting its ``spm.model``.

@@ -47,9 +47,16 @@ def test_request_flags_round_trip_through_the_message() -> None:
 
 def test_refresh_body_rejects_unknown_fields_and_non_booleans() -> None:
     from shared.errors import InputError
+    from shared.serving.validation import check_body
+    from shared.settings import Limits
+    from shared.store.refresh_queue import RefreshOptions
 
-    assert RefreshRequest.from_request({"repair": True}).repair
+    def from_body(data: dict[str, object]) -> RefreshRequest:
+        return RefreshRequest.from_options(check_body(Limits(), RefreshOptions, data))
+
+    assert from_body({"repair": True}).repair
+    assert from_body({"revision": "main"}).explicit and not from_body({"revision": None}).explicit
     with pytest.raises(InputError, match="revison"):
-        RefreshRequest.from_request({"revison": "main"})
+        from_body({"revison": "main"})
     with pytest.raises(InputError, match="repair"):
-        RefreshRequest.from_request({"repair": "yes"})
+        from_body({"repair": "yes"})

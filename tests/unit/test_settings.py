@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import SettingsError
-from shared.settings import DEFAULT_MODEL_ID, Settings, parse_canary, parse_int, parse_storage
+from shared.settings import DEFAULT_MODEL_ID, Settings, app_insights_from_env, parse_canary, parse_int, parse_storage
 
 
 def test_defaults_without_any_setting() -> None:
@@ -82,6 +82,17 @@ def test_storage_repr_hides_the_key() -> None:
     assert "hf_x" not in repr(Settings.from_env({"HF_TOKEN": "hf_x"}))
 
 
+def test_the_adopted_containers_account_is_read_as_the_old_scripts_did() -> None:
+    assert Settings.from_env({}).adopt_storage is None
+    settings = Settings.from_env({"AZURE_STORAGE_CONNECTION_STRING": " AccountName=old;AccountKey=SECRETKEYXYZ "})
+    assert settings.adopt_storage is not None and settings.adopt_storage.setting == "AZURE_STORAGE_CONNECTION_STRING"
+    assert settings.adopt_storage.connection_string == "AccountName=old;AccountKey=SECRETKEYXYZ"
+    assert settings.storage is None  # the model store's account is another setting
+    assert "SECRETKEY" not in repr(settings)
+    with pytest.raises(SettingsError, match="AZURE_STORAGE_CONNECTION_STRING: AccountKey is not valid base64"):
+        Settings.from_env({"AZURE_STORAGE_CONNECTION_STRING": "AccountName=old;AccountKey=cut-off"})
+
+
 def test_queue_storage_is_the_host_account() -> None:
     from shared.settings import parse_queue_storage
 
@@ -128,3 +139,59 @@ def test_batch_windows_is_auto_or_a_fixed_count() -> None:
     assert Settings.from_env({"QA_BATCH_WINDOWS": "1"}).batch_windows == 1
     with pytest.raises(SettingsError, match="QA_BATCH_WINDOWS must be auto or a whole number"):
         Settings.from_env({"QA_BATCH_WINDOWS": "many"})
+
+
+# --- Application Insights (telemetry starts on import, apart from Settings) -------------------
+
+CONNECTION = (
+    "InstrumentationKey=00000000-0000-0000-0000-000000000001;IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/"
+)
+
+
+def test_no_connection_string_no_telemetry() -> None:
+    assert app_insights_from_env({}) is None
+    assert app_insights_from_env({"APPLICATIONINSIGHTS_CONNECTION_STRING": "  ", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "x"}) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "identity", "client_id"),
+    [
+        ("", False, None),
+        ("Authorization=AAD", True, None),
+        ("Authorization=AAD;ClientId=1111-2222", True, "1111-2222"),  # as infra/ writes it, either order
+        ("ClientId=1111-2222;Authorization=AAD", True, "1111-2222"),
+        (" authorization = aad ; clientid = abc ; ", True, "abc"),
+    ],
+)
+def test_authentication_string_as_the_platform_defines_it(raw: str, identity: bool, client_id: str | None) -> None:
+    env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": CONNECTION, "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": raw}
+    target = app_insights_from_env({**env, "WEBSITE_SITE_NAME": "func-x"})
+    assert target is not None
+    assert (target.identity, target.client_id, target.role_name) == (identity, client_id, "func-x")
+    assert target.connection_string == CONNECTION
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("APPLICATIONINSIGHTS_CONNECTION_STRING", "not a connection string"),
+        ("APPLICATIONINSIGHTS_CONNECTION_STRING", "IngestionEndpoint=https://x.in.applicationinsights.azure.com/"),
+        ("APPLICATIONINSIGHTS_CONNECTION_STRING", "InstrumentationKey=abc;IngestionEndpoint=westeurope"),
+        ("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "Authorization=Key"),
+        ("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "ClientId=abc"),
+        ("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "Authorization=AAD;ClientId="),
+        ("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", "Authorization=AAD;TenantId=abc"),
+        ("APPLICATIONINSIGHTS_CONNECTION_STRING", "@Microsoft.KeyVault(SecretName=ai)"),
+    ],
+)
+def test_bad_telemetry_settings_name_the_setting(name: str, value: str) -> None:
+    env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": CONNECTION, name: value}
+    with pytest.raises(SettingsError, match=name):
+        app_insights_from_env(env)
+
+
+def test_telemetry_target_repr_hides_the_instrumentation_key() -> None:
+    env = {"APPLICATIONINSIGHTS_CONNECTION_STRING": CONNECTION, "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "Authorization=AAD"}
+    target = app_insights_from_env(env)
+    assert "00000000-0000-0000-0000-000000000001" not in repr(target)
+    assert "westeurope-5.in.applicationinsights.azure.com" in repr(target) and "system-assigned" in repr(target)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from shared.serving.openapi import WORD, WORD_RANGES
+from shared.engine.word_pattern import WORD, WORD_RANGES
 
 
 def test_every_character_of_the_pattern_is_read_by_the_bert_uncased_tokenizer(tiny_bert_dir: Path) -> None:

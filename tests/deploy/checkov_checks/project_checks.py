@@ -17,6 +17,7 @@ def unwrap(conf: dict[str, Any]) -> dict[str, Any]:
     inner = conf.get("config")
     return inner if "condition" in conf and isinstance(inner, dict) else conf
 
+
 TAGGED = (
     "Microsoft.ManagedIdentity/userAssignedIdentities",
     "Microsoft.Storage/storageAccounts",
