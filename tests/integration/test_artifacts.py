@@ -127,6 +127,53 @@ def test_fp32_artifact_answers_as_the_torch_engine(built: tuple[ModelStore, str,
     assert int8.variant == "int8" and all(a for a in int8.engine.answer(QUESTIONS))
 
 
+def _staged_when_bounded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A tiny model's weights always fit twice: make QA_MEMORY_MB choose the load part by part
+    (three parts) as it does for bert-large on a 2 GB instance; the list gets each load's part count."""
+    from shared.engine import onnx_runner
+    from shared.engine.onnx_parts import split_graph
+
+    counts: list[int] = []
+
+    def three_parts(graph: bytes, weights_bytes: int, memory_mb: int | None) -> Any:
+        parts = split_graph(graph, part_bytes=weights_bytes // 3) if memory_mb is not None else None
+        counts.append(len(parts or ()))
+        return parts
+
+    monkeypatch.setattr(onnx_runner, "prepack_fits", lambda _weights, memory_mb: memory_mb is None)
+    monkeypatch.setattr(onnx_runner, "staged_parts", three_parts)
+    return counts
+
+
+def test_fp32_artifact_loaded_part_by_part_answers_as_the_whole(
+    built: tuple[ModelStore, str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, revision, _ = built
+    manifest = store.require_manifest(revision)
+    whole = load_artifact(store, manifest, "fp32", Settings.from_env({}))
+    counts = _staged_when_bounded(monkeypatch)
+    staged = load_artifact(store, manifest, "fp32", Settings.from_env({"QA_MEMORY_MB": "1776"}))
+    assert counts and counts[-1] >= 2
+    got, want = staged.engine.answer(QUESTIONS), whole.engine.answer(QUESTIONS)
+    assert [[(a.answer, a.start, a.end, a.score) for a in g] for g in got] == [
+        [(a.answer, a.start, a.end, a.score) for a in w] for w in want
+    ]
+
+
+def test_a_flipped_byte_of_weights_bin_is_refused_by_the_load_part_by_part(
+    store: ModelStore, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only_fp32 = Settings.from_env({"MODEL_ARTIFACTS": "fp32", "MODEL_CANARY": json.dumps(CANARY)})
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(only_fp32))
+    assert result.artifacts == {"fp32": "built"} and result.revision is not None
+    flip_byte(store, result.revision, "fp32", "weights.bin", at=-20)
+    counts = _staged_when_bounded(monkeypatch)
+    with pytest.raises(IntegrityError, match="weights.bin"):
+        load_artifact(store, store.require_manifest(result.revision), "fp32", Settings.from_env({"QA_MEMORY_MB": "1776"}))
+    assert counts and counts[-1] >= 2  # the parts were being built when the sha256 refused the bytes
+    assert list_artifacts(store, store.require_manifest(result.revision))["fp32"].usable is False
+
+
 def test_serving_loads_onnx_first_and_torch_on_request(built: tuple[ModelStore, str, dict[str, str]], azurite: str) -> None:
     store, revision, _ = built
     base = {"MODEL_STORAGE": azurite, "MODEL_CONTAINER": store.container.container_name, "MODEL_ID": "tests/tiny-bert"}
