@@ -301,7 +301,9 @@ class StagedLoad:
         self.restart()
 
     def restart(self) -> None:
-        self.buffer = mmap.mmap(-1, max(1, self.size))
+        # private: madvise(MADV_DONTNEED) frees a private mapping's pages, but only unmaps those of
+        # a shared one (mmap's default), which stay charged to the cgroup as shmem while RSS drops
+        self.buffer = mmap.mmap(-1, max(1, self.size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.offset = 0
         self.sessions: list[Any] = []
 

@@ -251,6 +251,19 @@ def test_the_parts_hand_the_download_back_and_the_stream_must_be_whole() -> None
     assert split_graph(graph, part_bytes=len(weights) * 2) is None  # one part: nothing to cut
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) as Linux does it")
+def test_the_pages_a_staged_load_hands_back_are_freed_not_only_unmapped() -> None:
+    """A private mapping's released pages read as zeros (freed). A shared one (mmap's default) keeps
+    them (shmem still charged to the cgroup while RSS drops): a staged bert-large load was killed at
+    the 2 GB limit that way with 1,484 MiB peak RSS."""
+    from shared.memory import release_pages
+
+    load = onnx_runner.StagedLoad([], 1 << 20, lambda: None, "test")
+    load.buffer[:] = b"\x01" * (1 << 20)
+    assert release_pages(load.buffer, 0, 1 << 20) == 1 << 20
+    assert load.buffer[:] == bytes(1 << 20)
+
+
 # --- int8 ---------------------------------------------------------------------------------------
 
 
