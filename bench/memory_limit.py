@@ -16,8 +16,9 @@ artifacts (``build_artifacts``, as a refresh builds them). Then, alternating wit
 - **today** (``QA_MEMORY_MB`` unset: the artifact's weights are copied and repacked by ONNX Runtime,
   the way serving loaded them before this bench existed), under a 4 GB instance's limit (3,824 MiB),
   and once under the 2 GB limit, where it is killed;
-- **2 GB** (``QA_MEMORY_MB=1776``, ``QA_MAX_CONCURRENT=1``: the weights served from the download
-  buffer, runs bounded to the memory left), under the 2 GB limit.
+- **2 GB** (``QA_MEMORY_MB=1776``, ``QA_MAX_CONCURRENT=1``: fp32 repacked part by part as
+  ``weights.bin`` streams in when it fits that way (``staged_parts``), else the weights served from
+  the download buffer; runs bounded to the memory left), under the 2 GB limit.
 
 Each serving process goes through the app's own ``ModelHolder`` and ``load_artifact`` from Azurite,
 timed from process start to its first answer (the cold start), then answers scenarios (b) a
