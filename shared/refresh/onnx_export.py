@@ -254,7 +254,8 @@ def build_int8(
         "recipe": chosen.name,
         "recipe_details": {**asdict(chosen), "quantized_matmuls": quantized, "activation_scales": "static, min/max"},
         "calibration": calibration_facts(windows),
-        "versions": _versions(),
+        # torch and transformers made the fp32 graph this one rewrites: its record names them
+        "versions": {**fp32.record.get("versions", {}), **_quantizer_versions()},
         "cpu": cpu_facts(),
     }
     say(f"int8 artifact: graph {len(int8_graph) / 1e6:.1f} MB, weights {len(int8_weights) / 1e6:.1f} MB")
@@ -688,8 +689,6 @@ def _pack_ir(ir_model: Any, owners: Sequence[tuple[int, int, mmap.mmap]] = ()) -
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
     import onnxscript
     import torch
     import transformers
@@ -697,7 +696,14 @@ def _versions() -> dict[str, str]:
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
         "onnxscript": onnxscript.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        **_quantizer_versions(),
     }
+
+
+def _quantizer_versions() -> dict[str, str]:
+    """What the int8 build runs (it needs neither torch nor transformers)."""
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
