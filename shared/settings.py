@@ -137,6 +137,11 @@ def parse_name(name: str, raw: str | None, default: str, pattern: re.Pattern[str
     return value
 
 
+def parse_container(name: str, raw: str | None, default: str) -> str:
+    """Parse a Blob container name (``MODEL_CONTAINER``, a command's ``--container``)."""
+    return parse_name(name, raw, default, _CONTAINER_RE, "container")
+
+
 ARTIFACT_VARIANTS = ("fp32", "int8")  # the ONNX artifact variants: the one list of them
 BACKENDS = ("onnx", "torch")  # what runs a model (QA_BACKEND): ONNX Runtime, else torch
 
@@ -470,7 +475,7 @@ class Settings:
         return cls(
             storage=parse_storage(env),
             queue_storage=parse_queue_storage(env),
-            container=parse_name("MODEL_CONTAINER", env.get("MODEL_CONTAINER"), "models", _CONTAINER_RE, "container"),
+            container=parse_container("MODEL_CONTAINER", env.get("MODEL_CONTAINER"), "models"),
             model_id=parse_model_id("MODEL_ID", env.get("MODEL_ID"), DEFAULT_MODEL_ID),
             model_revision=(env.get("MODEL_REVISION", "").strip() or "main"),
             refresh_schedule=env.get("MODEL_REFRESH_SCHEDULE", "").strip() or None,

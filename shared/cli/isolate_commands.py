@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import InputError, NotFoundError, SettingsError
-from ..settings import _CONTAINER_RE, ARTIFACT_VARIANTS, Settings, StorageConnection, parse_model_id, parse_name
+from ..settings import ARTIFACT_VARIANTS, Settings, StorageConnection, parse_container, parse_model_id
 from .common import Add, BarProgress, nonempty, open_store, revision_or_current
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _same_container(a: str, b: str) -> bool:
 def _container_name(raw: str) -> str:
     """``--container`` checked against Azure's naming rules (a bad one is the user's input, not a setting)."""
     try:
-        return parse_name("--container", raw, raw, _CONTAINER_RE, "container")
+        return parse_container("--container", raw, raw)
     except SettingsError as err:
         raise InputError(err.message) from None
 

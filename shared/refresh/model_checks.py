@@ -176,7 +176,7 @@ class CheckedSource:
             self._conversion.release()
 
     def _check(self, snapshot: Any) -> Any:
-        where = snapshot.label or f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
+        where = _where(snapshot)
         small = {entry.name: self._read(entry) for entry in snapshot.files if entry.name in _SMALL_FILES and entry.size <= _SMALL_LIMIT}
         self._config = small.get("config.json", b"")
         if "tokenizer.json" in small:
@@ -194,7 +194,7 @@ class CheckedSource:
     def _convert(self, snapshot: Any) -> Any:
         if not any(is_convertible(entry.name) for entry in snapshot.files):
             return snapshot
-        where = snapshot.label or f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"
+        where = _where(snapshot)
         conversion = WeightsConversion(snapshot.files, self.source.open, self._config, where=where)
         self._conversion = conversion
         converted, derived = conversion.convert()
@@ -204,3 +204,8 @@ class CheckedSource:
 
     def _read(self, entry: FileEntry) -> bytes:
         return b"".join(self.source.open(entry))
+
+
+def _where(snapshot: Any) -> str:
+    """The source as messages name it: its label, else its kind and revision."""
+    return snapshot.label or f"{snapshot.source} {snapshot.source_revision or snapshot.revision}"

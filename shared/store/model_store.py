@@ -57,6 +57,9 @@ LAST_REFRESH = "last-refresh.json"
 LAST_REFRESH_REPAIR = "python -m shared repair (removes it), or nothing: the next refresh writes it anew"
 POINTER_HISTORY = "pointer-history"
 HISTORY_KEEP = 50
+# where an adopted container's files came from, kept in the manifest blob's metadata too, so that the
+# repair of a damaged manifest can name the --container and --prefix to adopt again
+ADOPTED_FACTS = ("account", "container", "prefix")
 INCOMPLETE_GRACE = dt.timedelta(days=1)
 CHANGED_RETRIES = 2
 MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 15, 60  # what Blob Storage accepts for a fixed-duration lease
@@ -303,7 +306,7 @@ class ModelStore:
         if found is None:
             return None, None
         raw, _, metadata = found
-        adopted: dict[str, Any] = {key: metadata[key] for key in ("account", "container", "prefix") if key in metadata}
+        adopted: dict[str, Any] = {key: metadata[key] for key in ADOPTED_FACTS if key in metadata}
         repair = version_repair(
             revision, metadata.get("source"), metadata.get("source_revision"), model_id=self.model_id, provenance=adopted
         )
@@ -328,7 +331,7 @@ class ModelStore:
         damaged manifest can still be named."""
         blob = self.file_blob(manifest.revision, MANIFEST)
         facts = {"source": manifest.source, "source_revision": manifest.source_revision or "", "isolated_at": manifest.isolated_at}
-        facts.update({key: str(manifest.provenance[key]) for key in ("account", "container", "prefix") if manifest.provenance.get(key)})
+        facts.update({key: str(manifest.provenance[key]) for key in ADOPTED_FACTS if manifest.provenance.get(key)})
         metadata = {key: value for key, value in facts.items() if value and value.isascii() and "\n" not in value}
         try:
             with storage_errors("writing manifest.json"):

@@ -20,7 +20,7 @@ from shared.engine.onnx_parts import split_graph
 from shared.engine.onnx_runner import default_threads, onnx_engine, staged_engine
 from shared.engine.question_answering import Answer, QAEngine, QAItem
 from shared.errors import IntegrityError, UnsafeModelError
-from shared.refresh.int8 import RECIPES
+from shared.refresh.int8 import DEFAULT_RECIPE, RECIPES
 from shared.refresh.onnx_export import OnnxArtifact, build_onnx
 from shared.refresh.onnx_weights import EXTERNAL_MIN_BYTES, MODEL_FILE, WEIGHTS_FILE, initializer_views
 
@@ -102,7 +102,7 @@ def test_int8_artifact_quantizes_the_weights_its_recipe_names(
     assert ops.count("QuantizeLinear") == quantized_activations  # one per distinct activation: Q/K/V share theirs
     assert ops.count("MatMul") >= fp32_matmuls
     assert not any(op.startswith("DynamicQuantize") for op in ops)  # static scales only
-    assert built.record["recipe"] == (recipe or "per-channel, all int8, static")
+    assert built.record["recipe"] == (recipe or DEFAULT_RECIPE)
     assert built.record["calibration"]["windows"] > 36
 
 
@@ -306,16 +306,37 @@ def test_every_recipe_builds_and_answers(recipe: str) -> None:
     assert CONTEXT[best.start : best.end] == best.answer
 
 
-@pytest.mark.parametrize(("recipe", "fits_int16"), [(None, False), ("per-channel, all int8, static, reduce_range", True)])
-def test_reduce_range_keeps_avx2_pair_sums_within_int16(recipe: str | None, fits_int16: bool) -> None:
-    """AVX2 without VNNI adds two u8 x s8 products in int16 (saturating); 7-bit weights keep every
-    pair within it, 8-bit ones do not (their answers may then differ on such CPUs)."""
-    built = artifact("bert", "int8", recipe)
+# ONNX Runtime's AVX2 u8 x s8 kernel (vpmaddubsw, CPUs without VNNI) adds two products in int16 and
+# saturates past 32,767: uint8 activations times weights within +-63 fit (2 x 255 x 63 = 32,130),
+# weights reaching +-127 do not (2 x 255 x 127 = 64,770)
+INT16_MAX = 32767
+
+
+def _largest_pair_sum(built: OnnxArtifact) -> int:
+    """The largest |sum of two u8 x s8 products| any MatMulIntegerToFloat of ``built`` can form."""
     graph = onnx.load_from_string(bytes(built.files[MODEL_FILE]))
     views = initializer_views(graph, built.files[WEIGHTS_FILE])
-    weights = {n.input[1] for n in graph.graph.node if n.op_type == "MatMulIntegerToFloat"}
-    largest = max(int(np.abs(views[name].astype(np.int32)).max()) for name in weights)
-    assert (2 * 255 * largest <= 32767) is fits_int16
+    largest = 0
+    for node in (n for n in graph.graph.node if n.op_type == "MatMulIntegerToFloat"):
+        activation_zero, weight, weight_zero = views[node.input[4]], views[node.input[1]], views[node.input[5]]
+        # the kernel the bound is about: uint8 activations, int8 weights, symmetric (zero point 0)
+        assert activation_zero.dtype == np.uint8 and weight.dtype == np.int8 and not weight_zero.any()
+        largest = max(largest, 2 * 255 * int(np.abs(weight.astype(np.int32)).max()))
+    assert largest > 0
+    return largest
+
+
+def test_the_default_int8_recipe_cannot_saturate_avx2_pair_sums() -> None:
+    """The default recipe's answers are the same on AVX-512/VNNI and AVX2-only CPUs: no pair of
+    products of any quantized MatMul can leave int16, whatever the activations are."""
+    built = artifact("bert", "int8")
+    assert built.record["recipe"] == DEFAULT_RECIPE and built.record["recipe_details"]["reduce_range"]
+    assert _largest_pair_sum(built) <= INT16_MAX
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_only_reduce_range_recipes_keep_pair_sums_within_int16(recipe: str) -> None:
+    assert (_largest_pair_sum(artifact("bert", "int8", recipe)) <= INT16_MAX) is RECIPES[recipe].reduce_range
 
 
 # --- serving without torch ----------------------------------------------------------------------
