@@ -46,30 +46,47 @@ class WeightsWriter:
         return offset, raw.nbytes
 
 
+# Where the bytes of a laid-out ``weights.bin`` go instead of a buffer: ``place(k, data, pad)``
+# receives the k-th tensor of the layout (in any order, possibly again after a restart) and the
+# number of zero bytes that follow it before the next one.
+Place = Callable[[int, memoryview, int], object]
+
+
 class WeightsLayout:
     """``weights.bin`` laid out before its bytes arrive: each tensor at a 64-byte boundary, in the
     order given (the order the graph's nodes first read them, so that a part of the graph can be
     loaded as soon as its bytes have arrived: ``shared.engine.onnx_parts``), written as each
-    arrives, in any order.
+    arrives, in any order: into ``buffer``, or, with ``place``, handed on (the refresh stages each
+    tensor as a block of the artifact's blob, so the build never holds the whole file).
     """
 
-    def __init__(self, sizes: list[tuple[str, int]]) -> None:
+    def __init__(self, sizes: list[tuple[str, int]], place: Place | None = None) -> None:
         self.offsets: dict[str, int] = {}
+        self.index: dict[str, int] = {}
         end = 0
-        for name, size in sizes:
+        for k, (name, size) in enumerate(sizes):
             start = _aligned(end)
-            self.offsets[name] = start
+            self.offsets[name], self.index[name] = start, k
             end = start + size
         self.sizes = dict(sizes)
-        self.buffer = bytearray(end)
+        self.size = end
+        self._place = place
+        self.buffer = bytearray(end) if place is None else bytearray()
 
     def put(self, name: str, data: np.ndarray) -> tuple[int, int]:
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         if raw.nbytes != self.sizes[name]:
             raise ValueError(f"{name}: {raw.nbytes} bytes where {self.sizes[name]} were laid out")
         offset = self.offsets[name]
-        self.buffer[offset : offset + raw.nbytes] = memoryview(raw)  # type: ignore[arg-type]  # numpy arrays are buffers
+        if self._place is not None:
+            self._place(self.index[name], memoryview(raw), self._padding_after(name))  # type: ignore[arg-type]
+        else:
+            self.buffer[offset : offset + raw.nbytes] = memoryview(raw)  # type: ignore[arg-type]  # numpy arrays are buffers
         return offset, raw.nbytes
+
+    def _padding_after(self, name: str) -> int:
+        end = self.offsets[name] + self.sizes[name]
+        return _aligned(end) - end if end < self.size else 0
 
 
 def _aligned(n: int) -> int:

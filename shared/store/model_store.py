@@ -46,7 +46,7 @@ from .model_files import POINTER_REPAIR, FileEntry, Manifest, Pointer, check_fil
 from .records import seal, unseal
 from .status import ArtifactListing, LastRefresh, PointerStatus, RecordDamage, StoreStatus, VersionStatus, is_refresh_record
 from .storage import QUICK, container_client, storage_errors
-from .transfer import BlobChangedError, Progress, _noop, download_ranges, upload_blocks
+from .transfer import BlobChangedError, PlacedUpload, Progress, _noop, download_ranges, upload_blocks
 
 log = logging.getLogger(__name__)
 
@@ -489,6 +489,12 @@ class ModelStore:
             block_size=self.block_size,
             concurrency=self.concurrency,
         )
+
+    def placed_upload(self, revision: str, folder: str, name: str) -> PlacedUpload:
+        """A derived file of a version (as :meth:`upload_folder_file`) whose bytes come in pieces, in
+        any order (:class:`~shared.store.transfer.PlacedUpload`): never held whole in memory."""
+        blob = self.folder_blob(revision, folder, name)
+        return PlacedUpload(blob, name=f"{folder}/{name}", block_size=self.block_size, concurrency=self.concurrency)
 
     def _fetch(
         self,
