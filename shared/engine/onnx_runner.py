@@ -23,6 +23,7 @@ of :class:`~shared.engine.question_answering.QAEngine`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -244,13 +245,21 @@ def staged_parts(graph: bytes, weights_bytes: int, memory_mb: int | None) -> lis
     """
     if memory_mb is None or prepack_fits(weights_bytes, memory_mb):
         return None
-    part_bytes = max(weights_bytes // _STAGES, 16 << 20)
+    part_bytes = part_size(weights_bytes, _STAGES)
     if weights_bytes + part_bytes + _STAGED_HEADROOM_BYTES > memory_mb << 20:
         return None
     return split_graph(graph, part_bytes=part_bytes)
 
 
+def part_size(weights_bytes: int, parts: int = 8) -> int:
+    """Bytes of weights per part when a graph is cut (:func:`~shared.engine.onnx_parts.split_graph`)
+    into about ``parts`` parts: eighths for a staged load (whose parts all stay), sixteenths for a
+    :class:`PartwiseRun` (one part at a time: the smaller, the lower the peak)."""
+    return max(weights_bytes // parts, _MIN_PART_BYTES)
+
+
 _STAGES = 8
+_MIN_PART_BYTES = 16 << 20
 # Beside the weights and two parts while loading: the serving process's runtime and what ONNX
 # Runtime allocates while it builds a session (about 150 MiB each).
 _STAGED_HEADROOM_BYTES = 300 << 20
@@ -317,20 +326,11 @@ class StagedLoad:
             self._build(len(self.sessions))
 
     def _build(self, index: int) -> None:
-        import onnxruntime as ort
+        self._use(index, self._session(index, self.parts[index].graph))
+        self._release(index)
 
-        part = self.parts[index]
-        options = self.options()
-        everything = np.frombuffer(self.buffer, dtype=np.uint8)
-        values = [ort.OrtValue.ortvalue_from_numpy(tensor.view(everything)) for tensor in part.tensors]
-        options.add_external_initializers([t.name for t in part.tensors], values)
-        try:
-            with large_blocks_mapped():
-                session = ort.InferenceSession(part.graph, options, providers=["CPUExecutionProvider"])
-        except _session_errors() as err:
-            raise IntegrityError(f"ONNX Runtime refused part {index + 1} of the {self.what} ({type(err).__name__})") from err
-        del values, everything, options
-        self.sessions.append(session)
+    def _release(self, index: int) -> None:
+        """Hand back the pages of the download that no part after ``index`` reads."""
         gaps, at = [], 0
         for start, end in still_needed(self.parts, index + 1):
             gaps.append((at, min(start, self.offset)))
@@ -340,6 +340,23 @@ class StagedLoad:
             if end > start:
                 release_pages(self.buffer, start, end, protect=True)
         release_free_heap()
+
+    def _session(self, index: int, graph: bytes) -> Any:
+        import onnxruntime as ort
+
+        part = self.parts[index]
+        options = self.options()
+        everything = np.frombuffer(self.buffer, dtype=np.uint8)
+        values = [ort.OrtValue.ortvalue_from_numpy(tensor.view(everything)) for tensor in part.tensors]
+        options.add_external_initializers([t.name for t in part.tensors], values)
+        try:
+            with large_blocks_mapped():
+                return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        except _session_errors() as err:
+            raise IntegrityError(f"ONNX Runtime refused part {index + 1} of the {self.what} ({type(err).__name__})") from err
+
+    def _use(self, index: int, session: Any) -> None:
+        self.sessions.append(session)
 
     def finish(self) -> SessionChain:
         """The chain, once every byte arrived (and the caller checked their sha256).
@@ -351,6 +368,149 @@ class StagedLoad:
             raise IntegrityError(f"weights.bin of the {self.what} ended after {self.offset} of {self.size} bytes")
         release_pages(self.buffer, 0, self.size, protect=True)
         return SessionChain(self.parts, self.sessions)
+
+
+class PartwiseRun(StagedLoad):
+    """Every feed run through the graph one part at a time while ``weights.bin`` streams in once
+    (a sink for ``ModelStore.stream_file``, as :class:`StagedLoad`): each part's session is built
+    as soon as its bytes have arrived, runs every feed, and is dropped with the download's pages
+    no later part reads. The process holds one part (twice while its session is built), the
+    values that cross between parts for every feed, and one run's activations: a fraction of the
+    weights, where a session over the whole graph holds all of them.
+
+    ``extra_outputs[k]`` names values of part ``k`` to return as well (``ReduceMin`` / ``ReduceMax``
+    nodes that :func:`with_outputs` added, for the int8 calibration); ``results[i]`` has the graph's
+    outputs and those extra values of ``feeds[i]`` once :meth:`finish_run` returned.
+    """
+
+    def __init__(
+        self,
+        parts: Sequence[GraphPart],
+        size: int,
+        options: Callable[[], Any],
+        what: str,
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        *,
+        graphs: Sequence[bytes] | None = None,
+        extra_outputs: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        self.feeds = [dict(feed) for feed in feeds]
+        self.graphs = list(graphs) if graphs is not None else [part.graph for part in parts]
+        self.extra_outputs = [list(names) for names in extra_outputs] if extra_outputs is not None else [[] for _ in parts]
+        self._last_needed = {name: k for k, part in enumerate(parts) for name in part.inputs}
+
+        def without_arena() -> Any:
+            # each part's session is dropped once it has run: with ONNX Runtime's CPU arena, what a
+            # dropped session held stayed in the process (bert-large fp32 in 8 parts: 1,702 MiB
+            # resident after the last part; without the arena, 106 MiB)
+            built = options()
+            built.enable_cpu_mem_arena = False
+            return built
+
+        super().__init__(parts, size, without_arena, what)
+
+    def restart(self) -> None:
+        super().restart()
+        self.values = [dict(feed) for feed in self.feeds]
+        self.results: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
+
+    def _build(self, index: int) -> None:
+        session = self._session(index, self.graphs[index])
+        part, extra, last = self.parts[index], self.extra_outputs[index], index == len(self.parts) - 1
+        for values, result in zip(self.values, self.results, strict=True):
+            found = session.run([*part.outputs, *extra], {name: values[name] for name in part.inputs})
+            values.update(zip(part.outputs, found, strict=False))
+            result.update(zip(extra, found[len(part.outputs) :], strict=True))
+            if last:
+                result.update(zip(part.outputs, found, strict=False))
+            for name in [n for n in values if self._last_needed.get(n, -1) <= index]:
+                del values[name]  # no later part reads it
+        del session
+        self.sessions.append(None)  # counted, not kept
+        self._release(index)
+
+    def finish_run(self) -> list[dict[str, np.ndarray]]:
+        """The results, once every byte arrived (and the caller checked their sha256).
+
+        Raises:
+            IntegrityError: the stream ended before every part could be run.
+        """
+        if len(self.sessions) < len(self.parts) or self.offset != self.size:
+            raise IntegrityError(f"weights.bin of the {self.what} ended after {self.offset} of {self.size} bytes")
+        with contextlib.suppress(BufferError):  # a view still held somewhere: the mapping goes with it
+            self.buffer.close()
+        return self.results
+
+
+class PartwiseRunner(OnnxRunner):
+    """The model call of an engine that runs each call through the graph part by part while
+    ``weights.bin`` streams in again (:class:`PartwiseRun`): every call reads the whole file, so it
+    is for a check that asks a question or two in little memory (the refresh's canary of an
+    artifact whose weights do not fit twice), never for serving."""
+
+    def __init__(
+        self,
+        parts: Sequence[GraphPart],
+        size: int,
+        stream: Callable[[Any], None],
+        options: Callable[[], Any],
+        what: str,
+        input_names: tuple[str, ...],
+    ) -> None:
+        super().__init__(None, input_names)
+        self.parts, self.size, self.stream, self.options, self.what = tuple(parts), size, stream, options, what
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        run = PartwiseRun(self.parts, self.size, self.options, self.what, [inputs])
+        self.stream(run)
+        result = run.finish_run()[0]
+        return result["start_logits"], result["end_logits"]
+
+
+def partwise_engine(
+    graph: bytes,
+    record: Mapping[str, Any],
+    tokenizer_files: Mapping[str, bytes | bytearray],
+    *,
+    parts: Sequence[GraphPart],
+    weights_bytes: int,
+    stream: Callable[[Any], None],
+    limits: Limits | None = None,
+) -> QAEngine:
+    """A :class:`QAEngine` over a :class:`PartwiseRunner` (each call streams ``weights.bin`` again).
+
+    Raises:
+        UnsafeModelError: the record's format is unknown, or there is no ``tokenizer.json``.
+    """
+    input_names, max_seq_len, doc_stride, variant = _record_facts(record)
+    spec = tokenizer_spec(record, tokenizer_files.get("tokenizer.json"))
+    runner = PartwiseRunner(parts, weights_bytes, stream, lambda: session_options(threads=None), f"{variant} artifact", input_names)
+    return QAEngine(
+        runner,
+        spec,
+        limits=limits,
+        quantize="int8" if variant == "int8" else "none",
+        max_seq_len=max_seq_len,
+        doc_stride=doc_stride,
+    )
+
+
+def with_outputs(graph: bytes, reduced: Sequence[str]) -> tuple[bytes, list[str]]:
+    """``graph`` with the min and max of each value of ``reduced`` it computes or reads as extra
+    outputs (``ReduceMin`` / ``ReduceMax``, scalars), and their names in the order min, max."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load_from_string(graph)
+    seen = {name for node in proto.graph.node for name in (*node.input, *node.output)}
+    outputs = []
+    for name in [n for n in reduced if n in seen]:
+        for kind in ("Min", "Max"):
+            out = f"calibration_{kind.lower()}_{name}"
+            proto.graph.node.append(helper.make_node(f"Reduce{kind}", [name], [out], keepdims=0, name=out))
+            proto.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+            outputs.append(out)
+    return proto.SerializeToString(), outputs
 
 
 def staged_engine(

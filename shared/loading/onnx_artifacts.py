@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -410,16 +411,6 @@ def _staged_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord
     if parts is None:
         return None
     log.info("Loading the %s artifact of %s in %d parts, each repacked as it arrives", record.variant, manifest.revision, len(parts))
-    blob = artifact_blob(store, manifest.revision, record.variant, weights.name)
-
-    def stream(sink: Any) -> None:
-        try:
-            store.stream_file(manifest.revision, weights, sink, restart=sink.restart, blob=blob)
-        except IntegrityError as err:
-            raise ArtifactDamagedError(err.message, blob=weights.name) from err
-        except NotFoundError as err:
-            raise ArtifactDamagedError(f"{weights.name} is missing from storage", blob=weights.name) from err
-
     tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
     return staged_engine(
         bytes(graph),
@@ -427,12 +418,58 @@ def _staged_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord
         tokenizer,
         parts=parts,
         weights_bytes=weights.size,
-        stream=stream,
+        stream=weights_stream(store, manifest, record),
         limits=settings.limits,
         batch_windows=settings.batch_windows,
         threads=default_threads(settings.threads, settings.max_concurrent),
         memory_mb=settings.memory_mb,
         max_concurrent=settings.max_concurrent,
+    )
+
+
+def weights_stream(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> Callable[[Any], None]:
+    """``stream(sink)``: the artifact's ``weights.bin``, every byte in order, into ``sink`` (calling
+    its ``restart`` if the blob is rewritten meanwhile), sha256-checked at the end.
+
+    Raises (from ``stream``):
+        ArtifactDamagedError: the blob does not match the record, or is missing.
+    """
+    entry = next(e for e in record.files if e.name == "weights.bin")
+    blob = artifact_blob(store, manifest.revision, record.variant, entry.name)
+
+    def stream(sink: Any) -> None:
+        try:
+            store.stream_file(manifest.revision, entry, sink, restart=sink.restart, blob=blob)
+        except IntegrityError as err:
+            raise ArtifactDamagedError(err.message, blob=entry.name) from err
+        except NotFoundError as err:
+            raise ArtifactDamagedError(f"{entry.name} is missing from storage", blob=entry.name) from err
+
+    return stream
+
+
+def partwise_artifact_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings) -> QAEngine | None:
+    """An engine that runs each call part by part while ``weights.bin`` streams in again
+    (:func:`~shared.engine.onnx_runner.partwise_engine`), when ``QA_MEMORY_MB`` does not leave room
+    for the weights twice and the graph can be cut; ``None`` otherwise. For a canary, not serving.
+
+    Raises:
+        ArtifactDamagedError: a blob does not match the record (or is missing), naming it.
+    """
+    from ..engine.onnx_parts import split_graph
+    from ..engine.onnx_runner import part_size, partwise_engine, prepack_fits
+
+    sizes = {entry.name: entry for entry in record.files}
+    weights = sizes.get("weights.bin")
+    if weights is None or settings.memory_mb is None or prepack_fits(weights.size, settings.memory_mb):
+        return None
+    graph = bytes(_read_blob(store, manifest, record, sizes["model.onnx"]))
+    parts = split_graph(graph, part_bytes=part_size(weights.size, 16))
+    if parts is None:
+        return None
+    tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
+    return partwise_engine(
+        graph, record.engine, tokenizer, parts=parts, weights_bytes=weights.size, stream=weights_stream(store, manifest, record)
     )
 
 

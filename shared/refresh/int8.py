@@ -10,8 +10,12 @@ scalars leave the session.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import mmap
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import IntegrityError
 from ..memory import release_pages
 from .onnx_weights import EXTERNAL_MIN_BYTES, WEIGHTS_FILE, WeightsWriter, initializer_views
 
@@ -168,6 +173,64 @@ def calibrate(graph: bytes, weights: Any, spec: Any, facts: Mapping[str, Any]) -
     return ranges, seen["windows"]
 
 
+def calibration_windows(spec: Any, facts: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
+    """The windows the serving engine makes of the calibration text (same tokenizer, geometry and
+    code as :func:`calibrate`), one feed of one window each, in the order :func:`calibrate` runs them."""
+    from ..engine.onnx_runner import OnnxRunner
+    from ..engine.question_answering import Limits, QAEngine
+
+    windows: list[dict[str, np.ndarray]] = []
+
+    class Recorder(OnnxRunner):  # keeps each window and answers nothing (the answers are not used)
+        def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            windows.append({name: np.array(value) for name, value in inputs.items()})
+            shape = next(iter(inputs.values())).shape
+            return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    input_names = tuple(str(n) for n in facts["input_names"])
+    engine = QAEngine(
+        Recorder(None, input_names),
+        spec,
+        limits=Limits(max_windows=1000, max_items=1000),
+        batch_windows=1,
+        max_seq_len=int(facts["max_seq_len"]),
+        doc_stride=int(facts["doc_stride"]),
+    )
+    for item in calibration_items():
+        engine.answer([item])
+    return windows
+
+
+def calibrate_by_parts(
+    graph: bytes, parts: Any, size: int, stream: Callable[[Any], None], spec: Any, facts: Mapping[str, Any]
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """:func:`calibrate` with the graph run one part at a time while its ``weights.bin`` (``size``
+    bytes) streams in once (:class:`~shared.engine.onnx_runner.PartwiseRun`): the build holds a
+    part of the weights, not all of them. Each part computes what its nodes compute in the whole
+    graph, so the ranges are those of :func:`calibrate`.
+
+    ``stream(sink)`` feeds the sink every byte in order and raises if they do not verify.
+    """
+    import onnx
+
+    from ..engine.onnx_runner import PartwiseRun, session_options, with_outputs
+
+    targets = activation_inputs(onnx.load_from_string(graph))
+    graphs, extra = zip(*(with_outputs(part.graph, targets) for part in parts), strict=True)
+    windows = calibration_windows(spec, facts)
+    run = PartwiseRun(
+        parts, size, lambda: session_options(threads=None), "fp32 artifact (calibration)", windows, graphs=graphs, extra_outputs=extra
+    )
+    stream(run)
+    ranges: dict[str, tuple[float, float]] = {}
+    for result in run.finish_run():
+        for name in targets:
+            low, high = float(result[f"calibration_min_{name}"]), float(result[f"calibration_max_{name}"])
+            old = ranges.get(name, (low, high))
+            ranges[name] = (min(old[0], low), max(old[1], high))
+    return ranges, len(windows)
+
+
 def calibration_facts(windows: int) -> dict[str, Any]:
     raw = CALIBRATION_FILE.read_bytes()
     doc = json.loads(raw)
@@ -184,7 +247,13 @@ def calibration_facts(windows: int) -> dict[str, Any]:
 
 
 def quantize(
-    graph: bytes, weights: Any, ranges: Mapping[str, tuple[float, float]], recipe: Int8Recipe, *, release: bool = False
+    graph: bytes,
+    weights: Any,
+    ranges: Mapping[str, tuple[float, float]],
+    recipe: Int8Recipe,
+    *,
+    release: bool = False,
+    streamed: StreamedWeights | None = None,
 ) -> tuple[bytes, bytearray, int]:
     """The int8 graph and weights: chosen MatMuls become ``MatMulIntegerToFloat`` over int8 weights.
 
@@ -193,6 +262,9 @@ def quantize(
     order of the fp32 one, one tensor at a time; with ``release`` (``weights`` a writable buffer
     that nothing reads afterwards) the pages of the fp32 weights already rewritten are handed back
     to the system as it goes, so the peak is about the fp32 weights, not them plus the int8 ones.
+    With ``streamed`` (``weights`` is its buffer, still arriving) each fp32 tensor is read once its
+    bytes have arrived and its pages are handed back right after: the peak is the int8 weights
+    and the stream's window.
 
     Returns:
         (graph, weights, number of MatMuls quantized)
@@ -226,10 +298,12 @@ def quantize(
             weights_planned.add(w_base)
             source = views[weight]
             at = offsets.get(weight, -1)
-            w_scale = _weight_scales(source, recipe.per_channel, weight_limit)
-            new_tensors.append((w_base, np.dtype(np.int8), source.shape, partial(_int8_weights, source, w_scale, weight_limit), at))
-            new_tensors.append((f"{w_base}_scale", w_scale.dtype, w_scale.shape, partial(_same, w_scale), at))
-            new_tensors.append((f"{w_base}_zero_point", np.dtype(np.int8), w_scale.shape, partial(np.zeros, w_scale.shape, np.int8), at))
+            # the scales are computed when the weight is written (its bytes may still be arriving)
+            scale = functools.cache(partial(_weight_scales, source, recipe.per_channel, weight_limit))
+            shape = (source.shape[-1],) if recipe.per_channel else ()
+            new_tensors.append((w_base, np.dtype(np.int8), source.shape, partial(_int8_of, source, scale, weight_limit), at))
+            new_tensors.append((f"{w_base}_scale", np.dtype(np.float32), shape, scale, at))
+            new_tensors.append((f"{w_base}_zero_point", np.dtype(np.int8), shape, partial(np.zeros, shape, np.int8), at))
         quantize_node = helper.make_node(
             "QuantizeLinear", [activation, f"{a_base}_scale", f"{a_base}_zero_point"], [f"{a_base}_quantized"], name=f"{a_base}_quantize"
         )
@@ -268,16 +342,19 @@ def quantize(
     ]
     entries += new_tensors
     entries.sort(key=lambda entry: entry[4])  # stable: the graph's order within one source
+    ends = {offsets[name]: offsets[name] + view.nbytes for name, view in views.items() if offsets.get(name, -1) >= 0}
     del views
     writer = WeightsWriter()
     initializers = []
-    for index, (name, dtype, shape, make, _source) in enumerate(entries):
+    for index, (name, dtype, dims, make, origin) in enumerate(entries):
+        if streamed is not None:
+            streamed.wait(ends.get(origin, 0))
         array = make()
-        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize < EXTERNAL_MIN_BYTES:
-            initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype).reshape(shape), name))
+        if int(np.prod(dims, dtype=np.int64)) * dtype.itemsize < EXTERNAL_MIN_BYTES:
+            initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype).reshape(dims), name))
             continue
         offset, length = writer.put(array)
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=list(shape))
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(dtype), dims=list(dims))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
@@ -285,7 +362,8 @@ def quantize(
         initializers.append(tensor)
         del array
         if release and index + 1 < len(entries) and entries[index + 1][4] > 0:
-            release_pages(weights, 0, entries[index + 1][4])  # every source before the next one is done
+            # every source before the next one is done
+            streamed.release(entries[index + 1][4]) if streamed is not None else release_pages(weights, 0, entries[index + 1][4])
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(initializers)
     if not any(o.domain == "com.microsoft" for o in proto.opset_import):
@@ -317,3 +395,101 @@ def _weight_scales(weight: np.ndarray, per_channel: bool, limit: int) -> np.ndar
 
 def _int8_weights(weight: np.ndarray, scale: np.ndarray, limit: int) -> np.ndarray:
     return np.clip(np.rint(weight / scale), -limit, limit).astype(np.int8)
+
+
+def _int8_of(weight: np.ndarray, scale: Callable[[], np.ndarray], limit: int) -> np.ndarray:
+    return _int8_weights(weight, scale(), limit)
+
+
+class StreamedWeights:
+    """An fp32 ``weights.bin`` arriving on a thread of its own (``stream(sink)``, as
+    ``ModelStore.stream_file`` feeds a sink) into a private mapping, which :func:`quantize` reads
+    in order while it arrives: :meth:`wait` until a tensor's bytes are in, :meth:`release` the
+    pages behind it. The stream runs at most ``window`` bytes ahead of what was released, so the
+    build never holds the whole file.
+    """
+
+    def __init__(self, size: int, stream: Callable[[Any], None], *, window: int) -> None:
+        self.size, self.window = size, window
+        self.buffer = mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._arrived = self._released = 0
+        self._done = self._stopped = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, args=(stream,), name="fp32-weights", daemon=True)
+        self._thread.start()
+
+    def __call__(self, chunk: memoryview) -> None:
+        data = memoryview(chunk).cast("B")
+        with self._changed:
+            while self._arrived - self._released > self.window and not self._stopped:
+                self._changed.wait()
+            if self._stopped:
+                raise _Stopped
+            at = self._arrived
+        if at + len(data) > self.size:
+            raise IntegrityError("weights.bin of the fp32 artifact is larger than recorded")
+        self.buffer[at : at + len(data)] = data
+        with self._changed:
+            self._arrived += len(data)
+            self._changed.notify_all()
+
+    def restart(self) -> None:
+        raise IntegrityError("weights.bin of the fp32 artifact was rewritten while the int8 build read it; the next build starts over")
+
+    def _run(self, stream: Callable[[Any], None]) -> None:
+        try:
+            stream(self)
+        except _Stopped:
+            pass
+        except Exception as err:  # noqa: BLE001 - handed to the reader: wait() and finish() raise it
+            self._error = err
+        finally:
+            with self._changed:
+                self._done = True
+                self._changed.notify_all()
+
+    def wait(self, end: int) -> None:
+        """Return once the first ``end`` bytes have arrived.
+
+        Raises:
+            the stream's error, or IntegrityError: it ended before ``end`` bytes.
+        """
+        with self._changed:
+            while self._arrived < end and not self._done:
+                self._changed.wait()
+            arrived = self._arrived
+        if arrived < end:
+            raise self._error or IntegrityError(f"weights.bin of the fp32 artifact ended after {arrived} of {self.size} bytes")
+
+    def release(self, upto: int) -> None:
+        """Hand back the pages before ``upto`` (nothing reads them again)."""
+        if upto > self._released:
+            release_pages(self.buffer, self._released, min(upto, self._arrived))
+            with self._changed:
+                self._released = max(self._released, min(upto, self._arrived))
+                self._changed.notify_all()
+
+    def finish(self) -> None:
+        """Wait for the stream's end (its sha256 verified).
+
+        Raises:
+            the stream's error, or IntegrityError: it ended early.
+        """
+        self.wait(self.size)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop the stream (the build failed) and free the mapping."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+        self._thread.join()
+        with contextlib.suppress(BufferError):  # views of a failed build still in a traceback: freed with them
+            self.buffer.close()
+
+
+class _Stopped(Exception):
+    """The reader stopped the stream."""

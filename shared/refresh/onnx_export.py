@@ -40,15 +40,17 @@ from typing import Any
 import numpy as np
 
 from ..engine.cpu import cpu_facts
-from ..errors import IntegrityError, UnsafeModelError
+from ..engine.onnx_graph import external_initializers
+from ..errors import IntegrityError, StorageUnavailableError, UnsafeModelError
 from ..memory import large_blocks_mapped, release_memory
 from ..settings import ARTIFACT_VARIANTS
-from .int8 import DEFAULT_RECIPE, RECIPES, calibrate, calibration_facts, quantize
+from .int8 import DEFAULT_RECIPE, RECIPES, StreamedWeights, calibrate, calibrate_by_parts, calibration_facts, quantize
 from .model_checks import check_vocabulary
 from .onnx_weights import (
     EXTERNAL_MIN_BYTES,
     MODEL_FILE,
     WEIGHTS_FILE,
+    Place,
     StoredTensor,
     TensorStream,
     WeightsLayout,
@@ -73,15 +75,31 @@ Sink = Callable[[memoryview], object]
 class OnnxArtifact:
     """The files of one artifact and its record.
 
-    ``files`` is exactly ``{"model.onnx": graph, "weights.bin": weights}``; ``record`` is JSON-able.
+    ``files`` is exactly ``{"model.onnx": graph, "weights.bin": weights}``, or only the graph when
+    ``placed_weights`` is set: then ``weights.bin``'s bytes (that many) went to the build's
+    ``place`` as they arrived instead (:class:`~shared.refresh.onnx_weights.WeightsLayout`).
+    ``record`` is JSON-able.
     """
 
     files: dict[str, bytes | bytearray]
     record: dict[str, Any]
+    placed_weights: int | None = None
 
     @property
     def size(self) -> int:
-        return sum(len(data) for data in self.files.values())
+        return sum(len(data) for data in self.files.values()) + (self.placed_weights or 0)
+
+
+@dataclass(frozen=True)
+class StreamedArtifact:
+    """An fp32 artifact in storage whose ``weights.bin`` (``size`` bytes) the int8 build reads as
+    it needs it, never whole: ``stream(sink)`` feeds the sink every byte in order (calling its
+    ``restart`` if it starts over) and raises if they do not verify."""
+
+    graph: bytes
+    record: dict[str, Any]
+    size: int
+    stream: Callable[[Any], None]
 
 
 @dataclass(frozen=True)
@@ -179,9 +197,12 @@ def build_onnx(
     return build_int8(fp32, source.files["tokenizer.json"], recipe=recipe, progress=say)
 
 
-def build_fp32(source: ModelSource, say: Callable[[str], None]) -> OnnxArtifact:
+def build_fp32(source: ModelSource, say: Callable[[str], None], *, place: Place | None = None) -> OnnxArtifact:
     """The fp32 artifact of ``source``: the graph exported over placeholder weights, ``weights.bin``
     written from the streamed checkpoint (or, when that cannot be traced, the real-weights export).
+    With ``place``, the export over placeholders hands each tensor of ``weights.bin`` to it as it
+    arrives and keeps none (``placed_weights``); the real-weights export keeps ``weights.bin`` in
+    ``files`` whatever ``place`` is.
 
     Raises:
         UnsafeModelError: as :func:`build_onnx`.
@@ -196,7 +217,7 @@ def build_fp32(source: ModelSource, say: Callable[[str], None]) -> OnnxArtifact:
     check_vocabulary(source.files, config_dict, where=source.where)
     spec = tokenizer_spec_from_files(source.files)
     try:
-        graph, weights, facts, model_type, opset = _export_over_placeholders(model_class, config, spec, source, say)
+        graph, weights, facts, model_type, opset = _export_over_placeholders(model_class, config, spec, source, say, place)
         how = "placeholder weights, checkpoint streamed into weights.bin"
     except _NotTraceable as err:
         log.info("The export over placeholder weights cannot be traced back to the checkpoint (%s): exporting with the weights loaded", err)
@@ -215,39 +236,77 @@ def build_fp32(source: ModelSource, say: Callable[[str], None]) -> OnnxArtifact:
         "versions": _versions(),
         "cpu": cpu_facts(),
     }
+    if isinstance(weights, int):
+        say(f"fp32 artifact: graph {len(graph) / 1e6:.1f} MB, weights {weights / 1e6:.1f} MB (placed as they arrived)")
+        return OnnxArtifact(files={MODEL_FILE: graph}, record=record, placed_weights=weights)
     say(f"fp32 artifact: graph {len(graph) / 1e6:.1f} MB, weights {len(weights) / 1e6:.1f} MB")
     return OnnxArtifact(files={MODEL_FILE: graph, WEIGHTS_FILE: weights}, record=record)
 
 
 def build_int8(
-    fp32: OnnxArtifact, tokenizer_json: bytes | bytearray, *, recipe: str = DEFAULT_RECIPE, progress: Callable[[str], None] | None = None
+    fp32: OnnxArtifact | StreamedArtifact,
+    tokenizer_json: bytes | bytearray,
+    *,
+    recipe: str = DEFAULT_RECIPE,
+    progress: Callable[[str], None] | None = None,
 ) -> OnnxArtifact:
     """The int8 artifact of an fp32 one: activation ranges calibrated by running the fp32 graph in
     ONNX Runtime over its own weights (no copy of them), then the weights quantized one at a time.
 
-    ``fp32``'s ``weights.bin`` must be a writable buffer (``bytearray`` or ``mmap``) that nothing
-    reads afterwards: the pages of each fp32 weight are handed back to the system as soon as it is
-    rewritten, so the build holds about one copy of the fp32 weights, not them and the int8 ones.
+    An :class:`OnnxArtifact`'s ``weights.bin`` must be a writable buffer (``bytearray`` or ``mmap``)
+    that nothing reads afterwards: the pages of each fp32 weight are handed back to the system as
+    soon as it is rewritten, so the build holds about one copy of the fp32 weights, not them and
+    the int8 ones. A :class:`StreamedArtifact` whose graph can be cut into parts
+    (:func:`~shared.engine.onnx_parts.split_graph`) is read twice instead and never held whole:
+    once for the calibration, run one part at a time as the weights arrive, once for the
+    quantization, each tensor as it arrives (the build holds the int8 weights and a window of the
+    fp32 ones); the ranges, and so the artifact, are the same.
 
     Raises:
         UnsafeModelError: the calibration text cannot be run through the model.
+        IntegrityError, StorageUnavailableError: (streamed) the fp32 weights could not be read.
     """
-    from ..engine.onnx_runner import tokenizer_spec
+    from ..engine.onnx_parts import split_graph
+    from ..engine.onnx_runner import part_size, tokenizer_spec
 
     say = progress or (lambda line: log.info("%s", line))
     chosen = RECIPES[recipe]
-    graph, weights = bytes(fp32.files[MODEL_FILE]), fp32.files[WEIGHTS_FILE]
+    graph = bytes(fp32.graph if isinstance(fp32, StreamedArtifact) else fp32.files[MODEL_FILE])
     spec = tokenizer_spec(fp32.record, tokenizer_json)
-    say("calibrating activation scales with the fp32 artifact")
+    parts = split_graph(graph, part_bytes=part_size(fp32.size, 16)) if isinstance(fp32, StreamedArtifact) else None
+    weights: Any = None
+    if isinstance(fp32, StreamedArtifact) and parts is None:
+        say("reading the fp32 artifact back for int8 (its graph cannot be run part by part)")
+        weights = bytearray(fp32.size)
+        fp32.stream(_Into(weights))
+    elif not isinstance(fp32, StreamedArtifact):
+        weights = fp32.files[WEIGHTS_FILE]
+    say("calibrating activation scales with the fp32 artifact" + (f", {len(parts)} parts as its weights stream in" if parts else ""))
     try:
-        ranges, windows = calibrate(graph, weights, spec, fp32.record)
+        if parts is not None:
+            assert isinstance(fp32, StreamedArtifact)
+            ranges, windows = calibrate_by_parts(graph, parts, fp32.size, fp32.stream, spec, fp32.record)
+        else:
+            ranges, windows = calibrate(graph, weights, spec, fp32.record)
+    except (IntegrityError, StorageUnavailableError):
+        raise  # reading the fp32 weights, not the model
     except Exception as err:  # the model cannot run the project's text: a reason to record, not a crash
         log.info("int8 calibration failed", exc_info=True)
         raise UnsafeModelError(
             f"int8 calibration failed: the model cannot answer the calibration text ({type(err).__name__}: {err})"
         ) from err
     say(f"quantizing ({chosen.name})")
-    int8_graph, int8_weights, quantized = quantize(graph, weights, ranges, chosen, release=True)
+    if parts is not None:
+        assert isinstance(fp32, StreamedArtifact)
+        largest = max((t.length for t in external_initializers(graph)), default=0)
+        streamed = StreamedWeights(fp32.size, fp32.stream, window=max(256 << 20, largest + (16 << 20)))
+        try:
+            int8_graph, int8_weights, quantized = quantize(graph, streamed.buffer, ranges, chosen, release=True, streamed=streamed)
+            streamed.finish()  # every byte arrived and verified: only then is the result used
+        finally:
+            streamed.stop()
+    else:
+        int8_graph, int8_weights, quantized = quantize(graph, weights, ranges, chosen, release=True)
     record = {
         **fp32.record,
         "variant": "int8",
@@ -260,6 +319,21 @@ def build_int8(
     }
     say(f"int8 artifact: graph {len(int8_graph) / 1e6:.1f} MB, weights {len(int8_weights) / 1e6:.1f} MB")
     return OnnxArtifact(files={MODEL_FILE: int8_graph, WEIGHTS_FILE: int8_weights}, record=record)
+
+
+class _Into:
+    """A sink that writes a stream's bytes, in order, into a buffer of their size."""
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer, self.at = buffer, 0
+
+    def __call__(self, chunk: memoryview) -> None:
+        data = memoryview(chunk).cast("B")
+        self.buffer[self.at : self.at + len(data)] = data
+        self.at += len(data)
+
+    def restart(self) -> None:
+        self.at = 0
 
 
 # --- the export over placeholder weights -----------------------------------------------------------
@@ -323,8 +397,8 @@ def _placeholder_model(model_class: Any, config: Any, stand_ins: dict[str, _Plac
 
 
 def _export_over_placeholders(
-    model_class: Any, config: Any, spec: Any, source: ModelSource, say: Callable[[str], None]
-) -> tuple[bytes, bytearray, dict[str, Any], str, int]:
+    model_class: Any, config: Any, spec: Any, source: ModelSource, say: Callable[[str], None], place: Place | None = None
+) -> tuple[bytes, bytearray | int, dict[str, Any], str, int]:
     """Export the model over stand-ins, trace each initializer back to its checkpoint tensor, and
     write ``weights.bin`` from the streamed checkpoint.
 
@@ -353,7 +427,7 @@ def _export_over_placeholders(
     del stand_ins
     gc.collect()
     say("writing weights.bin from the checkpoint as it streams in")
-    weights = _write_weights(ir_model, plan, source)
+    weights = _write_weights(ir_model, plan, source, place)
     graph, opset = _serialize(ir_model)
     del ir_model
     release_memory()
@@ -412,12 +486,13 @@ def _trace(ir_model: Any, stand_ins: dict[str, _Placeholder]) -> tuple[dict[str,
     return dict(plan), constants
 
 
-def _write_weights(ir_model: Any, plan: dict[str, list[_Use]], source: ModelSource) -> bytearray:
+def _write_weights(ir_model: Any, plan: dict[str, list[_Use]], source: ModelSource, place: Place | None = None) -> bytearray | int:
     """Stream every checkpoint file; each tensor, as it completes, goes into ``weights.bin`` (or
     into the graph when it is small) for every initializer made of it, then is dropped. The other
     large initializers (constants of the graph) follow. ``weights.bin`` is laid out in the order
     the graph's nodes first read its tensors (:class:`WeightsLayout`), whatever order the
-    checkpoint streams them in.
+    checkpoint streams them in. With ``place`` each tensor goes there instead and the size of
+    ``weights.bin`` is returned.
 
     Raises:
         _NotTraceable: an initializer's checkpoint tensor never arrived.
@@ -432,10 +507,10 @@ def _write_weights(ir_model: Any, plan: dict[str, list[_Use]], source: ModelSour
             if value is not None and value.name in first_use:
                 first_use[value.name] = min(first_use[value.name], index)
     large = [name for name, v in initializers.items() if v.const_value is not None and v.const_value.nbytes >= EXTERNAL_MIN_BYTES]
-    layout = WeightsLayout([(name, initializers[name].const_value.nbytes) for name in sorted(large, key=first_use.__getitem__)])
+    layout = WeightsLayout([(name, initializers[name].const_value.nbytes) for name in sorted(large, key=first_use.__getitem__)], place)
     written: set[str] = set()
 
-    def place(name: str, array: np.ndarray) -> None:
+    def put(name: str, array: np.ndarray) -> None:
         value = initializers[name]
         old = value.const_value
         if name not in layout.offsets:
@@ -447,7 +522,7 @@ def _write_weights(ir_model: Any, plan: dict[str, list[_Use]], source: ModelSour
 
     def on_tensor(key: str, array: np.ndarray) -> None:
         for use in plan.get(key, ()):
-            place(use.initializer, array.astype(np.float32, copy=False).T if use.transposed else array.astype(np.float32, copy=False))
+            put(use.initializer, array.astype(np.float32, copy=False).T if use.transposed else array.astype(np.float32, copy=False))
 
     for weight_file in source.weights:
         stream = TensorStream(weight_file.name, on_tensor, header=weight_file.header)
@@ -466,8 +541,8 @@ def _write_weights(ir_model: Any, plan: dict[str, list[_Use]], source: ModelSour
         raise _NotTraceable(f"initializer {missing[0]} has no tensor in the checkpoint")
     for name in large:
         if name not in written:
-            place(name, initializers[name].const_value.numpy())
-    return layout.buffer
+            put(name, initializers[name].const_value.numpy())
+    return layout.size if place is not None else layout.buffer
 
 
 def _serialize(ir_model: Any) -> tuple[bytes, int]:
