@@ -1,14 +1,15 @@
 """The whole app on a 2 GB Flex Consumption instance: serving, cold start and the refresh of bert-large,
 each under the memory such an instance leaves the app, against today's way in the same run.
 
-    sudo .venv/bin/python bench/memory_limit.py [--rounds 2] [--repeats 3] [--one-cpu] [--skip-refresh]
+    sudo .venv/bin/python bench/memory_limit.py [--rounds 2] [--repeats 3] [--one-cpu] [--skip-refresh | --only-refresh]
 
 Needs root (a memory cgroup, a tmpfs) and Azurite on 127.0.0.1:10000. Each variant runs in a fresh
 process inside a memory cgroup of 1,776 MiB (a 2,048 MB instance less the 272 MB the platform
 keeps, as this project's figures count it) with ``TMPDIR`` on an 800 MiB tmpfs (whose files count
 as memory): the kernel kills a process that goes past the limit, as the platform would.
-``--one-cpu`` adds the 2 GB serving variants pinned to one CPU (``taskset -c 0``): an indication of
-a 1-vCPU instance's speed on this CPU, not a measurement of one.
+``--one-cpu`` adds, in the first round, the 2 GB serving variants pinned to one CPU (``taskset -c 0``):
+an indication of a 1-vCPU instance's speed on this CPU (a 2 GB Flex instance has 1 vCPU, a 4 GB one 2),
+not a measurement of one.
 
 A bert-large-shaped model (random fp32 weights, 1.34 GB) is published to Azurite with both ONNX
 artifacts (``build_artifacts``, as a refresh builds them). Then, alternating within each round:
@@ -24,8 +25,8 @@ Each serving process goes through the app's own ``ModelHolder`` and ``load_artif
 timed from process start to its first answer (the cold start), then answers scenarios (b) a
 2,000-word context and (c) 16 questions over one context of ``bench/engine.py`` (p50 of
 ``--repeats`` after a warm-up), and records every answer. The refresh (``--skip-refresh`` leaves it
-out) is ``bench/refresh.py``'s full refresh with both artifacts from a fake Hub, under the 2 GB
-limit. At the end: each goal, its figures and whether it is met.
+out, ``--only-refresh`` runs it alone) is ``bench/refresh.py``'s full refresh with both artifacts from a fake Hub, under the 2 GB
+limit, with ``QA_MEMORY_MB=1776``. At the end: each goal, its figures and whether it is met.
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ def main() -> int:
         state = row.get("verdict", "")
         print(f"  {label}: {state}, cold start {row.get('cold_start_s', 0):.1f} s", flush=True)
 
+    if "--only-refresh" in sys.argv:
+        report(rows, _refresh(), rounds=0, repeats=0)
+        return 0
     try:
         built = measure(__file__, "publish", folder=str(folder), container=container)
         print(f"published with artifacts {built['artifacts']} in {built['seconds']:.0f} s", flush=True)
@@ -158,11 +162,12 @@ def main() -> int:
                 order = [("today", FOUR_GB, None), ("2 GB", TWO_GB, TWO_GB.limit_mb)]
                 for label, limit, memory_mb in order if number % 2 else reversed(order):
                     run(f"{variant} {label}", limit, quantize=quantize, memory_mb=memory_mb)
-                if "--one-cpu" in sys.argv:
+                if "--one-cpu" in sys.argv and number == 1:
                     one = MemoryLimit(TWO_GB.limit_mb, TWO_GB.tmpfs_mb, taskset="0")
                     run(f"{variant} 2 GB, 1 CPU (indication)", one, quantize=quantize, memory_mb=TWO_GB.limit_mb)
             if number == 1:
                 run("fp32 today under the 2 GB limit", TWO_GB, quantize="none", memory_mb=None)
+                run("int8 today under the 2 GB limit", TWO_GB, quantize="int8", memory_mb=None)
         refresh = None
         if "--skip-refresh" not in sys.argv:
             refresh = _refresh()
@@ -194,6 +199,7 @@ def _refresh() -> dict[str, Any]:
                 endpoint=hub.endpoint,
                 canary=True,
                 artifacts="fp32,int8",
+                memory_mb=TWO_GB.limit_mb,  # as Bicep sets it on a 2 GB instance
             )
         finally:
             store.container.delete_container()
@@ -222,7 +228,7 @@ def report(rows: dict[str, list[dict[str, Any]]], refresh: dict[str, Any] | None
         b, c = _scenario_p50(runs, "b_2000_words"), _scenario_p50(runs, "c_16_questions")
         print(f"{label:<36}{verdict:<12}{peak:>10.0f}{cold:>8.2f}{load:>8.2f}{b:>9.2f}{c:>9.2f}")
     print("\ngoals (2 GB limit = 1,776 MiB):")
-    for variant in ("fp32", "int8"):
+    for variant in ("fp32", "int8") if rows else ():
         _goals(variant, rows.get(f"{variant} today", []), rows.get(f"{variant} 2 GB", []))
     killed_today = rows.get("fp32 today under the 2 GB limit", [])
     if killed_today:

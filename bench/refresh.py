@@ -66,13 +66,14 @@ def seed(container: str, endpoint: str) -> dict[str, Any]:
     return {"seconds": time.monotonic() - began, "mb": moved / 1e6}
 
 
-def project(container: str, endpoint: str, canary: bool, artifacts: str = "none") -> dict[str, Any]:
+def project(container: str, endpoint: str, canary: bool, artifacts: str = "none", memory_mb: int | None = None) -> dict[str, Any]:
     import dataclasses
 
     from shared.refresh.worker import run_refresh
     from shared.store.refresh_queue import RefreshRequest
 
-    settings = _settings(container, endpoint, MODEL_ARTIFACTS=artifacts)
+    bounded = {"QA_MEMORY_MB": str(memory_mb)} if memory_mb else {}
+    settings = _settings(container, endpoint, MODEL_ARTIFACTS=artifacts, **bounded)
     if not canary:
         settings = dataclasses.replace(settings, canary=None)
     temp = _TempWatch()
