@@ -30,7 +30,6 @@ DEFAULT_IS_RIGHT = {
     "MODEL_BLOCK_SIZE_MB": "8 MB blocks: 41 MB copy buffers with the default concurrency",
     "MODEL_ARTIFACTS": "fp32,int8 ONNX artifacts, so QA_QUANTIZE can switch without a refresh",
     "QA_THREADS": "derived from the instance's CPU quota and QA_MAX_CONCURRENT",
-    "QA_MEMORY_MB": "unset: not bounded, the 4 GB instance holds bert-large's weights twice",
     "QA_MAX_CONTEXT_CHARS": "request limits: the defaults of docs/settings.md",
     "QA_MAX_QUESTION_CHARS": "request limits: the defaults of docs/settings.md",
     "QA_MAX_QUESTION_TOKENS": "request limits: the defaults of docs/settings.md",
