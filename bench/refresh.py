@@ -66,13 +66,14 @@ def seed(container: str, endpoint: str) -> dict[str, Any]:
     return {"seconds": time.monotonic() - began, "mb": moved / 1e6}
 
 
-def project(container: str, endpoint: str, canary: bool, artifacts: str = "none") -> dict[str, Any]:
+def project(container: str, endpoint: str, canary: bool, artifacts: str = "none", memory_mb: int | None = None) -> dict[str, Any]:
     import dataclasses
 
     from shared.refresh.worker import run_refresh
     from shared.store.refresh_queue import RefreshRequest
 
-    settings = _settings(container, endpoint, MODEL_ARTIFACTS=artifacts)
+    bounded = {"QA_MEMORY_MB": str(memory_mb)} if memory_mb else {}
+    settings = _settings(container, endpoint, MODEL_ARTIFACTS=artifacts, **bounded)
     if not canary:
         settings = dataclasses.replace(settings, canary=None)
     temp = _TempWatch()
@@ -113,6 +114,8 @@ class _StepWatch:
     def _watch(self) -> None:
         while not self._stop.wait(0.1):
             self.samples.append((time.monotonic(), rss_mb()))
+            if len(self.samples) % 50 == 0:  # every 5 s to stderr: what a killed process was doing
+                print(f"rss {self.samples[-1][1]:.0f} MiB during: {self.lines[-1][1]}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> None:
         import logging

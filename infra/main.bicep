@@ -57,7 +57,7 @@ param principalId string = ''
 param principalType string = 'User'
 
 @allowed([2048, 4096])
-@description('Flex Consumption instance memory: 4096 (2 vCPU) for bert-large, whose load peaks at 1.71 GB; 2048 (1 vCPU) for base-size models.')
+@description('Flex Consumption instance memory: 4096 (2 vCPU, the default: bert-large answers in 0.6-0.7x the time of 1 vCPU) or 2048 (1 vCPU: bert-large fits through its ONNX artifacts, serving and refresh, fp32 about a fifth cheaper per question; docs/costs.md). The app gets QA_MEMORY_MB = this less 272.')
 param instanceMemoryMB int = 4096
 
 @minValue(40)

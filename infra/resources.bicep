@@ -296,6 +296,9 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           { name: 'QA_BACKEND', value: qaBackend }
           { name: 'QA_QUANTIZE', value: qaQuantize }
           { name: 'QA_MAX_CONCURRENT', value: string(qaMaxConcurrent) }
+          // The memory the app may use: the instance's less the 272 MB the platform keeps. On 2 GB
+          // bert-large's fp32 weights do not fit twice and are repacked part by part (docs/costs.md).
+          { name: 'QA_MEMORY_MB', value: string(instanceMemoryMB - 272) }
           { name: 'HF_TOKEN', value: hfTokenReference }
       ]
     }

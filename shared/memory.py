@@ -7,7 +7,9 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import mmap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -25,6 +27,44 @@ def _glibc(function: str, *argtypes: Any) -> Any:
     if found is not None:
         found.argtypes = list(argtypes)
     return found
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set now (``VmRSS``), in bytes; ``None`` where ``/proc`` has no such line."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def release_pages(buffer: bytearray | mmap.mmap, start: int, end: int, *, protect: bool = False) -> int:
+    """Hand the whole pages of ``buffer[start:end]`` back to the system (``madvise(MADV_DONTNEED)``):
+    they read as zeros afterwards, so only for bytes nobody will read again (a source already
+    rewritten elsewhere). Partial pages at either end are kept. With ``protect`` (an ``mmap`` of
+    one's own) the pages are also made inaccessible, so that a stray read crashes at once instead
+    of reading zeros. A no-op (0) where ``madvise`` is missing.
+
+    Returns:
+        The number of bytes released.
+    """
+    madvise = _glibc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    end = min(end, len(buffer))
+    if madvise is None or end <= start or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    page = mmap.PAGESIZE
+    first = (base + start + page - 1) // page * page
+    last = (base + end) // page * page
+    if last <= first:
+        return 0
+    madvise(first, last - first, mmap.MADV_DONTNEED)
+    mprotect = _glibc("mprotect", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if protect and mprotect is not None:
+        mprotect(first, last - first, 0)  # PROT_NONE
+    return last - first
 
 
 def release_free_heap() -> bool:

@@ -444,6 +444,7 @@ class Settings:
     backend: str = "onnx"
     artifacts: tuple[str, ...] = ARTIFACT_VARIANTS
     threads: int | None = None
+    memory_mb: int | None = None
     limits: Limits = field(default_factory=Limits)
     batch_windows: int | Literal["auto"] = "auto"
     max_concurrent: int = 2
@@ -488,6 +489,7 @@ class Settings:
             backend=parse_choice("QA_BACKEND", env.get("QA_BACKEND"), BACKENDS, "onnx"),
             artifacts=parse_artifacts("MODEL_ARTIFACTS", env.get("MODEL_ARTIFACTS")),
             threads=parse_int("QA_THREADS", env.get("QA_THREADS"), 0, maximum=256) or None,
+            memory_mb=parse_int("QA_MEMORY_MB", env.get("QA_MEMORY_MB"), 0, minimum=0, maximum=1 << 20) or None,
             limits=parse_limits(env),
             batch_windows=parse_batch_windows("QA_BATCH_WINDOWS", env.get("QA_BATCH_WINDOWS")),
             max_concurrent=parse_int("QA_MAX_CONCURRENT", env.get("QA_MAX_CONCURRENT"), 2),

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,11 +365,12 @@ def load_artifact(store: ModelStore, manifest: Manifest, variant: str, settings:
             blob=marked,
         )
     try:
-        files = _read_blobs(store, manifest, record)
+        engine = _staged_engine(store, manifest, record, settings)
+        if engine is None:
+            engine = artifact_engine(store, manifest, record, settings, files=_read_blobs(store, manifest, record))
     except ArtifactDamagedError as err:
         _mark_damaged(store, manifest, variant, stored, err.blob)
         raise _damaged(what, err, manifest.revision) from None
-    engine = artifact_engine(store, manifest, record, settings, files=files)
     seconds = time.monotonic() - began
     log.info(
         "Loaded the %s ONNX artifact of %s@%s (%d bytes) in %.1fs",
@@ -390,22 +392,121 @@ def _damaged(what: str, err: ArtifactDamagedError, revision: str) -> ArtifactDam
     return ArtifactDamagedError(f"{what} is damaged: {err.message}; repair: {repair_command(revision)}", blob=err.blob)
 
 
+def _staged_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings) -> QAEngine | None:
+    """The engine built part by part as ``weights.bin`` streams in, repacked, when ``QA_MEMORY_MB``
+    leaves room for that but not for a load that holds the weights twice
+    (:func:`~shared.engine.onnx_runner.staged_parts`); ``None`` when that is not the case.
+
+    Raises:
+        ArtifactDamagedError: a blob does not match the record (or is missing), naming it.
+    """
+    from ..engine.onnx_runner import default_threads, prepack_fits, staged_engine, staged_parts
+
+    sizes = {entry.name: entry for entry in record.files}
+    weights = sizes.get("weights.bin")
+    if weights is None or settings.memory_mb is None or prepack_fits(weights.size, settings.memory_mb):
+        return None
+    graph = _read_blob(store, manifest, record, sizes["model.onnx"])
+    parts = staged_parts(bytes(graph), weights.size, settings.memory_mb)
+    if parts is None:
+        return None
+    log.info("Loading the %s artifact of %s in %d parts, each repacked as it arrives", record.variant, manifest.revision, len(parts))
+    tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
+    return staged_engine(
+        bytes(graph),
+        record.engine,
+        tokenizer,
+        parts=parts,
+        weights_bytes=weights.size,
+        stream=weights_stream(store, manifest, record),
+        limits=settings.limits,
+        batch_windows=settings.batch_windows,
+        threads=default_threads(settings.threads, settings.max_concurrent),
+        memory_mb=settings.memory_mb,
+        max_concurrent=settings.max_concurrent,
+    )
+
+
+def weights_stream(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> Callable[[Any], None]:
+    """``stream(sink)``: the artifact's ``weights.bin``, every byte in order, into ``sink`` (calling
+    its ``restart`` if the blob is rewritten meanwhile), sha256-checked at the end.
+
+    Raises (from ``stream``):
+        ArtifactDamagedError: the blob does not match the record, or is missing.
+    """
+    entry = next(e for e in record.files if e.name == "weights.bin")
+    blob = artifact_blob(store, manifest.revision, record.variant, entry.name)
+
+    def stream(sink: Any) -> None:
+        try:
+            store.stream_file(manifest.revision, entry, sink, restart=sink.restart, blob=blob)
+        except IntegrityError as err:
+            raise ArtifactDamagedError(err.message, blob=entry.name) from err
+        except NotFoundError as err:
+            raise ArtifactDamagedError(f"{entry.name} is missing from storage", blob=entry.name) from err
+
+    return stream
+
+
+def partwise_artifact_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings) -> QAEngine | None:
+    """An engine that runs each call part by part while ``weights.bin`` streams in again
+    (:func:`~shared.engine.onnx_runner.partwise_engine`), when ``QA_MEMORY_MB`` does not leave room
+    for the weights twice and the graph can be cut; ``None`` otherwise. For a canary, not serving.
+
+    Raises:
+        ArtifactDamagedError: a blob does not match the record (or is missing), naming it.
+    """
+    from ..engine.onnx_parts import split_graph
+    from ..engine.onnx_runner import part_size, partwise_engine, prepack_fits
+
+    sizes = {entry.name: entry for entry in record.files}
+    weights = sizes.get("weights.bin")
+    if weights is None or settings.memory_mb is None or prepack_fits(weights.size, settings.memory_mb):
+        return None
+    graph = bytes(_read_blob(store, manifest, record, sizes["model.onnx"]))
+    parts = split_graph(graph, part_bytes=part_size(weights.size, 16))
+    if parts is None:
+        return None
+    tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
+    return partwise_engine(
+        graph, record.engine, tokenizer, parts=parts, weights_bytes=weights.size, stream=weights_stream(store, manifest, record)
+    )
+
+
+def _read_blob(store: ModelStore, manifest: Manifest, record: ArtifactRecord, entry: FileEntry) -> bytearray:
+    blob = artifact_blob(store, manifest.revision, record.variant, entry.name)
+    try:
+        return store.read_file(manifest.revision, entry, blob=blob)
+    except IntegrityError as err:
+        raise ArtifactDamagedError(err.message, blob=entry.name) from err
+    except NotFoundError as err:
+        raise ArtifactDamagedError(f"{entry.name} is missing from storage", blob=entry.name) from err
+
+
 def _read_blobs(store: ModelStore, manifest: Manifest, record: ArtifactRecord) -> dict[str, bytearray]:
     """The artifact's blobs in memory, each sha256-checked as it streams in.
 
     Raises:
         ArtifactDamagedError: a blob does not match the record (or is missing), naming it.
     """
-    files = {}
-    for entry in record.files:
-        blob = artifact_blob(store, manifest.revision, record.variant, entry.name)
-        try:
-            files[entry.name] = store.read_file(manifest.revision, entry, blob=blob)
-        except IntegrityError as err:
-            raise ArtifactDamagedError(err.message, blob=entry.name) from err
-        except NotFoundError as err:
-            raise ArtifactDamagedError(f"{entry.name} is missing from storage", blob=entry.name) from err
-    return files
+    return {entry.name: _read_blob(store, manifest, record, entry) for entry in record.files}
+
+
+def stored_artifact(store: ModelStore, manifest: Manifest, variant: str) -> tuple[ArtifactRecord, dict[str, bytearray]] | None:
+    """A usable artifact's record and blobs in memory, every blob sha256-checked as it streams in
+    (each ``bytearray`` the caller's to keep or spend); ``None`` when the variant has no sound,
+    usable artifact (missing, unusable, damaged or marked so).
+
+    Raises:
+        StorageUnavailableError: storage could not be read.
+    """
+    state = artifact_state(store, manifest, variant)
+    if state.state != "ok" or state.record is None:
+        return None
+    try:
+        return state.record, _read_blobs(store, manifest, state.record)
+    except ArtifactDamagedError:
+        return None
 
 
 def artifact_engine(
@@ -414,15 +515,28 @@ def artifact_engine(
     record: ArtifactRecord,
     settings: Settings,
     *,
-    prepack: bool = True,
+    prepack: bool | None = None,
     files: dict[str, bytearray] | None = None,
 ) -> QAEngine:
     """An ONNX Runtime engine over the stored, sha256-checked blobs of ``record`` (or ``files``,
-    already read by :func:`_read_blobs`; ``prepack``: see :func:`~shared.engine.onnx_runner.onnx_engine`)."""
-    from ..engine.onnx_runner import default_threads, onnx_engine
+    already read by :func:`_read_blobs`).
+
+    ``prepack`` (see :func:`~shared.engine.onnx_runner.onnx_engine`): ``None`` repacks the weights
+    when twice their size fits in ``QA_MEMORY_MB`` (or memory is not bounded), and otherwise
+    serves them from the download buffer itself, with runs bounded to the memory left.
+    """
+    from ..engine.onnx_runner import default_threads, onnx_engine, prepack_fits
 
     files = _read_blobs(store, manifest, record) if files is None else files
     tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
+    weights = len(files.get("weights.bin", b""))
+    if prepack is None:
+        prepack = prepack_fits(weights, settings.memory_mb)
+        if not prepack:
+            log.info(
+                "Serving the %s artifact's %d MB of weights from the download, not repacked: twice that does not fit QA_MEMORY_MB=%d",
+                record.variant, weights // 10**6, settings.memory_mb,
+            )  # fmt: skip
     return onnx_engine(
         files,
         record.engine,
@@ -431,6 +545,8 @@ def artifact_engine(
         batch_windows=settings.batch_windows,
         threads=default_threads(settings.threads, settings.max_concurrent),
         prepack=prepack,
+        memory_mb=settings.memory_mb,
+        max_concurrent=settings.max_concurrent,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 
 from ..engine.question_answering import QAEngine
-from ..errors import IntegrityError, QAError, StorageUnavailableError, UnsafeModelError
+from ..errors import IntegrityError, NotFoundError, QAError, StorageUnavailableError, UnsafeModelError
 from ..loading.onnx_artifacts import (
     ARTIFACT_FILES,
     ARTIFACT_RECORD,
@@ -28,13 +28,18 @@ from ..loading.onnx_artifacts import (
     artifact_blob,
     artifact_engine,
     artifact_state,
+    partwise_artifact_engine,
     repair_command,
+    stored_artifact,
+    weights_stream,
 )
 from ..memory import release_memory
 from ..settings import Settings
 from ..store.model_files import FileEntry, Manifest, version_repair
 from ..store.model_store import ModelStore
 from ..store.storage import storage_errors
+from ..store.transfer import PlacedUpload
+from .onnx_weights import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -128,38 +133,76 @@ def _build_one(
     replacing: str | None = None,
 ) -> str:
     """Build, check and record one variant; ``replacing``: the ETag of the record it replaces (a rebuild)."""
-    from ..engine.torch_model import SafetensorsStream
-    from .onnx_export import InMemoryModel, build_onnx
+    placed = store.placed_upload(manifest.revision, f"{ARTIFACTS_FOLDER}/{variant}", WEIGHTS_FILE)
+    try:
+        return _build_placed(store, manifest, variant, settings, canary, progress, placed, replacing=replacing)
+    finally:
+        placed.close()  # blocks of a build that stopped are never committed
+
+
+def _build_placed(
+    store: ModelStore,
+    manifest: Manifest,
+    variant: str,
+    settings: Settings,
+    canary: CanaryCheck | None,
+    progress: Callable[[str], None] | None,
+    placed: PlacedUpload,
+    *,
+    replacing: str | None,
+) -> str:
+    from .onnx_export import OnnxArtifact, StreamedArtifact, build_fp32, build_int8
 
     began = time.monotonic()
     say = progress or (lambda _: None)
     say(f"exporting {variant}")
-    # The version's files, sha256-checked, straight into memory: no temporary copy on disk (Flex
-    # has 0.8 GB of it); each weight in memory of its own, so the export can free them one by one.
-    # A staged version has no manifest blob yet, so go by ``manifest``.
-    model = InMemoryModel(files={}, state_dict={})
-    for entry in manifest.files:
-        if entry.name.endswith(".safetensors"):
-            stream = SafetensorsStream(entry.name)
-            store.stream_file(manifest.revision, entry, stream, restart=stream.restart)
-            model.state_dict.update(stream.tensors)
-            del stream
-        else:
-            model.files[entry.name] = store.read_file(manifest.revision, entry)
+    # Straight from storage, sha256-checked as the bytes stream in: no temporary copy on disk (Flex
+    # has 0.8 GB of it). fp32: the graph is exported over placeholder weights and each tensor of
+    # weights.bin staged as blocks of its blob as the checkpoint streams in (the build never holds
+    # the file: a 2 GB instance could not hold it beside torch). int8: from the version's fp32
+    # artifact when it has a usable one (just built, before it), else from an fp32 build in memory.
     try:
-        artifact = build_onnx(model, variant, progress=progress)
-    except MemoryError:
-        raise
+        if variant == "fp32":
+            artifact = build_fp32(_store_source(store, manifest), say, place=placed.put)
+        else:
+            fp32 = _stored_fp32(store, manifest, settings, say)
+            if fp32 is None:
+                fp32 = build_fp32(_store_source(store, manifest), say)
+            tokenizer_json = next((store.read_file(manifest.revision, f) for f in manifest.files if f.name == "tokenizer.json"), None)
+            if tokenizer_json is None:
+                raise UnsafeModelError("the version has no tokenizer.json; the ONNX path reads the tokenizer from it alone")
+            try:
+                artifact = build_int8(fp32, tokenizer_json, progress=say)
+            except ArtifactDamagedError as err:  # the stored fp32 weights did not verify as they streamed
+                if not isinstance(fp32, StreamedArtifact):
+                    raise
+                log.warning(
+                    "The fp32 artifact of %s did not verify while int8 read it (%s): int8 is built from a new export",
+                    manifest.revision,
+                    err,
+                )
+                say("the fp32 artifact did not verify: exporting fp32 again for int8")
+                fp32 = build_fp32(_store_source(store, manifest), say)
+                artifact = build_int8(fp32, tokenizer_json, progress=say)
+            del fp32
+    except (MemoryError, StorageUnavailableError, IntegrityError):
+        raise  # as before the weights streamed during the build: storage, not the model
     except UnsafeModelError as err:  # the model itself: the same every time, so record it
         return _write_unusable(store, manifest, variant, f"the exporter cannot handle this model: {err.message}", replacing=replacing)
     except Exception as err:
         log.exception("Export of the %s artifact of %s failed", variant, manifest.revision)
         return f"unusable: export failed ({type(err).__name__}); not recorded, the next build tries again"
     finally:
-        del model
+        release_memory()
+    assert isinstance(artifact, OnnxArtifact)
     engine_record = artifact.record
     entries = []
     for name in ARTIFACT_FILES:
+        if name == WEIGHTS_FILE and artifact.placed_weights is not None:
+            say(f"committing {variant}/{name} ({artifact.placed_weights} bytes) and reading it back for its sha256")
+            entry = FileEntry(name=name, size=artifact.placed_weights, sha256=placed.commit(artifact.placed_weights))
+            entries.append(entry)
+            continue
         data = artifact.files.pop(name)
         entry = FileEntry(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
         say(f"uploading {variant}/{name} ({entry.size} bytes)")
@@ -173,8 +216,11 @@ def _build_one(
         # the canary reads back what was stored, through the serving loader's own path
         say(f"answering the canary with {variant}")
         try:
-            # without prepacking: its extra copy of the weights would set the refresh's peak
-            canary(artifact_engine(store, manifest, record, settings, prepack=False), manifest)
+            # the weights served from the download itself (a repacked copy would set the refresh's
+            # peak), or, where QA_MEMORY_MB leaves no room for them beside the build's runtime, run
+            # part by part as they stream in again
+            engine = partwise_artifact_engine(store, manifest, record, settings)
+            canary(engine or artifact_engine(store, manifest, record, settings, prepack=False), manifest)
         except StorageUnavailableError:
             raise
         except QAError as err:
@@ -191,6 +237,60 @@ def _build_one(
         variant, manifest.model_id, manifest.revision, record.total_bytes, time.monotonic() - began,
     )  # fmt: skip
     return outcome
+
+
+def _store_source(store: ModelStore, manifest: Manifest) -> Any:
+    """The version's files as the export reads them: the small ones in memory, each ``.safetensors``
+    streamed from storage (its header read first, by range; the whole file sha256-checked as it flows).
+
+    Raises:
+        StorageUnavailableError: storage could not be read.
+        IntegrityError: a small file does not match its sha256.
+    """
+    from .onnx_export import ModelSource, WeightFile
+    from .onnx_weights import header_length
+
+    source = ModelSource(files={}, where=f"version {manifest.revision}")
+    for entry in manifest.files:
+        if not entry.name.endswith(".safetensors"):
+            source.files[entry.name] = store.read_file(manifest.revision, entry)
+            continue
+        blob = store.file_blob(manifest.revision, entry.name)
+        with storage_errors(f"reading the header of {entry.name}"):
+            length = header_length(blob.download_blob(offset=0, length=8).readall())
+            header = blob.download_blob(offset=8, length=length).readall()
+
+        def stream(sink: Callable[[memoryview], object], restart: Callable[[], object], entry: FileEntry = entry) -> None:
+            store.stream_file(manifest.revision, entry, sink, restart=restart)
+
+        source.weights.append(WeightFile(entry.name, header, stream))
+    return source
+
+
+def _stored_fp32(store: ModelStore, manifest: Manifest, settings: Settings, say: Callable[[str], None]) -> Any:
+    """The version's usable fp32 artifact, read back (verified) into memory the int8 build may spend;
+    where ``QA_MEMORY_MB`` does not leave room for its weights twice, a
+    :class:`~shared.refresh.onnx_export.StreamedArtifact` instead (its weights read as they are needed)."""
+    from ..engine.onnx_runner import prepack_fits
+    from .onnx_export import OnnxArtifact, StreamedArtifact
+
+    state = artifact_state(store, manifest, "fp32")
+    weights = next((f for f in state.record.files if f.name == WEIGHTS_FILE), None) if state.record is not None else None
+    if state.state == "ok" and state.record is not None and weights is not None and not prepack_fits(weights.size, settings.memory_mb):
+        record = state.record
+        graph = next(f for f in record.files if f.name != WEIGHTS_FILE)
+        try:
+            data = store.read_file(manifest.revision, graph, blob=artifact_blob(store, manifest.revision, "fp32", graph.name))
+        except (IntegrityError, NotFoundError):
+            return None
+        say("streaming the fp32 artifact for int8")
+        return StreamedArtifact(bytes(data), dict(record.engine), weights.size, weights_stream(store, manifest, record))
+    found = stored_artifact(store, manifest, "fp32")
+    if found is None:
+        return None
+    record, files = found
+    say("reading the fp32 artifact back for int8")
+    return OnnxArtifact(files=dict(files), record=dict(record.engine))
 
 
 def _write_unusable(

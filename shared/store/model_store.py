@@ -46,7 +46,7 @@ from .model_files import POINTER_REPAIR, FileEntry, Manifest, Pointer, check_fil
 from .records import seal, unseal
 from .status import ArtifactListing, LastRefresh, PointerStatus, RecordDamage, StoreStatus, VersionStatus, is_refresh_record
 from .storage import QUICK, container_client, storage_errors
-from .transfer import BlobChangedError, Progress, _noop, download_ranges, upload_blocks
+from .transfer import BlobChangedError, PlacedUpload, Progress, _noop, download_ranges, upload_blocks
 
 log = logging.getLogger(__name__)
 
@@ -490,6 +490,12 @@ class ModelStore:
             concurrency=self.concurrency,
         )
 
+    def placed_upload(self, revision: str, folder: str, name: str) -> PlacedUpload:
+        """A derived file of a version (as :meth:`upload_folder_file`) whose bytes come in pieces, in
+        any order (:class:`~shared.store.transfer.PlacedUpload`): never held whole in memory."""
+        blob = self.folder_blob(revision, folder, name)
+        return PlacedUpload(blob, name=f"{folder}/{name}", block_size=self.block_size, concurrency=self.concurrency)
+
     def _fetch(
         self,
         revision: str,
@@ -540,11 +546,20 @@ class ModelStore:
         self._fetch(revision, entry, into=memoryview(buffer), progress=progress, blob=blob)
         return buffer
 
-    def stream_file(self, revision: str, entry: FileEntry, sink: Callable[[memoryview], object], *, restart: Callable[[], object]) -> None:
-        """Feed one file's bytes, in order, to ``sink``; sha256 is checked once all have flowed (a
-        mismatch raises :class:`IntegrityError` after the sink saw them: discard what it built).
-        ``restart`` is called before the file is read again (it changed meanwhile)."""
-        self._fetch(revision, entry, sink=sink, restart=restart)
+    def stream_file(
+        self,
+        revision: str,
+        entry: FileEntry,
+        sink: Callable[[memoryview], object],
+        *,
+        restart: Callable[[], object],
+        blob: BlobClient | None = None,
+    ) -> None:
+        """Feed one file's bytes (or ``blob``'s, an artifact's), in order, to ``sink``; sha256 is
+        checked once all have flowed (a mismatch raises :class:`IntegrityError` after the sink saw
+        them: discard what it built). ``restart`` is called before the file is read again (it
+        changed meanwhile)."""
+        self._fetch(revision, entry, sink=sink, restart=restart, blob=blob)
 
     def download_file(self, revision: str, entry: FileEntry, dest_dir: Path, *, progress: Progress = _noop) -> Path:
         """Stream one file to ``dest_dir/name`` through a temp name; verified before the rename."""

@@ -130,6 +130,89 @@ def _stage(blob: BlobClient, block_id: str, block: bytes, progress: Progress) ->
     progress(len(block))
 
 
+class PlacedUpload:
+    """A blob written piece by piece, the pieces coming in any order (and a piece possibly again):
+    each is staged as blocks of its own as it comes (at most ``concurrency`` in flight, so memory
+    stays bounded by about ``block_size x (concurrency + 1)``), and :meth:`commit` puts them in
+    their order. The sha256 of a file whose bytes do not flow in order cannot be taken as they
+    flow: :meth:`commit` reads the committed blob back and hashes it, so the size and sha256 it
+    returns are those of what storage holds.
+
+    Args:
+        blob: the destination (overwritten on commit).
+        name: the file's name, for messages.
+        block_size, concurrency: as for :func:`upload_blocks`.
+    """
+
+    def __init__(self, blob: BlobClient, *, name: str, block_size: int, concurrency: int) -> None:
+        self.blob, self.name = blob, name
+        self._blocks: dict[int, list[str]] = {}
+        self._sizes: dict[int, int] = {}
+        self._block_size, self._concurrency = block_size, concurrency
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="place")
+        self._in_flight: deque[Future[object]] = deque()
+
+    def put(self, index: int, data: memoryview, pad: int = 0) -> None:
+        """Stage piece ``index``: ``data`` followed by ``pad`` zero bytes (returns once its last
+        block is in flight; ``data`` may be reused then)."""
+        view = memoryview(data).cast("B")
+        blocks: list[str] = []
+        total = len(view) + pad
+        if not 0 <= index < 10**5 or total > 999 * self._block_size:
+            raise ValueError(f"piece {index} of {self.name} ({total} bytes): at most 100,000 pieces of 999 blocks each")
+        for number, first in enumerate(range(0, total, self._block_size)):
+            block = bytes(view[first : first + self._block_size])
+            block += bytes(min(self._block_size, total - first) - len(block))  # the zero padding, if it falls here
+            # as long as upload_blocks' ids (Blob Storage wants one length for a blob's blocks)
+            block_id = base64.b64encode(f"{index:05d}{number:03d}".encode()).decode()
+            blocks.append(block_id)
+            self._in_flight.append(self._pool.submit(_stage, self.blob, block_id, block, _noop))
+            while len(self._in_flight) >= self._concurrency:
+                self._in_flight.popleft().result()
+        self._blocks[index], self._sizes[index] = blocks, total
+
+    def commit(self, size: int, metadata: dict[str, str] | None = None) -> str:
+        """Commit the pieces in order (numbered from 0, none missing, ``size`` bytes in all), then
+        read the blob back and hash it: the sha256 of what storage holds.
+
+        Raises:
+            IntegrityError: a piece is missing, or the sizes differ; nothing is committed then.
+        """
+        try:
+            while self._in_flight:
+                self._in_flight.popleft().result()
+        finally:
+            self.close()
+        pieces = len(self._blocks)
+        missing = [k for k in range(pieces) if k not in self._blocks]
+        if missing or sum(self._sizes.values()) != size:
+            raise IntegrityError(
+                f"{self.name}: {pieces} pieces of {sum(self._sizes.values())} bytes arrived for {size} bytes"
+                f"{f' (piece {missing[0]} missing)' if missing else ''}; nothing committed"
+            )
+        with storage_errors(f"committing {self.name}"):
+            in_order = [BlobBlock(block_id=b) for k in range(pieces) for b in self._blocks[k]]
+            etag = str(self.blob.commit_block_list(in_order, metadata=metadata)["etag"])
+            stored = self.blob.get_blob_properties(etag=etag, match_condition=MatchConditions.IfNotModified).size
+        if stored != size:
+            raise IntegrityError(f"{self.name} is {stored} bytes in storage after its commit, {size} were sent")
+        digest = hashlib.sha256()
+        block_size, concurrency = self._block_size, self._concurrency
+        for view in read_ranges(self.blob, name=self.name, size=size, etag=etag, block_size=block_size, concurrency=concurrency):
+            digest.update(view)
+        actual = digest.hexdigest()
+        with storage_errors(f"recording the sha256 of {self.name}"):
+            self.blob.set_blob_metadata({**(metadata or {}), "sha256": actual}, etag=etag, match_condition=MatchConditions.IfNotModified)
+        return actual
+
+    def close(self) -> None:
+        """Stop staging (blocks never committed are dropped by storage after a week)."""
+        for pending in self._in_flight:
+            pending.cancel()
+        self._in_flight.clear()
+        self._pool.shutdown(wait=True)
+
+
 class BlobChangedError(IntegrityError):
     """The blob was rewritten (its ETag changed) while its ranges were read: start the file over."""
 

@@ -3,6 +3,7 @@ by the holder, refused when a byte of them changes (with the fallback taken), li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -125,6 +126,112 @@ def test_fp32_artifact_answers_as_the_torch_engine(built: tuple[ModelStore, str,
         assert [a.score for a in g] == pytest.approx([a.score for a in w], abs=1e-5)
     int8 = load_artifact(store, manifest, "int8", Settings.from_env({}))
     assert int8.variant == "int8" and all(a for a in int8.engine.answer(QUESTIONS))
+
+
+def _staged_when_bounded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A tiny model's weights always fit twice: make QA_MEMORY_MB choose the load part by part
+    (three parts) as it does for bert-large on a 2 GB instance; the list gets each load's part count."""
+    from shared.engine import onnx_runner
+    from shared.engine.onnx_parts import split_graph
+
+    counts: list[int] = []
+
+    def three_parts(graph: bytes, weights_bytes: int, memory_mb: int | None) -> Any:
+        parts = split_graph(graph, part_bytes=weights_bytes // 3) if memory_mb is not None else None
+        counts.append(len(parts or ()))
+        return parts
+
+    monkeypatch.setattr(onnx_runner, "prepack_fits", lambda _weights, memory_mb: memory_mb is None)
+    monkeypatch.setattr(onnx_runner, "staged_parts", three_parts)
+    return counts
+
+
+def test_fp32_artifact_loaded_part_by_part_answers_as_the_whole(
+    built: tuple[ModelStore, str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, revision, _ = built
+    manifest = store.require_manifest(revision)
+    whole = load_artifact(store, manifest, "fp32", Settings.from_env({}))
+    counts = _staged_when_bounded(monkeypatch)
+    staged = load_artifact(store, manifest, "fp32", Settings.from_env({"QA_MEMORY_MB": "1776"}))
+    assert counts and counts[-1] >= 2
+    got, want = staged.engine.answer(QUESTIONS), whole.engine.answer(QUESTIONS)
+    assert [[(a.answer, a.start, a.end, a.score) for a in g] for g in got] == [
+        [(a.answer, a.start, a.end, a.score) for a in w] for w in want
+    ]
+
+
+def test_a_flipped_byte_of_weights_bin_is_refused_by_the_load_part_by_part(
+    store: ModelStore, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    only_fp32 = Settings.from_env({"MODEL_ARTIFACTS": "fp32", "MODEL_CANARY": json.dumps(CANARY)})
+    result = isolate(store, LocalDirSource(tiny_bert_dir), explicit=True, keep_versions=3, build=artifact_builder(only_fp32))
+    assert result.artifacts == {"fp32": "built"} and result.revision is not None
+    flip_byte(store, result.revision, "fp32", "weights.bin", at=-20)
+    counts = _staged_when_bounded(monkeypatch)
+    with pytest.raises(IntegrityError, match="weights.bin"):
+        load_artifact(store, store.require_manifest(result.revision), "fp32", Settings.from_env({"QA_MEMORY_MB": "1776"}))
+    assert counts and counts[-1] >= 2  # the parts were being built when the sha256 refused the bytes
+    assert list_artifacts(store, store.require_manifest(result.revision))["fp32"].usable is False
+
+
+def test_a_build_bounded_by_qa_memory_mb_streams_the_fp32_weights_and_makes_the_same_artifacts(
+    built: tuple[ModelStore, str, dict[str, str]], store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where QA_MEMORY_MB leaves no room for the fp32 weights twice (a 2 GB instance), the fp32
+    canary runs part by part as the weights stream in, the int8 calibration too, and quantization
+    reads them as they stream: never the whole file in memory. The artifacts are byte for byte
+    those of a build with memory to spare, and weights.bin, staged tensor by tensor in the order
+    the checkpoint streams them, is the one a build in memory writes."""
+    from shared.engine import onnx_runner
+    from shared.refresh import int8
+    from shared.refresh.onnx_export import build_onnx
+
+    reference_store, revision, outcomes = built
+    monkeypatch.setattr(onnx_runner, "prepack_fits", lambda _weights, memory_mb: memory_mb is None)
+    monkeypatch.setattr(onnx_runner, "_MIN_PART_BYTES", 1024)  # a tiny model's eighths
+    runs: list[int] = []
+    finish_run, finish_stream = onnx_runner.PartwiseRun.finish_run, int8.StreamedWeights.finish
+    monkeypatch.setattr(onnx_runner.PartwiseRun, "finish_run", lambda self: runs.append(len(self.parts)) or finish_run(self))
+    streamed: list[int] = []
+    monkeypatch.setattr(int8.StreamedWeights, "finish", lambda self: streamed.append(self.size) or finish_stream(self))
+    bounded = Settings.from_env({"MODEL_CANARY": json.dumps(CANARY), "QA_MEMORY_MB": "1776"})
+    result = isolate(store, LocalDirSource(Path(outcomes["folder"])), explicit=True, keep_versions=3, build=artifact_builder(bounded))
+    assert result.revision == revision and result.artifacts == {"fp32": "built", "int8": "built"}
+    assert len(runs) >= 2 and min(runs) >= 3  # the fp32 canary and the calibration, each in parts
+    assert len(streamed) == 1  # the quantization read the fp32 weights as they streamed
+    for variant in ("fp32", "int8"):
+        mine, _ = read_record(store, store.require_manifest(revision), variant) or (None, None)
+        theirs, _ = read_record(reference_store, reference_store.require_manifest(revision), variant) or (None, None)
+        assert mine is not None and theirs is not None and mine.usable
+        assert [(f.name, f.size, f.sha256) for f in mine.files] == [(f.name, f.size, f.sha256) for f in theirs.files]
+    in_memory = build_onnx(Path(outcomes["folder"]), "fp32")
+    fp32, _ = read_record(store, store.require_manifest(revision), "fp32") or (None, None)
+    assert fp32 is not None
+    stored = {f.name: f.sha256 for f in fp32.files}
+    assert stored["weights.bin"] == hashlib.sha256(in_memory.files["weights.bin"]).hexdigest()
+
+
+def test_a_bounded_int8_build_over_damaged_fp32_weights_exports_them_again(
+    built: tuple[ModelStore, str, dict[str, str]], store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flipped byte of the stored fp32 weights.bin is found at the end of the streamed read: the
+    int8 build uses nothing it computed from them and builds from a new fp32 export instead."""
+    from shared.engine import onnx_runner
+
+    reference_store, revision, outcomes = built
+    monkeypatch.setattr(onnx_runner, "prepack_fits", lambda _weights, memory_mb: memory_mb is None)
+    monkeypatch.setattr(onnx_runner, "_MIN_PART_BYTES", 1024)
+    only_fp32 = Settings.from_env({"MODEL_ARTIFACTS": "fp32", "MODEL_CANARY": json.dumps(CANARY), "QA_MEMORY_MB": "1776"})
+    result = isolate(store, LocalDirSource(Path(outcomes["folder"])), explicit=True, keep_versions=3, build=artifact_builder(only_fp32))
+    assert result.artifacts == {"fp32": "built"}
+    flip_byte(store, revision, "fp32", "weights.bin", at=-20)
+    both = Settings.from_env({"MODEL_ARTIFACTS": "fp32,int8", "QA_MEMORY_MB": "1776"})
+    assert build_artifacts(store, store.require_manifest(revision), both) == {"fp32": "exists", "int8": "built"}
+    mine, _ = read_record(store, store.require_manifest(revision), "int8") or (None, None)
+    theirs, _ = read_record(reference_store, reference_store.require_manifest(revision), "int8") or (None, None)
+    assert mine is not None and theirs is not None
+    assert [(f.name, f.sha256) for f in mine.files] == [(f.name, f.sha256) for f in theirs.files]
 
 
 def test_serving_loads_onnx_first_and_torch_on_request(built: tuple[ModelStore, str, dict[str, str]], azurite: str) -> None:

@@ -327,3 +327,35 @@ def test_the_lease_duration_is_one_blob_storage_accepts(store: ModelStore) -> No
     with short.lock():  # the expiry itself is proven by tests/integration/test_refresh_faults.py
         with pytest.raises(RefreshAlreadyRunningError):
             store.lock().__enter__()
+
+
+def test_a_file_placed_piece_by_piece_in_any_order_is_committed_in_order_and_hashed_as_stored(store: ModelStore) -> None:
+    import hashlib
+    import random
+
+    pieces = [bytes([k]) * size for k, size in enumerate([70_000, 1, 200_000, 0, 5, 131_072])]
+    pads = [3, 0, 60, 0, 0, 0]
+    whole = b"".join(piece + bytes(pad) for piece, pad in zip(pieces, pads, strict=True))
+    upload = store.placed_upload("a" * 40, "onnx/fp32", "weights.bin")
+    order = list(range(len(pieces)))
+    random.Random(7).shuffle(order)
+    for k in [*order, 2]:  # piece 2 again, as after a restart of its source: the same blocks
+        upload.put(k, memoryview(pieces[k]), pads[k])
+    assert upload.commit(len(whole)) == hashlib.sha256(whole).hexdigest()
+    blob = store.folder_blob("a" * 40, "onnx/fp32", "weights.bin")
+    assert blob.download_blob().readall() == whole
+    assert blob.get_blob_properties().metadata["sha256"] == hashlib.sha256(whole).hexdigest()
+
+
+def test_a_placed_file_missing_a_piece_is_never_committed(store: ModelStore) -> None:
+    upload = store.placed_upload("b" * 40, "onnx/fp32", "weights.bin")
+    upload.put(0, memoryview(b"x" * 10))
+    upload.put(2, memoryview(b"z" * 10))
+    with pytest.raises(IntegrityError, match="piece 1 missing"):
+        upload.commit(30)
+    assert not store.folder_blob("b" * 40, "onnx/fp32", "weights.bin").exists()
+    short = store.placed_upload("b" * 40, "onnx/fp32", "weights.bin")
+    short.put(0, memoryview(b"x" * 10))
+    with pytest.raises(IntegrityError, match="for 11 bytes"):
+        short.commit(11)
+    assert not store.folder_blob("b" * 40, "onnx/fp32", "weights.bin").exists()

@@ -8,13 +8,16 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 
 from shared.engine import onnx_runner
-from shared.engine.onnx_runner import default_threads, onnx_engine
+from shared.engine.onnx_graph import external_initializers
+from shared.engine.onnx_parts import split_graph
+from shared.engine.onnx_runner import default_threads, onnx_engine, staged_engine
 from shared.engine.question_answering import Answer, QAEngine, QAItem
 from shared.errors import IntegrityError, UnsafeModelError
 from shared.refresh.int8 import DEFAULT_RECIPE, RECIPES
@@ -40,10 +43,10 @@ def tokenizer_files(model: str) -> dict[str, bytearray]:
     return {p.name: bytearray(p.read_bytes()) for p in (MODELS / model).iterdir() if p.name.startswith(("tokenizer", "special_tokens"))}
 
 
-def engine(model: str, variant: str, *, batch_windows: int = 8, recipe: str | None = None) -> QAEngine:
+def engine(model: str, variant: str, *, batch_windows: int = 8, recipe: str | None = None, prepack: bool = True) -> QAEngine:
     built = artifact(model, variant, recipe)
-    files = {name: bytearray(data) for name, data in built.files.items()}  # onnx_engine empties what it is given
-    return onnx_engine(files, built.record, tokenizer_files(model), limits=ROOMY, batch_windows=batch_windows, threads=1)
+    files = {name: bytearray(data) for name, data in built.files.items()}  # onnx_engine empties (or keeps) what it is given
+    return onnx_engine(files, built.record, tokenizer_files(model), limits=ROOMY, batch_windows=batch_windows, threads=1, prepack=prepack)
 
 
 def records(model: str) -> list[dict[str, object]]:
@@ -118,14 +121,147 @@ def test_fp32_one_at_a_time_matches_the_pipeline(model: str) -> None:
         assert_same(qa.answer([item(record)])[0], record["answers"], f"{model} #{index}: {record['options']}")
 
 
+@pytest.mark.parametrize("prepack", [True, False], ids=["repacked", "shared"])
 @pytest.mark.parametrize("model", GOLDEN_MODELS)
-def test_fp32_batched_matches_the_pipeline(model: str) -> None:
-    qa = engine(model, "fp32", batch_windows=8)
+def test_fp32_batched_matches_the_pipeline(model: str, prepack: bool) -> None:
+    qa = engine(model, "fp32", batch_windows=8, prepack=prepack)
     chosen = records(model)
     for first in range(0, len(chosen), 16):
         chunk = chosen[first : first + 16]
         for offset, (got, record) in enumerate(zip(qa.answer([item(r) for r in chunk]), chunk, strict=True)):
             assert_same(got, record["answers"], f"{model} #{first + offset}")
+
+
+# --- weights shared with the download buffer ------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_the_graph_reader_locates_every_external_initializer_as_onnx_does(variant: str) -> None:
+    built = artifact("roberta", variant)
+    graph = onnx.load_from_string(bytes(built.files[MODEL_FILE]))
+    expected = []
+    for tensor in graph.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            expected.append((tensor.name, tuple(tensor.dims), dtype, entries["location"], int(entries["offset"]), int(entries["length"])))
+    found = external_initializers(built.files[MODEL_FILE])
+    assert [(t.name, t.dims, t.dtype, t.location, t.offset, t.length) for t in found] == expected
+    everything = np.frombuffer(bytes(built.files[WEIGHTS_FILE]), dtype=np.uint8)
+    views = initializer_views(graph, built.files[WEIGHTS_FILE])
+    for tensor in found:
+        assert np.array_equal(tensor.view(everything), views[tensor.name])
+    with pytest.raises(IntegrityError, match="well-formed"):
+        external_initializers(bytes(built.files[MODEL_FILE])[:-7])
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_a_shared_session_reads_its_weights_from_the_download_buffer(variant: str) -> None:
+    """No copy: the engine keeps the buffer (which can no longer be resized), and a change to its
+    bytes after the load changes the answers; the repacked load empties it and is not affected."""
+    built = artifact("bert", variant)
+    graph = onnx.load_from_string(bytes(built.files[MODEL_FILE]))
+    probe = QAItem("who won?", CONTEXT, top_k=3)
+    shared_files = {name: bytearray(data) for name, data in built.files.items()}
+    shared = onnx_engine(shared_files, built.record, tokenizer_files("bert"), threads=1, prepack=False)
+    repacked_files = {name: bytearray(data) for name, data in built.files.items()}
+    repacked = onnx_engine(repacked_files, built.record, tokenizer_files("bert"), threads=1, prepack=True)
+    assert len(shared_files[WEIGHTS_FILE]) == len(built.files[WEIGHTS_FILE]) and len(repacked_files[WEIGHTS_FILE]) == 0
+    before = shared.answer([probe])[0]
+    assert [(a.answer, a.start) for a in before] == [(a.answer, a.start) for a in repacked.answer([probe])[0]]
+    with pytest.raises(BufferError):
+        shared_files[WEIGHTS_FILE].clear()
+    external = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    for name, view in initializer_views(graph, shared_files[WEIGHTS_FILE]).items():
+        if name in external and view.dtype == np.float32 and view.ndim == 2:
+            view *= -3.0
+    del view
+    assert [a.score for a in shared.answer([probe])[0]] != [a.score for a in before]
+
+
+def test_runs_split_to_a_memory_bound_give_the_same_logits() -> None:
+    qa = engine("bert", "fp32", prepack=False)
+    runner = qa.runner
+    assert isinstance(runner, onnx_runner.OnnxRunner)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 90, size=(7, 40)).astype(np.int64)
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    whole = runner(inputs)
+    runner.run_bytes = onnx_runner.run_activation_bytes(3, 40, runner.hidden)  # 3 rows per session run
+    assert runner.rows_per_run(40) == 3
+    parts = runner(inputs)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, parts, strict=True))
+
+
+def test_the_memory_bound_follows_qa_memory_mb(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = artifact("bert", "fp32")
+    monkeypatch.setattr(onnx_runner, "resident_bytes", lambda: 1000 << 20)
+    files = {name: bytearray(data) for name, data in built.files.items()}
+    qa = onnx_engine(files, built.record, tokenizer_files("bert"), threads=1, prepack=False, memory_mb=1500, max_concurrent=2)
+    assert qa.runner.run_bytes == ((1500 - 1000 - 64) << 20) // 2  # type: ignore[attr-defined]
+    files = {name: bytearray(data) for name, data in built.files.items()}
+    assert onnx_engine(files, built.record, tokenizer_files("bert"), threads=1).runner.run_bytes is None  # type: ignore[attr-defined]
+    assert onnx_runner.prepack_fits(1_335_000_000, None)
+    assert onnx_runner.prepack_fits(1_335_000_000, 3824) and not onnx_runner.prepack_fits(1_335_000_000, 1776)
+    assert onnx_runner.prepack_fits(431_000_000, 1776)
+
+
+# --- repacked part by part as weights.bin streams in ---------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["bert", "roberta", "distilbert"])
+def test_a_graph_built_part_by_part_answers_bit_for_bit_as_the_whole_graph(model: str) -> None:
+    built = artifact(model, "fp32")
+    graph, weights = bytes(built.files[MODEL_FILE]), bytes(built.files[WEIGHTS_FILE])
+    parts = split_graph(graph, part_bytes=len(weights) // 3)
+    assert parts is not None and len(parts) >= 2
+    ready = [p.ready_at for p in parts if p.tensors]
+    assert ready == sorted(ready)  # weights.bin laid out in the order the nodes read it
+    fed: list[int] = []
+
+    def stream(sink: Any) -> None:
+        for at in range(0, len(weights), 4099):
+            sink(memoryview(weights[at : at + 4099]))
+            fed.append(len(sink.sessions))
+
+    staged = staged_engine(graph, built.record, tokenizer_files(model), parts=parts, weights_bytes=len(weights), stream=stream,
+                           limits=ROOMY, batch_windows=8, threads=1)  # fmt: skip
+    assert fed[len(fed) // 2] < len(parts)  # parts were built while the bytes still arrived
+    whole = engine(model, "fp32")
+    items = [item(r) for r in records(model)][:24]
+    for got, want in zip(staged.answer(items), whole.answer(items), strict=True):
+        assert [(a.answer, a.start, a.end, a.score) for a in got] == [(a.answer, a.start, a.end, a.score) for a in want]
+
+
+def test_the_parts_hand_the_download_back_and_the_stream_must_be_whole() -> None:
+    built = artifact("bert", "fp32")
+    graph, weights = bytes(built.files[MODEL_FILE]), bytes(built.files[WEIGHTS_FILE])
+    parts = split_graph(graph, part_bytes=len(weights) // 3)
+    assert parts is not None
+    load = onnx_runner.StagedLoad(parts, len(weights), lambda: onnx_runner.session_options(threads=1), "test")
+    load(memoryview(weights[: parts[0].ready_at]))
+    assert len(load.sessions) == 1
+    with pytest.raises(IntegrityError, match="ended after"):
+        load.finish()
+    load.restart()
+    assert load.sessions == [] and load.offset == 0
+    with pytest.raises(IntegrityError, match="larger than recorded"):
+        load(memoryview(weights + b"x" * 64))
+    assert split_graph(b"not a graph", part_bytes=1) is None
+    assert split_graph(graph, part_bytes=len(weights) * 2) is None  # one part: nothing to cut
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTNEED) as Linux does it")
+def test_the_pages_a_staged_load_hands_back_are_freed_not_only_unmapped() -> None:
+    """A private mapping's released pages read as zeros (freed). A shared one (mmap's default) keeps
+    them (shmem still charged to the cgroup while RSS drops): a staged bert-large load was killed at
+    the 2 GB limit that way with 1,484 MiB peak RSS."""
+    from shared.memory import release_pages
+
+    load = onnx_runner.StagedLoad([], 1 << 20, lambda: None, "test")
+    load.buffer[:] = b"\x01" * (1 << 20)
+    assert release_pages(load.buffer, 0, 1 << 20) == 1 << 20
+    assert load.buffer[:] == bytes(1 << 20)
 
 
 # --- int8 ---------------------------------------------------------------------------------------
@@ -214,22 +350,23 @@ from shared.engine.question_answering import QAItem
 files = {name: bytearray((folder / name).read_bytes()) for name in ("model.onnx", "weights.bin")}
 tokenizer = {"tokenizer.json": (folder / "tokenizer.json").read_bytes()}
 record = json.loads((folder / "artifact.json").read_text())
-engine = onnx_engine(files, record, tokenizer, threads=1)
+engine = onnx_engine(files, record, tokenizer, threads=1, prepack=sys.argv[4] == "repacked")
 answers = engine.answer([QAItem(sys.argv[2], sys.argv[3], top_k=2)])[0]
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"))
 print(json.dumps({"answers": [a.to_dict() for a in answers], "heavy": heavy, "cleared": [len(v) for v in files.values()]}))
 """
 
 
+@pytest.mark.parametrize("way", ["repacked", "shared"])
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
-def test_serving_imports_neither_torch_nor_transformers(variant: str, tmp_path: Path) -> None:
+def test_serving_imports_neither_torch_nor_transformers(variant: str, way: str, tmp_path: Path) -> None:
     built = artifact("roberta", variant)
     for name, data in built.files.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "artifact.json").write_text(json.dumps(built.record))
     (tmp_path / "tokenizer.json").write_bytes((MODELS / "roberta" / "tokenizer.json").read_bytes())
     proc = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH_CHILD, str(tmp_path), "who won?", CONTEXT],
+        [sys.executable, "-c", _NO_TORCH_CHILD, str(tmp_path), "who won?", CONTEXT, way],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -238,7 +375,10 @@ def test_serving_imports_neither_torch_nor_transformers(variant: str, tmp_path: 
     )
     child = json.loads(proc.stdout.splitlines()[-1])
     assert child["heavy"] == []
-    assert child["cleared"] == [0, 0]  # the download buffers were released after the load
+    if way == "repacked":
+        assert child["cleared"] == [0, 0]  # the download buffers were released after the load
+    else:
+        assert child["cleared"][1] == len(built.files[WEIGHTS_FILE])  # weights.bin is the session's weights
     here = engine("roberta", variant).answer([QAItem("who won?", CONTEXT, top_k=2)])[0]
     assert [(a["answer"], a["start"]) for a in child["answers"]] == [(a.answer, a.start) for a in here]
     assert [a["score"] for a in child["answers"]] == pytest.approx([a.score for a in here], abs=1e-6)
