@@ -34,7 +34,7 @@ BLOCK_MB = "1"
 BUILD_STEPS = [
     Step("reading the version's weights", "stream_file", 0, True, 0),
     Step("model.onnx uploaded", "upload_folder_file", 1, False, 0),
-    Step("both blobs uploaded, before the record", "upload_folder_file", 2, False, 0),
+    Step("both blobs uploaded, before the record", "commit_placed", 1, False, 0),
 ]
 
 
