@@ -25,6 +25,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .onnx_graph import ExternalTensor, _fields, _tensor
+from .onnx_graph import _varint as _read_varint
 
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 _SHARED_LIMIT = 1 << 20  # a weight read by two parts is copied by both: only small ones may be
@@ -231,17 +232,6 @@ def _skip_scalar(data: memoryview, at: int) -> int:
     if wire == 0:
         return _read_varint(data, at)[1]
     return at + (8 if wire == 1 else 4)
-
-
-def _read_varint(data: memoryview, at: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
 
 
 def _node(value: memoryview, raw: bytes) -> _Node:

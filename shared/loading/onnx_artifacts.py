@@ -400,20 +400,19 @@ def _staged_engine(store: ModelStore, manifest: Manifest, record: ArtifactRecord
     Raises:
         ArtifactDamagedError: a blob does not match the record (or is missing), naming it.
     """
-    from ..engine.onnx_runner import default_threads, prepack_fits, staged_engine, staged_parts
+    from ..engine.onnx_runner import default_threads, staged_engine, staged_parts
 
-    sizes = {entry.name: entry for entry in record.files}
-    weights = sizes.get("weights.bin")
-    if weights is None or settings.memory_mb is None or prepack_fits(weights.size, settings.memory_mb):
+    bounded = _bounded_graph(store, manifest, record, settings)
+    if bounded is None:
         return None
-    graph = _read_blob(store, manifest, record, sizes["model.onnx"])
-    parts = staged_parts(bytes(graph), weights.size, settings.memory_mb)
+    graph, weights = bounded
+    parts = staged_parts(graph, weights.size, settings.memory_mb)
     if parts is None:
         return None
     log.info("Loading the %s artifact of %s in %d parts, each repacked as it arrives", record.variant, manifest.revision, len(parts))
     tokenizer = {entry.name: store.read_file(manifest.revision, entry) for entry in manifest.files if entry.name in TOKENIZER_FILES}
     return staged_engine(
-        bytes(graph),
+        graph,
         record.engine,
         tokenizer,
         parts=parts,
@@ -457,13 +456,12 @@ def partwise_artifact_engine(store: ModelStore, manifest: Manifest, record: Arti
         ArtifactDamagedError: a blob does not match the record (or is missing), naming it.
     """
     from ..engine.onnx_parts import split_graph
-    from ..engine.onnx_runner import part_size, partwise_engine, prepack_fits
+    from ..engine.onnx_runner import part_size, partwise_engine
 
-    sizes = {entry.name: entry for entry in record.files}
-    weights = sizes.get("weights.bin")
-    if weights is None or settings.memory_mb is None or prepack_fits(weights.size, settings.memory_mb):
+    bounded = _bounded_graph(store, manifest, record, settings)
+    if bounded is None:
         return None
-    graph = bytes(_read_blob(store, manifest, record, sizes["model.onnx"]))
+    graph, weights = bounded
     parts = split_graph(graph, part_bytes=part_size(weights.size, 16))
     if parts is None:
         return None
@@ -471,6 +469,22 @@ def partwise_artifact_engine(store: ModelStore, manifest: Manifest, record: Arti
     return partwise_engine(
         graph, record.engine, tokenizer, parts=parts, weights_bytes=weights.size, stream=weights_stream(store, manifest, record)
     )
+
+
+def _bounded_graph(store: ModelStore, manifest: Manifest, record: ArtifactRecord, settings: Settings) -> tuple[bytes, FileEntry] | None:
+    """The artifact's graph and its ``weights.bin`` entry when ``QA_MEMORY_MB`` leaves no room for
+    the weights twice (the loads that go part by part); ``None`` otherwise.
+
+    Raises:
+        ArtifactDamagedError: the graph's blob does not match the record (or is missing).
+    """
+    from ..engine.onnx_runner import prepack_fits
+
+    sizes = {entry.name: entry for entry in record.files}
+    weights = sizes.get("weights.bin")
+    if weights is None or settings.memory_mb is None or prepack_fits(weights.size, settings.memory_mb):
+        return None
+    return bytes(_read_blob(store, manifest, record, sizes["model.onnx"])), weights
 
 
 def _read_blob(store: ModelStore, manifest: Manifest, record: ArtifactRecord, entry: FileEntry) -> bytearray:

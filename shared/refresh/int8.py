@@ -16,7 +16,7 @@ import hashlib
 import json
 import mmap
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -127,50 +127,32 @@ def calibrate(graph: bytes, weights: Any, spec: Any, facts: Mapping[str, Any]) -
         ({activation name: (min, max)}, number of windows seen)
     """
     import onnx
-    from onnx import TensorProto, helper
+    import onnxruntime as ort
 
-    from ..engine.onnx_runner import OnnxRunner, WeightsFileNeeded, copied_session, session_options, weights_shared_session
-    from ..engine.question_answering import Limits, QAEngine
+    from ..engine.onnx_runner import WeightsFileNeeded, copied_session, session_options, weights_shared_session, with_outputs
 
-    proto = onnx.load_from_string(graph)
-    targets = activation_inputs(proto)
-    outputs = []
-    for index, name in enumerate(targets):
-        for kind in ("Min", "Max"):
-            out = f"calibration_{kind.lower()}_{index}"
-            proto.graph.node.append(helper.make_node(f"Reduce{kind}", [name], [out], keepdims=0, name=out))
-            proto.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
-            outputs.append(out)
-    calibration_graph = proto.SerializeToString()
+    targets = activation_inputs(onnx.load_from_string(graph))
+    calibration_graph, outputs = with_outputs(graph, targets)
     try:
         session, holds = weights_shared_session(weights, calibration_graph, session_options(threads=None), "fp32 artifact (calibration)")
     except WeightsFileNeeded:
         session, holds = copied_session(weights, calibration_graph, session_options(threads=None), "fp32 artifact (calibration)"), ()
+    run_options = ort.RunOptions()  # each window's activations handed back, as serving does
+    run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     ranges: dict[str, tuple[float, float]] = {}
-    seen = {"windows": 0}
+    windows = calibration_windows(spec, facts)
+    for window in windows:
+        _widen(ranges, targets, dict(zip(outputs, session.run(outputs, window, run_options), strict=True)))
+    del holds
+    return ranges, len(windows)
 
-    class Observer(OnnxRunner):
-        def __call__(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-            start, end, *found = self.session.run(["start_logits", "end_logits", *outputs], dict(inputs), self._run_options)
-            seen["windows"] += 1
-            for index, name in enumerate(targets):
-                low, high = float(found[2 * index]), float(found[2 * index + 1])
-                old = ranges.get(name, (low, high))
-                ranges[name] = (min(old[0], low), max(old[1], high))
-            return start, end
 
-    input_names = tuple(str(n) for n in facts["input_names"])
-    engine = QAEngine(
-        Observer(session, input_names, holds=holds),
-        spec,
-        limits=Limits(max_windows=1000, max_items=1000),
-        batch_windows=1,
-        max_seq_len=int(facts["max_seq_len"]),
-        doc_stride=int(facts["doc_stride"]),
-    )
-    for item in calibration_items():
-        engine.answer([item])
-    return ranges, seen["windows"]
+def _widen(ranges: dict[str, tuple[float, float]], targets: Sequence[str], found: Mapping[str, Any]) -> None:
+    """Widen each target's (min, max) by one window's ``calibration_min_*`` / ``calibration_max_*``."""
+    for name in targets:
+        low, high = float(found[f"calibration_min_{name}"]), float(found[f"calibration_max_{name}"])
+        old = ranges.get(name, (low, high))
+        ranges[name] = (min(old[0], low), max(old[1], high))
 
 
 def calibration_windows(spec: Any, facts: Mapping[str, Any]) -> list[dict[str, np.ndarray]]:
@@ -224,10 +206,7 @@ def calibrate_by_parts(
     stream(run)
     ranges: dict[str, tuple[float, float]] = {}
     for result in run.finish_run():
-        for name in targets:
-            low, high = float(result[f"calibration_min_{name}"]), float(result[f"calibration_max_{name}"])
-            old = ranges.get(name, (low, high))
-            ranges[name] = (min(old[0], low), max(old[1], high))
+        _widen(ranges, targets, result)
     return ranges, len(windows)
 
 
