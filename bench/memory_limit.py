@@ -40,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.harness import MemoryLimit, azurite_connection, cpu_line, limits_available, measure, rss_mb, run_variant
+from bench.harness import MemoryLimit, azurite_connection, cpu_line, limits_available, measure, peak_rss_mb, rss_mb, run_variant
 
 TWO_GB = MemoryLimit(2048 - 272, tmpfs_mb=800)
 FOUR_GB = MemoryLimit(4096 - 272, tmpfs_mb=800)
@@ -94,6 +94,7 @@ def serve(container: str, quantize: str, memory_mb: int | None, repeats: int) ->
             out["served_by"] = f"{loaded.backend} {loaded.variant}"
             out["first_answer"] = first.answer
             out["rss_loaded_mb"] = rss_mb()
+            out["peak_loaded_mb"] = peak_rss_mb()  # the load's peak (and the first answer's), before the scenarios
             for name, pairs in scenarios().items():
                 if name not in SCENARIOS:
                     continue
@@ -105,6 +106,7 @@ def serve(container: str, quantize: str, memory_mb: int | None, repeats: int) ->
                     loaded.engine.answer(items)
                     times.append(time.perf_counter() - began)
                 out[name] = {
+                    "peak_mb": peak_rss_mb(),  # the process's peak once this scenario has run
                     "p50": statistics.median(times),
                     "times": times,
                     "answers": [[(a.answer, a.start, a.end, a.score) for a in one] for one in answers],
@@ -220,13 +222,14 @@ def report(rows: dict[str, list[dict[str, Any]]], refresh: dict[str, Any] | None
     print(cpu_line())
     print(f"limits: 2 GB = {TWO_GB.describe()}; today's way ran under the 4 GB instance's ({FOUR_GB.limit_mb} MiB)")
     print(f"{rounds} rounds, today and 2 GB alternated; scenario seconds are p50 of {repeats} (after a warm-up), medians over rounds")
-    print(f"{'variant':<36}{'verdict':<12}{'peak MiB':>10}{'cold s':>8}{'load s':>8}{'(b) s':>9}{'(c) s':>9}")
+    print(f"{'variant':<36}{'verdict':<12}{'peak MiB':>10}{'at load':>9}{'cold s':>8}{'load s':>8}{'(b) s':>9}{'(c) s':>9}")
     for label, runs in rows.items():
         verdict = ", ".join(sorted({r["verdict"].split(":")[0] for r in runs}))
         peak = max((r.get("peak_rss_mb", 0) for r in runs), default=0)
+        at_load = max((r.get("peak_loaded_mb", 0) for r in runs), default=0)  # the peak before the scenarios
         cold, load = _median(runs, "cold_start_s"), _median(runs, "load_s")
         b, c = _scenario_p50(runs, "b_2000_words"), _scenario_p50(runs, "c_16_questions")
-        print(f"{label:<36}{verdict:<12}{peak:>10.0f}{cold:>8.2f}{load:>8.2f}{b:>9.2f}{c:>9.2f}")
+        print(f"{label:<36}{verdict:<12}{peak:>10.0f}{at_load:>9.0f}{cold:>8.2f}{load:>8.2f}{b:>9.2f}{c:>9.2f}")
     print("\ngoals (2 GB limit = 1,776 MiB):")
     for variant in ("fp32", "int8") if rows else ():
         _goals(variant, rows.get(f"{variant} today", []), rows.get(f"{variant} 2 GB", []))

@@ -59,8 +59,12 @@ _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # token, H / 64 heads, a few live at once), the rest the feed-forward and projections.
 _BYTES_PER_TOKEN_H = 72
 _BYTES_PER_TOKEN_HW = 0.3125
-# What the process may still grow by besides a run: tokenizer, request and answer objects, threads.
-_RESERVE_BYTES = 64 << 20
+# What the process may still grow by besides a run: tokenizer, request and answer objects, threads,
+# and what the heap and the arena keep once the first runs are done (bert-large fp32 served part by
+# part under QA_MEMORY_MB=1776: 1,424-1,444 MiB resident after the load, about 120 MiB more after
+# the first runs). With 64 MiB here the bench's peak reached 1,712-1,729 MiB (1,806 once); with
+# 192, 1,638 (bench/memory_limit.py).
+_RESERVE_BYTES = 192 << 20
 
 
 def run_activation_bytes(rows: int, width: int, hidden: int) -> int:
@@ -287,9 +291,19 @@ class SessionChain:
         return [self._Arg(name) for name in self._outputs]
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, Any], run_options: Any = None) -> list[Any]:
+        """The outputs of the chain; ``run_options`` apply to the last part's run alone.
+
+        The parts share one arena, and the runner's options ask it to hand its memory back after a
+        run: after every part, it would free what the next part takes again at once. On bert-large
+        fp32 in 8 parts (bench/memory_limit.py's scenarios under the 2 GB limit), shrinking after
+        every part took 3x the page faults of shrinking once per chain run (5.6-6.0 million against
+        1.9), 12-14 s of system time against 5, and peaked higher (1,700-1,735 MiB against 1,638):
+        each regrowth asks for a larger region.
+        """
         values = dict(feeds)
+        last = len(self.parts) - 1
         for k, (part, session) in enumerate(zip(self.parts, self.sessions, strict=True)):
-            found = session.run(list(part.outputs), {name: values[name] for name in part.inputs}, run_options)
+            found = session.run(list(part.outputs), {name: values[name] for name in part.inputs}, run_options if k == last else None)
             values.update(zip(part.outputs, found, strict=True))
             for name in [n for n in values if self._last_needed.get(n, len(self.parts)) <= k and n not in output_names]:
                 del values[name]
