@@ -60,7 +60,9 @@ def _logits(artifact: OnnxArtifact, ids: np.ndarray) -> list[np.ndarray]:
     return list(session.run(["start_logits", "end_logits"], {n: feeds[n] for n in names}))
 
 
-@pytest.mark.parametrize("model", ["bert", "roberta", "distilbert", "deberta-v3", "albert"])
+# bert and deberta-v3 (the plainest graph and the one with the most ops of its own): every family's
+# fp32 artifact, exported over placeholders, is checked against the pipeline (test_onnx.py, test_families.py)
+@pytest.mark.parametrize("model", ["bert", "deberta-v3"])
 def test_the_export_over_placeholders_computes_what_the_export_with_the_weights_does(
     model: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
