@@ -72,6 +72,15 @@ def run_activation_bytes(rows: int, width: int, hidden: int) -> int:
     return int(rows * width * hidden * (_BYTES_PER_TOKEN_H + _BYTES_PER_TOKEN_HW * width))
 
 
+def shrinking_run_options() -> Any:
+    """``RunOptions`` that have the CPU arena hand a run's memory back when the run ends."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
 class OnnxRunner:
     """The model call of the engine on an ``onnxruntime.InferenceSession`` (thread safe).
 
@@ -98,15 +107,12 @@ class OnnxRunner:
         hidden: int = 1024,
         holds: Sequence[Any] = (),
     ) -> None:
-        import onnxruntime as ort
-
         self.session = session
         self.input_names = input_names
         self.run_bytes = run_bytes
         self.hidden = hidden
         self._holds = tuple(holds)
-        self._run_options = ort.RunOptions()
-        self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._run_options = shrinking_run_options()
 
     def rows_per_run(self, width: int) -> int:
         """How many windows of ``width`` tokens one session run takes (at least 1)."""

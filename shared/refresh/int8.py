@@ -127,9 +127,15 @@ def calibrate(graph: bytes, weights: Any, spec: Any, facts: Mapping[str, Any]) -
         ({activation name: (min, max)}, number of windows seen)
     """
     import onnx
-    import onnxruntime as ort
 
-    from ..engine.onnx_runner import WeightsFileNeeded, copied_session, session_options, weights_shared_session, with_outputs
+    from ..engine.onnx_runner import (
+        WeightsFileNeeded,
+        copied_session,
+        session_options,
+        shrinking_run_options,
+        weights_shared_session,
+        with_outputs,
+    )
 
     targets = activation_inputs(onnx.load_from_string(graph))
     calibration_graph, outputs = with_outputs(graph, targets)
@@ -137,8 +143,7 @@ def calibrate(graph: bytes, weights: Any, spec: Any, facts: Mapping[str, Any]) -
         session, holds = weights_shared_session(weights, calibration_graph, session_options(threads=None), "fp32 artifact (calibration)")
     except WeightsFileNeeded:
         session, holds = copied_session(weights, calibration_graph, session_options(threads=None), "fp32 artifact (calibration)"), ()
-    run_options = ort.RunOptions()  # each window's activations handed back, as serving does
-    run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    run_options = shrinking_run_options()  # each window's activations handed back, as serving does
     ranges: dict[str, tuple[float, float]] = {}
     windows = calibration_windows(spec, facts)
     for window in windows:
